@@ -1,0 +1,1 @@
+"""Capture activations at hook sites and token positions, streamed into per-class statistics."""

@@ -1,0 +1,154 @@
+"""Batched, padding-aware capture that stops the forward pass after the last site it reads."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+import torch
+from tqdm.auto import tqdm
+
+from steerable.capture.positions import check_position, select
+from steerable.capture.sites import SITES, check_site, get_hidden, site_module
+from steerable.capture.stats import LayerStats
+from steerable.data.loaders import Example
+from steerable.models.load import ModelHandle
+
+HELDOUT_EVERY = 5  # pair/example k is held out when k % 5 == 4: a fixed 20 % for quality statistics
+
+
+class _StopForward(Exception):
+    """Raised by the last capture hook: nothing after it (later blocks, LM head) is needed."""
+
+
+@dataclass
+class CaptureResult:
+    stats: dict[int, LayerStats]
+    site: str
+    position: str
+    n_examples: int
+    n_tokens: int
+
+
+@dataclass
+class Batch:
+    examples: list[Example]
+    ids: list[int]  # index of each example in the input list
+
+
+def _batches(examples: Sequence[Example], batch_size: int) -> list[Batch]:
+    """Group pairs together and batch units of similar length, to keep pairs in one batch and padding low."""
+    units: dict[object, list[int]] = {}
+    for i, ex in enumerate(examples):
+        units.setdefault(("pair", ex.pair) if ex.pair is not None else ("one", i), []).append(i)
+    def size(u: list[int]) -> int:
+        return sum(len(examples[i].prompt) + len(examples[i].response or "") for i in u)
+    ordered = sorted(units.values(), key=size)
+    out: list[Batch] = []
+    cur: list[int] = []
+    for unit in ordered:
+        if cur and len(cur) + len(unit) > batch_size:
+            out.append(Batch([examples[i] for i in cur], cur))
+            cur = []
+        cur += unit
+    if cur:
+        out.append(Batch([examples[i] for i in cur], cur))
+    return out
+
+
+def encode_examples(handle: ModelHandle, examples: Sequence[Example]) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """Token ids (left-padded) of prompt+response, and each row's number of response tokens."""
+    prefixes = [handle.render(ex.prompt) for ex in examples]
+    fulls = [p + (ex.response or "") for p, ex in zip(prefixes, examples, strict=True)]
+    enc = handle.encode(fulls)
+    lengths = enc["attention_mask"].sum(1)
+    prefix_lengths = handle.encode(prefixes)["attention_mask"].sum(1)
+    return enc, (lengths - prefix_lengths).cpu()
+
+
+@contextlib.contextmanager
+def _reading_hooks(handle: ModelHandle, layers: Sequence[int], site: str, sink: dict[int, torch.Tensor]) -> Iterator[None]:
+    last = max(layers)
+    handles = []
+    for layer in layers:
+        module, pre = site_module(handle.layout, site, layer)
+
+        def hook(mod, args, kwargs, output=None, *, _layer=layer, _pre=pre):
+            sink[_layer] = get_hidden(args, kwargs, output, _pre)
+            if _layer == last:
+                raise _StopForward
+        if pre:
+            handles.append(module.register_forward_pre_hook(hook, with_kwargs=True))
+        else:
+            handles.append(module.register_forward_hook(hook, with_kwargs=True))
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+@torch.inference_mode()
+def capture_stats(
+    handle: ModelHandle,
+    examples: Sequence[Example],
+    layers: Sequence[int] | None = None,
+    *,
+    site: str = "resid_post",
+    position: str = "last",
+    batch_size: int = 16,
+    second_moments: bool = False,
+    reservoir_cap: int = 2048,
+    progress: bool = True,
+) -> CaptureResult:
+    """Stream activations of `examples` at (site, layers, position) into per-class LayerStats."""
+    check_site(site)
+    check_position(position)
+    layers = list(range(handle.n_layers)) if layers is None else sorted(set(layers))
+    for layer in layers:
+        site_module(handle.layout, site, layer)  # validates the range before any work
+    stats = {
+        layer: LayerStats(handle.hidden_size, second_moments, reservoir_cap, seed=layer) for layer in layers
+    }
+    batches = _batches(examples, batch_size)
+    n_tokens = 0
+    sink: dict[int, torch.Tensor] = {}
+    bar = tqdm(total=len(examples), desc=f"capture {site}", unit="ex", disable=not progress, leave=False)
+    with _reading_hooks(handle, layers, site, sink):
+        for batch in batches:
+            enc, response_len = encode_examples(handle, batch.examples)
+            n_tokens += int(enc["attention_mask"].sum())
+            with contextlib.suppress(_StopForward):
+                handle.model(**enc, use_cache=False)
+            labels = torch.tensor([ex.label for ex in batch.examples])
+            keys = [ex.pair if ex.pair is not None else i for ex, i in zip(batch.examples, batch.ids, strict=True)]
+            heldout = torch.tensor([k % HELDOUT_EVERY == HELDOUT_EVERY - 1 for k in keys])
+            mask = enc["attention_mask"].cpu()
+            for layer in layers:
+                h = sink.pop(layer).float().cpu()
+                feats, rows = select(h, mask, response_len, position)
+                stats[layer].add(feats, labels[rows], heldout[rows])
+                _add_pair_diffs(stats[layer], h, mask, response_len, position, batch.examples, heldout)
+            bar.update(len(batch.examples))
+    bar.close()
+    return CaptureResult(stats, site, position, len(examples), n_tokens)
+
+
+def _add_pair_diffs(stats, h, mask, response_len, position, examples, heldout) -> None:
+    """Per-pair (positive − negative) differences of per-sequence features, training pairs only."""
+    if position == "all":
+        feats = (h * mask[..., None]).sum(1) / mask.sum(1, keepdim=True)
+    else:
+        feats, _ = select(h, mask, response_len, position)
+    by_pair: dict[int, dict[int, int]] = {}
+    for row, ex in enumerate(examples):
+        if ex.pair is not None and not bool(heldout[row]):
+            by_pair.setdefault(ex.pair, {})[ex.label] = row
+    pos_rows = [r[1] for r in by_pair.values() if 1 in r and 0 in r]
+    neg_rows = [r[0] for r in by_pair.values() if 1 in r and 0 in r]
+    if pos_rows:
+        stats.add_pair_diffs(feats[pos_rows] - feats[neg_rows])
+
+
+__all__ = ["SITES", "CaptureResult", "capture_stats", "encode_examples"]

@@ -1,0 +1,148 @@
+"""Implementations of the CLI subcommands: parse flags → call the library → print/write results."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from steerable.cli.table import table
+from steerable.data.loaders import PAIR_SETS, PROMPT_SETS, contrastive_examples, load_prompts
+from steerable.data.sources import DATA_FILES, data_file
+from steerable.directions.artifact import DirectionSet, load_directions, save_directions
+from steerable.directions.calibrate import calibrate
+from steerable.directions.gguf_cv import export_control_vector, import_control_vector
+from steerable.directions.layers import cosine_matrix, global_direction
+from steerable.errors import SteerableError
+from steerable.fsutil import atomic_path
+from steerable.models.builtin import BUILTIN_MODELS
+from steerable.models.load import builtin_checkpoint, load_model
+from steerable.steering.plan import parse_layers, read_plan_file
+
+
+def cmd_fetch(args: argparse.Namespace) -> int:
+    for name in args.models:
+        if name not in BUILTIN_MODELS:
+            raise SteerableError(f"unknown built-in model {name!r}: use one of {', '.join(BUILTIN_MODELS)}")
+        print(f"{name}: {builtin_checkpoint(name)}")
+    if args.data:
+        for name in DATA_FILES:
+            data_file(name)
+        print(f"data: {len(DATA_FILES)} files cached")
+    return 0
+
+
+def cmd_calibrate(args: argparse.Namespace) -> int:
+    handle = load_model(args.model)
+    examples = contrastive_examples(positive=args.positive, negative=args.negative, pairs=args.pairs,
+                                    limit=args.limit)
+    if not examples:
+        raise SteerableError("no calibration examples")
+    layers = None if args.layers is None else parse_layers(args.layers, handle.n_layers, range(handle.n_layers))
+    data = {"positive": args.positive, "negative": args.negative, "pairs": args.pairs, "limit": args.limit}
+    ds = calibrate(handle, examples, estimator=args.estimator, layers=layers, site=args.site,
+                   position=args.position, batch_size=args.batch_size,
+                   data={k: v for k, v in data.items() if v is not None})
+    save_directions(ds, args.out)
+    print(inspect_table(ds))
+    print(f"\nwrote {args.out}")
+    return 0
+
+
+def inspect_table(ds: DirectionSet) -> str:
+    cos = cosine_matrix(ds)
+    _, b1_layer = global_direction(ds)
+    b1 = ds.direction(b1_layer)
+    rows = []
+    for i, layer in enumerate(ds.layers):
+        p = ds.percentiles[i]
+        rows.append([
+            layer, float(ds.auroc[i]), float(ds.cohens_d[i]), float(ds.raw_norms[i]), float(ds.scales[i]),
+            float(cos[i, i - 1]) if i > 0 else float("nan"), float(ds.directions[i] @ b1),
+            f"{p[0, 25]:.2f}/{p[0, 50]:.2f}/{p[0, 75]:.2f}", f"{p[1, 25]:.2f}/{p[1, 50]:.2f}/{p[1, 75]:.2f}",
+        ])
+    m = ds.meta
+    head = (f"model {m.get('model', {}).get('name')}  site {m.get('site')}  position {m.get('position')}  "
+            f"estimator {m.get('estimator')}  counts {m.get('counts')}\n"
+            f"global direction b1 = layer {b1_layer}; AUROC and Cohen's d on the held-out 20 %\n")
+    return head + table(
+        ["layer", "AUROC", "cohen_d", "‖μP−μN‖", "scale", "cos(prev)", "cos(b1)", "pos p25/50/75",
+         "neg p25/50/75"], rows)
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    ds = load_directions(args.file)
+    if args.json:
+        print(json.dumps({"meta": ds.meta, "layers": ds.layers, "auroc": ds.auroc.tolist(),
+                          "cohens_d": ds.cohens_d.tolist(), "raw_norms": ds.raw_norms.tolist()}, indent=2))
+    else:
+        print(inspect_table(ds))
+    return 0
+
+
+def _read_prompt_rows(spec: str) -> list[dict]:
+    path = Path(spec)
+    if path.suffix == ".jsonl" and path.exists():
+        rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        for i, r in enumerate(rows, 1):
+            if not isinstance(r, dict) or not isinstance(r.get("prompt"), str | list):
+                raise SteerableError(f"{path}:{i}: each row needs a \"prompt\"")
+        return rows
+    return [{"prompt": p} for p in load_prompts(spec, default_split="test")]
+
+
+def plan_from_flags(args: argparse.Namespace):
+    if args.plan:
+        if args.steer:
+            raise SteerableError("give --plan or --steer, not both")
+        return read_plan_file(args.plan)
+    if not args.steer:
+        return None
+    spec = {"vector": args.steer, "method": args.method, "strength": args.strength, "direction": args.direction}
+    if args.layers is not None:
+        spec["layers"] = args.layers
+    return {k: v for k, v in spec.items() if v is not None}
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from steerable.generation import generate
+
+    handle = load_model(args.model)
+    rows = _read_prompt_rows(args.prompts)
+    plan = plan_from_flags(args)
+    completions = generate(handle, [r["prompt"] for r in rows], plan, max_new_tokens=args.max_new_tokens,
+                           batch_size=args.batch_size, progress=True)
+    with atomic_path(args.out) as tmp, open(tmp, "w", encoding="utf-8") as f:
+        for row, text in zip(rows, completions, strict=True):
+            f.write(json.dumps({**row, "completion": text}, ensure_ascii=False) + "\n")
+    print(f"wrote {len(rows)} completions to {args.out}", file=sys.stderr)
+    return 0
+
+
+def cmd_export_gguf(args: argparse.Namespace) -> int:
+    ds = load_directions(args.file)
+    layers = None if args.layers is None else parse_layers(args.layers, max(ds.layers) + 1, ds.layers)
+    export_control_vector(ds, args.out, strength=args.strength, layers=layers)
+    print(f"wrote {args.out}")
+    return 0
+
+
+def cmd_import_gguf(args: argparse.Namespace) -> int:
+    meta = None
+    if args.model:
+        h = load_model(args.model)
+        meta = {"name": h.name, "config_hash": h.config_hash, "hidden_size": h.hidden_size,
+                "n_layers": h.n_layers, "family": h.layout.family}
+    ds = import_control_vector(args.file, model_meta=meta)
+    save_directions(ds, args.out)
+    print(f"wrote {args.out} ({len(ds.layers)} layers)")
+    return 0
+
+
+def cmd_list(args: argparse.Namespace) -> int:
+    print(table(["model", "description"], [[k, v.description] for k, v in BUILTIN_MODELS.items()]))
+    print()
+    print("prompt sets:", ", ".join(PROMPT_SETS), " (suffix :train, :test or :all)")
+    print("pair sets:  ", ", ".join(PAIR_SETS))
+    return 0

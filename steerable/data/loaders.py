@@ -1,0 +1,172 @@
+"""Load prompts and contrastive pairs by built-in name or from JSONL, with fixed train/test splits.
+
+Built-in sets are split by a seeded hash of each item's text (30 % test), so a split never changes
+when a set grows and evaluation never sees calibration prompts. Select a split with `NAME:train`
+(the default for calibration), `NAME:test` or `NAME:all`. JSONL files are used whole.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+
+from steerable.data.refusal_pairs import refusal_pair
+from steerable.data.sources import DATA_FILES, data_file
+from steerable.errors import SteerableError
+
+SPLIT_SEED = "steerable-split-v1"
+TEST_PERCENT = 30
+PROMPT_SETS = ("advbench", "benign")
+PAIR_SETS = ("refusal-pairs", *sorted(k for k in DATA_FILES if k.startswith("caa-")))
+
+
+@dataclass(frozen=True)
+class Pair:
+    prompt: str
+    positive: str
+    negative: str
+
+
+@dataclass(frozen=True)
+class Example:
+    """One calibration text: a prompt, optionally an answer, its class, and its pair (if any)."""
+
+    prompt: str
+    response: str | None
+    label: int  # 1 = positive class (the behaviour to promote / detect)
+    pair: int | None = None
+
+
+def split_of(text: str) -> str:
+    digest = hashlib.sha256(f"{SPLIT_SEED}:{text}".encode()).hexdigest()
+    return "test" if int(digest[:8], 16) % 100 < TEST_PERCENT else "train"
+
+
+def _parse_name(spec: str, default_split: str) -> tuple[str, str]:
+    name, _, split = spec.partition(":")
+    split = split or default_split
+    if split not in ("train", "test", "all"):
+        raise SteerableError(f"unknown split {split!r} in {spec!r}: use train, test or all")
+    return name, split
+
+
+def _keep(items: list, key, split: str) -> list:
+    return items if split == "all" else [it for it in items if split_of(key(it)) == split]
+
+
+def _read_jsonl(path: Path) -> list[dict]:
+    rows = []
+    with open(path, encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise SteerableError(f"{path}:{n}: not valid JSON ({e.msg})") from e
+            if not isinstance(row, dict):
+                raise SteerableError(f"{path}:{n}: each line must be a JSON object")
+            rows.append(row)
+    return rows
+
+
+def _advbench() -> list[str]:
+    doc = yaml.safe_load(data_file("advbench").read_text(encoding="utf-8"))
+    return [s["value"] for s in doc["seeds"]]
+
+
+def _benign() -> list[str]:
+    return list(json.loads(data_file("benign").read_text(encoding="utf-8")))
+
+
+def load_prompts(spec: str, default_split: str = "train") -> list[str]:
+    """Prompts of a built-in set (`advbench`, `benign`, with `:split`) or a JSONL of `{"prompt"}` rows."""
+    path = Path(spec)
+    if path.suffix == ".jsonl" and path.exists():
+        rows = _read_jsonl(path)
+        missing = [i for i, r in enumerate(rows, 1) if not isinstance(r.get("prompt"), str)]
+        if missing:
+            raise SteerableError(f"{path}: rows {missing[:5]} have no string \"prompt\"")
+        return [r["prompt"] for r in rows]
+    name, split = _parse_name(spec, default_split)
+    if name == "advbench":
+        return _keep(_advbench(), lambda p: p, split)
+    if name == "benign":
+        return _keep(_benign(), lambda p: p, split)
+    raise SteerableError(f"unknown prompt set {spec!r}: use {', '.join(PROMPT_SETS)} or a .jsonl file")
+
+
+def _split_caa(positive: str, negative: str) -> Pair:
+    """CAA rows repeat the question in both texts; the shared head up to its last newline is the prompt."""
+    n = 0
+    while n < min(len(positive), len(negative)) and positive[n] == negative[n]:
+        n += 1
+    cut = positive.rfind("\n", 0, n) + 1
+    if cut == 0:
+        cut = positive.rfind(" ", 0, n) + 1
+    return Pair(positive[:cut].rstrip(), positive[cut:].strip(), negative[cut:].strip())
+
+
+def load_pairs(spec: str, default_split: str = "train") -> list[Pair]:
+    """Pairs of answers to one prompt: `refusal-pairs`, `caa-*`, or a JSONL of {prompt, positive, negative}."""
+    path = Path(spec)
+    if path.suffix == ".jsonl" and path.exists():
+        rows = _read_jsonl(path)
+        for i, r in enumerate(rows, 1):
+            if not all(isinstance(r.get(k), str) for k in ("prompt", "positive", "negative")):
+                raise SteerableError(f"{path}:{i}: pair rows need string \"prompt\", \"positive\", \"negative\"")
+        return [Pair(r["prompt"], r["positive"], r["negative"]) for r in rows]
+    name, split = _parse_name(spec, default_split)
+    if name == "refusal-pairs":
+        prompts = _keep(_advbench(), lambda p: p, split)
+        return [Pair(p, *refusal_pair(i)) for i, p in enumerate(prompts)]
+    if name in DATA_FILES and name.startswith("caa-"):
+        rows = json.loads(data_file(name).read_text(encoding="utf-8"))
+        pairs = [_split_caa(r["positive"], r["negative"]) for r in rows]
+        return _keep(pairs, lambda p: p.prompt, split)
+    raise SteerableError(f"unknown pair set {spec!r}: use {', '.join(PAIR_SETS)} or a .jsonl file")
+
+
+def contrastive_examples(
+    *, positive: str | None = None, negative: str | None = None, pairs: str | None = None,
+    limit: int | None = None, default_split: str = "train",
+) -> list[Example]:
+    """Interleave the two classes (p0, n0, p1, n1, …) so each pair shares a batch.
+
+    For unpaired classes, the i-th positive and i-th negative form pair i (used by pairwise PCA).
+    """
+    if pairs is not None:
+        if positive is not None or negative is not None:
+            raise SteerableError("give either --pairs or --positive/--negative, not both")
+        ps = load_pairs(pairs, default_split)[:limit]
+        out: list[Example] = []
+        for i, p in enumerate(ps):
+            out += [Example(p.prompt, p.positive, 1, i), Example(p.prompt, p.negative, 0, i)]
+        return out
+    if positive is None or negative is None:
+        raise SteerableError("give --pairs, or both --positive and --negative")
+    pos = load_prompts(positive, default_split)[:limit]
+    neg = load_prompts(negative, default_split)[:limit]
+    out = []
+    for i in range(max(len(pos), len(neg))):
+        paired = i < min(len(pos), len(neg))
+        if i < len(pos):
+            out.append(Example(pos[i], None, 1, i if paired else None))
+        if i < len(neg):
+            out.append(Example(neg[i], None, 0, i if paired else None))
+    return out
+
+
+def refusal_labels() -> list[tuple[str, int]]:
+    """The labelled refusal responses (human_score 1 = refusal) for measuring a refusal judge."""
+    out = []
+    for name in ("refusal-labels", "refusal-labels-extra"):
+        lines = [ln for ln in data_file(name).read_text(encoding="utf-8").splitlines(True) if not ln.startswith("#")]
+        for row in csv.DictReader(lines):
+            out.append((row["assistant_response"], int(row["human_score"])))
+    return out

@@ -1,0 +1,1 @@
+"""Estimate steering directions from captured statistics, measure their quality, store them."""

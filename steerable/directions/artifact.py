@@ -1,0 +1,178 @@
+"""The steering-direction artifact: safetensors tensors + JSON metadata, checked against a model.
+
+One file holds one direction set: a unit direction per calibrated layer, with everything needed to
+scale, threshold and audit it. Never pickled; written atomically.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+
+from steerable.errors import SteerableError
+from steerable.fsutil import atomic_path
+
+FORMAT = "steerable.directions"
+FORMAT_VERSION = 1
+# Tensor name -> (shape given n layers and d) used to validate files we did not write.
+_TENSORS = {
+    "directions": lambda n, d: (n, d),
+    "raw_norms": lambda n, d: (n,),
+    "scales": lambda n, d: (n,),
+    "bias": lambda n, d: (n,),
+    "mean_pos": lambda n, d: (n, d),
+    "mean_neg": lambda n, d: (n, d),
+    "percentiles": lambda n, d: (n, 2, 101),
+    "auroc": lambda n, d: (n,),
+    "cohens_d": lambda n, d: (n,),
+}
+
+
+@dataclass
+class DirectionSet:
+    """Per-layer unit directions and their calibration statistics.
+
+    Row i of every tensor belongs to model layer `layers[i]` (0-based decoder block, at `site`).
+    `scales[i]` = (μ_P − μ_N)·v̂: adding strength α·scales[i]·v̂ moves the negative mean α of the way
+    onto the positive mean along v̂. `percentiles[i, c]` are the 0..100th percentiles of the
+    projections h·v̂ of class c (0 = positive, 1 = negative).
+    """
+
+    layers: list[int]
+    directions: torch.Tensor
+    raw_norms: torch.Tensor
+    scales: torch.Tensor
+    bias: torch.Tensor
+    mean_pos: torch.Tensor
+    mean_neg: torch.Tensor
+    percentiles: torch.Tensor
+    auroc: torch.Tensor
+    cohens_d: torch.Tensor
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def hidden_size(self) -> int:
+        return int(self.directions.shape[1])
+
+    def row(self, layer: int) -> int:
+        try:
+            return self.layers.index(layer)
+        except ValueError:
+            raise SteerableError(
+                f"layer {layer} is not in this direction set (calibrated layers: {_ranges(self.layers)})"
+            ) from None
+
+    def direction(self, layer: int) -> torch.Tensor:
+        return self.directions[self.row(layer)]
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        return {k: getattr(self, k).contiguous().float() for k in _TENSORS}
+
+    def validate(self) -> None:
+        n, d = len(self.layers), self.directions.shape[-1]
+        for name, shape in _TENSORS.items():
+            t = getattr(self, name)
+            if tuple(t.shape) != shape(n, d):
+                raise SteerableError(f"tensor {name!r} has shape {tuple(t.shape)}, expected {shape(n, d)}")
+        for name in ("directions", "raw_norms", "scales", "mean_pos", "mean_neg"):
+            if not bool(torch.isfinite(getattr(self, name)).all()):
+                raise SteerableError(f"tensor {name!r} contains NaN or Inf")
+        norms = self.directions.norm(dim=1)
+        if not bool(torch.allclose(norms, torch.ones_like(norms), atol=1e-3)):
+            raise SteerableError("directions are not unit vectors")
+        if len(set(self.layers)) != n or any(layer < 0 for layer in self.layers):
+            raise SteerableError(f"bad layer list {self.layers}")
+
+    def check_model(self, handle: Any) -> None:
+        """Fail, naming the mismatch, if this set was not calibrated on a model like `handle`."""
+        m = self.meta.get("model", {})
+        if self.hidden_size != handle.hidden_size:
+            raise SteerableError(
+                f"hidden size mismatch: direction set has d={self.hidden_size}, model {handle.name} has "
+                f"d={handle.hidden_size}"
+            )
+        if m.get("n_layers") is not None and m["n_layers"] != handle.n_layers:
+            raise SteerableError(
+                f"layer count mismatch: direction set is for {m['n_layers']} layers, model {handle.name} has "
+                f"{handle.n_layers}"
+            )
+        if max(self.layers) >= handle.n_layers:
+            raise SteerableError(f"layer {max(self.layers)} out of range for model with {handle.n_layers} layers")
+        if m.get("config_hash") and m["config_hash"] != handle.config_hash:
+            raise SteerableError(
+                f"model mismatch: direction set was calibrated on {m.get('name')!r} (config hash "
+                f"{m['config_hash']}), this model {handle.name!r} has config hash {handle.config_hash}"
+            )
+
+
+def _ranges(layers: list[int]) -> str:
+    if not layers:
+        return "none"
+    out, start, prev = [], layers[0], layers[0]
+    for x in [*layers[1:], None]:
+        if x is not None and x == prev + 1:
+            prev = x
+            continue
+        out.append(f"{start}-{prev}" if prev != start else f"{start}")
+        if x is not None:
+            start = prev = x
+    return ",".join(out)
+
+
+def save_directions(ds: DirectionSet, path: str | Path) -> Path:
+    ds.validate()
+    meta = {**ds.meta, "format": FORMAT, "format_version": FORMAT_VERSION, "layers": list(ds.layers)}
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        save_file(ds.tensors(), str(tmp), metadata={"steerable": json.dumps(meta, allow_nan=True)})
+    return path
+
+
+def load_directions(path: str | Path, model: Any | None = None) -> DirectionSet:
+    """Load and validate an artifact; with `model` (a ModelHandle) also check it fits that model."""
+    path = Path(path)
+    if not path.is_file():
+        raise SteerableError(f"no such direction file: {path}")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            raw_meta = (f.metadata() or {}).get("steerable")
+            tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 - safe_open has no __iter__
+    except (SafetensorError, OSError, ValueError) as e:
+        raise SteerableError(f"{path}: not a readable safetensors file ({e})") from e
+    if raw_meta is None:
+        raise SteerableError(f"{path}: no steerable metadata (not a steerable direction file)")
+    try:
+        meta = json.loads(raw_meta)
+    except json.JSONDecodeError as e:
+        raise SteerableError(f"{path}: metadata is not valid JSON ({e.msg})") from e
+    if meta.get("format") != FORMAT:
+        raise SteerableError(f"{path}: unknown format {meta.get('format')!r}")
+    if meta.get("format_version", 0) > FORMAT_VERSION:
+        raise SteerableError(
+            f"{path}: format version {meta['format_version']} is newer than this steerable ({FORMAT_VERSION})"
+        )
+    missing = [k for k in _TENSORS if k not in tensors]
+    if missing:
+        raise SteerableError(f"{path}: missing tensors {missing}")
+    layers = meta.pop("layers", None)
+    if not isinstance(layers, list) or not all(isinstance(x, int) for x in layers):
+        raise SteerableError(f"{path}: metadata has no valid layer list")
+    ds = DirectionSet(layers=layers, meta=meta, **{k: tensors[k] for k in _TENSORS})
+    try:
+        ds.validate()
+    except SteerableError as e:
+        raise SteerableError(f"{path}: {e}") from None
+    if model is not None:
+        ds.check_model(model)
+    return ds
+
+
+def finite_or_none(x: float) -> float | None:
+    return None if x is None or math.isnan(x) else x

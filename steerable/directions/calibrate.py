@@ -1,0 +1,94 @@
+"""Calibration: contrastive examples → captured statistics → per-layer directions and quality."""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+from steerable.capture.run import HELDOUT_EVERY, CaptureResult, capture_stats
+from steerable.capture.sites import LAYER_CONVENTION
+from steerable.capture.stats import LayerStats
+from steerable.data.loaders import Example
+from steerable.directions.artifact import DirectionSet
+from steerable.directions.estimators import Estimate, get_estimator
+from steerable.directions.quality import auroc, cohens_d, percentiles
+from steerable.models.load import ModelHandle
+
+
+def _layer_entry(stats: LayerStats, est: Estimate) -> dict[str, Any]:
+    v = est.direction.double()
+    diff = stats.pos.mean - stats.neg.mean
+    proj = lambda x: (x.double() @ v).float()  # noqa: E731
+    pos_all = torch.cat([stats.pos.sample.rows, stats.heldout_pos.rows])
+    neg_all = torch.cat([stats.neg.sample.rows, stats.heldout_neg.rows])
+    hp, hn = proj(stats.heldout_pos.rows), proj(stats.heldout_neg.rows)
+    return {
+        "direction": est.direction,
+        "raw_norm": float(diff.norm()),
+        "scale": float(diff @ v),
+        "bias": est.bias,
+        "mean_pos": stats.pos.mean.float(),
+        "mean_neg": stats.neg.mean.float(),
+        "percentiles": torch.stack([percentiles(proj(pos_all)), percentiles(proj(neg_all))]),
+        "auroc": auroc(hp, hn),
+        "cohens_d": cohens_d(hp, hn),
+    }
+
+
+def directions_from_capture(
+    cap: CaptureResult, estimator: str, meta: dict[str, Any]
+) -> DirectionSet:
+    est = get_estimator(estimator)
+    layers = sorted(cap.stats)
+    rows = [_layer_entry(cap.stats[layer], est.fn(cap.stats[layer])) for layer in layers]
+    first = cap.stats[layers[0]]
+    counts = {
+        "train_pos": first.pos.n, "train_neg": first.neg.n,
+        "heldout_pos": first.heldout_pos.seen, "heldout_neg": first.heldout_neg.seen,
+    }
+    return DirectionSet(
+        layers=layers,
+        directions=torch.stack([r["direction"] for r in rows]),
+        raw_norms=torch.tensor([r["raw_norm"] for r in rows]),
+        scales=torch.tensor([r["scale"] for r in rows]),
+        bias=torch.tensor([r["bias"] for r in rows]),
+        mean_pos=torch.stack([r["mean_pos"] for r in rows]),
+        mean_neg=torch.stack([r["mean_neg"] for r in rows]),
+        percentiles=torch.stack([r["percentiles"] for r in rows]),
+        auroc=torch.tensor([r["auroc"] for r in rows]),
+        cohens_d=torch.tensor([r["cohens_d"] for r in rows]),
+        meta={**meta, "estimator": estimator, "site": cap.site, "position": cap.position,
+              "layer_convention": LAYER_CONVENTION, "counts": counts},
+    )
+
+
+def calibrate(
+    handle: ModelHandle,
+    examples: Sequence[Example],
+    *,
+    estimator: str = "mean-diff",
+    layers: Sequence[int] | None = None,
+    site: str = "resid_post",
+    position: str = "last",
+    batch_size: int = 16,
+    data: dict[str, Any] | None = None,
+    progress: bool = True,
+) -> DirectionSet:
+    """Estimate a direction per layer; quality statistics come from a held-out 20 % of the examples."""
+    est = get_estimator(estimator)
+    cap = capture_stats(
+        handle, examples, layers, site=site, position=position, batch_size=batch_size,
+        second_moments=est.second_moments, progress=progress,
+    )
+    meta = {
+        "model": {"name": handle.name, "config_hash": handle.config_hash, "hidden_size": handle.hidden_size,
+                  "n_layers": handle.n_layers, "family": handle.layout.family},
+        "data": {**(data or {}), "n_examples": len(examples),
+                 "heldout_rule": f"pair (or example) index % {HELDOUT_EVERY} == {HELDOUT_EVERY - 1}"},
+        "created": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+        "tool": "steerable",
+    }
+    return directions_from_capture(cap, estimator, meta)

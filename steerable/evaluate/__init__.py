@@ -1,0 +1,1 @@
+"""Measure what steering did: behaviour judges and rates with intervals."""

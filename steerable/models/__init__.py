@@ -1,0 +1,1 @@
+"""Loading models (built-in names, HF directories, GGUF files) and finding their layers."""
