@@ -67,8 +67,15 @@ def encode_examples(handle: ModelHandle, examples: Sequence[Example]) -> tuple[d
     return enc, (lengths - prefix_lengths).cpu()
 
 
+def position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Positions that ignore left padding, as generate() computes them."""
+    return (attention_mask.long().cumsum(-1) - 1).clamp_min(0)
+
+
 @contextlib.contextmanager
-def _reading_hooks(handle: ModelHandle, layers: Sequence[int], site: str, sink: dict[int, torch.Tensor]) -> Iterator[None]:
+def _reading_hooks(
+    handle: ModelHandle, layers: Sequence[int], site: str, sink: dict[int, torch.Tensor]
+) -> Iterator[None]:
     last = max(layers)
     handles = []
     for layer in layers:
@@ -120,7 +127,7 @@ def capture_stats(
             enc, response_len = encode_examples(handle, batch.examples)
             n_tokens += int(enc["attention_mask"].sum())
             with contextlib.suppress(_StopForward):
-                handle.model(**enc, use_cache=False)
+                handle.model(**enc, position_ids=position_ids(enc["attention_mask"]), use_cache=False)
             labels = torch.tensor([ex.label for ex in batch.examples])
             keys = [ex.pair if ex.pair is not None else i for ex, i in zip(batch.examples, batch.ids, strict=True)]
             heldout = torch.tensor([k % HELDOUT_EVERY == HELDOUT_EVERY - 1 for k in keys])

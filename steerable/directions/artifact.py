@@ -73,7 +73,7 @@ class DirectionSet:
         return self.directions[self.row(layer)]
 
     def tensors(self) -> dict[str, torch.Tensor]:
-        return {k: getattr(self, k).contiguous().float() for k in _TENSORS}
+        return {k: getattr(self, k).detach().float().clone().contiguous() for k in _TENSORS}
 
     def validate(self) -> None:
         n, d = len(self.layers), self.directions.shape[-1]

@@ -48,14 +48,14 @@ BUILTIN_MODELS: dict[str, BuiltinModel] = {
             "Qwen2.5-Coder-0.5B-Instruct (Qwen2, 24 layers, d=896); refuses harmful requests",
             _qwen_parts(),
             "qwen2.5-coder-0.5b-instruct-q4_k_m.gguf",
-            "QWEN_SHA",
+            "1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32",
         ),
         BuiltinModel(
             "gemma3-270m",
             "Gemma-3-270M base (Gemma3, 18 layers, d=640); no chat template",
             _gemma_parts(),
             "gemma-3-270m-q4_k_m.gguf",
-            "GEMMA_SHA",
+            "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
         ),
     )
 }

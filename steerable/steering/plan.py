@@ -93,7 +93,7 @@ def parse_layers(spec: Any, n_layers: int, calibrated: Sequence[int]) -> tuple[i
         raise SteerableError("layers is empty")
     bad = [x for x in out if not 0 <= x < n_layers]
     if bad:
-        raise SteerableError(f"layer {bad[0]} out of range: the model has layers 0-{n_layers - 1}")
+        raise SteerableError(f"layer {max(bad)} out of range: the model has layers 0-{n_layers - 1}")
     return tuple(sorted(set(out)))
 
 
@@ -130,9 +130,10 @@ def build_intervention(
     vectors = resolve(name)
     vectors.check_model(handle)
     direction = spec.get("direction", "per-layer")
-    if direction not in ("per-layer", "global") and not (isinstance(direction, int) and not isinstance(direction, bool)):
+    is_layer = isinstance(direction, int) and not isinstance(direction, bool)
+    if direction not in ("per-layer", "global") and not is_layer:
         raise SteerableError(f"direction must be \"per-layer\", \"global\" or a layer index, got {direction!r}")
-    if isinstance(direction, int):
+    if is_layer:
         vectors.row(direction)  # must be a calibrated layer
     layers = parse_layers(spec.get("layers"), handle.n_layers, vectors.layers)
     if direction == "per-layer":

@@ -1,0 +1,73 @@
+"""The CLI contract, end to end on a tiny model saved as a Hugging Face directory."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from steerable.cli.main import main
+from tests.conftest import tiny_handle
+
+
+@pytest.fixture
+def model_dir(tmp_path):
+    h = tiny_handle("llama")
+    d = tmp_path / "tiny"
+    h.model.save_pretrained(d)
+    h.tokenizer.save_pretrained(d)
+    return str(d)
+
+
+def _jsonl(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return str(path)
+
+
+def test_calibrate_inspect_generate(model_dir, tmp_path, capsys):
+    pos = _jsonl(tmp_path / "pos.jsonl", [{"prompt": f"do harm {i}"} for i in range(6)])
+    neg = _jsonl(tmp_path / "neg.jsonl", [{"prompt": f"be kind {i}"} for i in range(6)])
+    out = str(tmp_path / "v.safetensors")
+    assert main(["calibrate", "--model", model_dir, "--positive", pos, "--negative", neg, "--out", out,
+                 "--estimator", "lda", "--position", "last", "--limit", "5"]) == 0
+    assert main(["inspect", out]) == 0
+    printed = capsys.readouterr().out
+    assert "AUROC" in printed and "cohen_d" in printed and "estimator lda" in printed
+
+    pairs = _jsonl(tmp_path / "pairs.jsonl", [{"prompt": f"q{i}", "positive": "no way", "negative": "sure"}
+                                               for i in range(4)])
+    assert main(["calibrate", "--model", model_dir, "--pairs", pairs, "--out", out,
+                 "--position", "response-mean", "--estimator", "pca"]) == 0
+
+    prompts = _jsonl(tmp_path / "in.jsonl", [{"prompt": "hello", "id": 1}, {"prompt": "bye", "id": 2}])
+    plain, steered = str(tmp_path / "plain.jsonl"), str(tmp_path / "steered.jsonl")
+    assert main(["generate", "--model", model_dir, "--prompts", prompts, "--out", plain,
+                 "--max-new-tokens", "5"]) == 0
+    assert main(["generate", "--model", model_dir, "--prompts", prompts, "--out", steered, "--steer", out,
+                 "--method", "add", "--strength", "6", "--layers", "1-3", "--max-new-tokens", "5",
+                 "--batch-size", "2"]) == 0
+    a = [json.loads(x) for x in Path(plain).read_text().splitlines()]
+    b = [json.loads(x) for x in Path(steered).read_text().splitlines()]
+    assert [r["id"] for r in a] == [1, 2] and all("completion" in r for r in a + b)
+    assert [r["completion"] for r in a] != [r["completion"] for r in b]
+
+    plan = tmp_path / "plan.json"
+    plan.write_text(json.dumps({"vector": out, "method": "ablate", "layers": "all"}))
+    assert main(["generate", "--model", model_dir, "--prompts", prompts, "--out", steered, "--plan", str(plan),
+                 "--max-new-tokens", "3"]) == 0
+
+
+def test_cli_errors_are_clean(model_dir, tmp_path, capsys):
+    out = str(tmp_path / "v.safetensors")
+    assert main(["inspect", out]) == 2
+    assert "no such direction file" in capsys.readouterr().err
+    assert main(["calibrate", "--model", str(tmp_path / "nothing"), "--pairs", "refusal-pairs", "--out", out]) == 2
+    assert "unknown model" in capsys.readouterr().err
+    prompts = _jsonl(tmp_path / "in.jsonl", [{"prompt": "hello"}])
+    bad = tmp_path / "bad.safetensors"
+    bad.write_bytes(b"garbage")
+    assert main(["generate", "--model", model_dir, "--prompts", prompts, "--out", str(tmp_path / "o.jsonl"),
+                 "--steer", str(bad)]) == 2
+    assert "not a readable safetensors" in capsys.readouterr().err
+    assert not (tmp_path / "o.jsonl").exists()
