@@ -97,6 +97,7 @@ def _load_hf(path: str | Path, dtype: torch.dtype, **kw: Any) -> tuple[Any, Any]
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
     try:
         model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype, **kw)
         tok = AutoTokenizer.from_pretrained(str(path), **kw)
