@@ -14,7 +14,6 @@ import argparse  # noqa: E402
 import json  # noqa: E402
 import statistics  # noqa: E402
 import time  # noqa: E402
-from pathlib import Path  # noqa: E402
 
 import torch  # noqa: E402
 
@@ -27,9 +26,9 @@ from steerable.models.load import load_model  # noqa: E402
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default="smollm2-135m")
-    ap.add_argument("--n", type=int, default=64, help="pairs (2 examples each)")
+    ap.add_argument("--n", type=int, default=40, help="pairs (2 examples each)")
     ap.add_argument("--batch-size", type=int, default=16)
-    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--out", default="bench/results/calibrate.json")
     args = ap.parse_args()
 
