@@ -43,6 +43,3 @@ def test_refusal_direction_raises_refusal_on_held_out_prompts(smol, tmp_path):
     steered = refusal_rate(generate(smol, harmful, plan, max_new_tokens=32, batch_size=15))
     assert base.value < 0.25
     assert steered.value - base.value >= 0.4, (base, steered)
-    ablated = refusal_rate(generate(smol, harmful, {**plan, "method": "ablate", "layers": "all"},
-                                    max_new_tokens=32, batch_size=15))
-    assert ablated.value <= base.value + 0.1
