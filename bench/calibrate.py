@@ -17,7 +17,7 @@ import time  # noqa: E402
 
 import torch  # noqa: E402
 
-from steerable.capture.run import _batches, capture_stats, encode_examples, position_ids  # noqa: E402
+from steerable.capture.run import capture_stats, encode_examples, plan_batches, position_ids  # noqa: E402
 from steerable.data.loaders import contrastive_examples  # noqa: E402
 from steerable.fsutil import write_text_atomic  # noqa: E402
 from steerable.models.load import load_model  # noqa: E402
@@ -34,7 +34,7 @@ def main() -> None:
 
     handle = load_model(args.model)
     examples = contrastive_examples(pairs="refusal-pairs", limit=args.n)
-    batches = _batches(examples, args.batch_size)
+    batches = plan_batches(examples, args.batch_size)
     encoded = [encode_examples(handle, b.examples)[0] for b in batches]
     n_tokens = sum(int(e["attention_mask"].sum()) for e in encoded)
 

@@ -37,7 +37,7 @@ class Batch:
     ids: list[int]  # index of each example in the input list
 
 
-def _batches(examples: Sequence[Example], batch_size: int) -> list[Batch]:
+def plan_batches(examples: Sequence[Example], batch_size: int) -> list[Batch]:
     """Group pairs together and batch units of similar length, to keep pairs in one batch and padding low."""
     units: dict[object, list[int]] = {}
     for i, ex in enumerate(examples):
@@ -118,7 +118,7 @@ def capture_stats(
     stats = {
         layer: LayerStats(handle.hidden_size, second_moments, reservoir_cap, seed=layer) for layer in layers
     }
-    batches = _batches(examples, batch_size)
+    batches = plan_batches(examples, batch_size)
     n_tokens = 0
     sink: dict[int, torch.Tensor] = {}
     bar = tqdm(total=len(examples), desc=f"capture {site}", unit="ex", disable=not progress, leave=False)
@@ -136,18 +136,16 @@ def capture_stats(
                 h = sink.pop(layer).float().cpu()
                 feats, rows = select(h, mask, response_len, position)
                 stats[layer].add(feats, labels[rows], heldout[rows])
-                _add_pair_diffs(stats[layer], h, mask, response_len, position, batch.examples, heldout)
+                # pairwise PCA compares whole sequences: with position "all", their mean tokens
+                per_seq = feats if position != "all" else (h * mask[..., None]).sum(1) / mask.sum(1, keepdim=True)
+                _add_pair_diffs(stats[layer], per_seq, batch.examples, heldout)
             bar.update(len(batch.examples))
     bar.close()
     return CaptureResult(stats, site, position, len(examples), n_tokens)
 
 
-def _add_pair_diffs(stats, h, mask, response_len, position, examples, heldout) -> None:
+def _add_pair_diffs(stats: LayerStats, feats: torch.Tensor, examples: list[Example], heldout: torch.Tensor) -> None:
     """Per-pair (positive − negative) differences of per-sequence features, training pairs only."""
-    if position == "all":
-        feats = (h * mask[..., None]).sum(1) / mask.sum(1, keepdim=True)
-    else:
-        feats, _ = select(h, mask, response_len, position)
     by_pair: dict[int, dict[int, int]] = {}
     for row, ex in enumerate(examples):
         if ex.pair is not None and not bool(heldout[row]):

@@ -7,7 +7,6 @@ scale, threshold and audit it. Never pickled; written atomically.
 from __future__ import annotations
 
 import json
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -173,6 +172,3 @@ def load_directions(path: str | Path, model: Any | None = None) -> DirectionSet:
         ds.check_model(model)
     return ds
 
-
-def finite_or_none(x: float) -> float | None:
-    return None if x is None or math.isnan(x) else x
