@@ -61,12 +61,11 @@ def test_ablate_zeroes_projection_inside_model(handle, vec_path):
     plan = build_plan({"vector": vec_path, "method": "ablate", "layers": [2], "direction": 1}, handle)
     u = plan.interventions[0].vectors.direction(1)
     seen = {}
-    hook = handle.layout.layers[2].register_forward_hook(lambda m, a, o: seen.__setitem__("h", o))
-    with steer(handle, plan):  # registered after ours, so it sees the steered output
-        hook.remove()
+    with steer(handle, plan):
+        # registered after the steering hook, so it sees the steered output
         hook = handle.layout.layers[2].register_forward_hook(lambda m, a, o: seen.__setitem__("h", o))
         _logits(handle)
-    hook.remove()
+        hook.remove()
     h = seen["h"][0] if isinstance(seen["h"], tuple) else seen["h"]
     assert float((h @ u).abs().max()) < 1e-4
 
