@@ -45,3 +45,13 @@ def percentiles(x: torch.Tensor) -> torch.Tensor:
     if len(x) == 0:
         return torch.full((len(PERCENTILES),), math.nan)
     return torch.quantile(x.double(), PERCENTILES.double() / 100).float()
+
+
+def cast_score(h: torch.Tensor, unit: torch.Tensor) -> torch.Tensor:
+    """CAST condition similarity cos(h, tanh(P_c h)) with P_c = ĉĉᵀ, per row of h [..., d].
+
+    tanh is odd, so for small projections this is ≈ |cos(h, ĉ)|: it measures how strongly h lies
+    along the condition direction, not on which side.
+    """
+    projected = torch.tanh((h @ unit)[..., None] * unit)
+    return torch.nn.functional.cosine_similarity(h, projected, dim=-1, eps=1e-12)
