@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
+from safetensors.torch import save_file
 
+from steerable.capture.run import capture_stats
 from steerable.data.loaders import Example
-from steerable.directions.artifact import load_directions, save_directions
-from steerable.directions.calibrate import calibrate
+from steerable.directions.artifact import FORMAT, load_directions, save_directions
+from steerable.directions.calibrate import calibrate, directions_from_capture
+from steerable.directions.layers import discriminative_layers
+from steerable.directions.quality import cast_score, percentiles
 from steerable.errors import SteerableError
 from tests.conftest import tiny_handle
 
@@ -29,7 +35,64 @@ def test_round_trip(ds, llama, tmp_path):
         torch.testing.assert_close(getattr(back, name), t, rtol=0, atol=0, equal_nan=True)
     assert back.meta["model"]["config_hash"] == llama.config_hash
     assert back.meta["estimator"] == "mean-diff" and back.meta["site"] == "resid_post"
-    assert back.meta["format_version"] == 1
+    assert back.meta["format_version"] == 2
+    assert {"mean_unit_pos", "mean_unit_neg", "cast_percentiles"} <= set(ds.tensors())
+
+
+def test_calibrate_fills_selection_tensors(ds, llama):
+    n, d = len(ds.layers), llama.hidden_size
+    assert ds.mean_unit_pos.shape == ds.mean_unit_neg.shape == (n, d)
+    assert ds.cast_percentiles.shape == (n, 2, 2, 101)
+    for t in (ds.mean_unit_pos, ds.mean_unit_neg, ds.cast_percentiles):
+        assert bool(torch.isfinite(t).all())  # EX holds out one pair, so the held-out fold is non-empty
+    assert bool((ds.mean_unit_pos.norm(dim=1) <= 1 + 1e-5).all())  # a mean of unit vectors
+    assert bool((ds.cast_percentiles.diff(dim=-1) >= 0).all())
+    assert ds.meta["counts"]["heldout_pos"] == ds.meta["counts"]["heldout_neg"] == 1
+    assert isinstance(discriminative_layers(ds), list)
+
+
+def test_selection_tensors_match_the_samples(llama):
+    cap = capture_stats(llama, EX, [1, 2], progress=False)
+    ds = directions_from_capture(cap, "mean-diff", {})
+    for i, layer in enumerate(ds.layers):
+        st, v = cap.stats[layer], ds.directions[i]
+        torch.testing.assert_close(ds.cast_percentiles[i, 0, 0], percentiles(cast_score(st.pos.sample.rows, v)))
+        torch.testing.assert_close(ds.cast_percentiles[i, 1, 1], percentiles(cast_score(st.heldout_neg.rows, v)))
+        unit = torch.nn.functional.normalize(st.neg.sample.rows, dim=1).mean(0)  # reservoir holds every row here
+        torch.testing.assert_close(ds.mean_unit_neg[i], unit)
+
+
+def _v1_file(ds, path):
+    """A file as version 1 wrote it: no optional tensors, format_version 1."""
+    names = ["directions", "raw_norms", "scales", "bias", "mean_pos", "mean_neg", "percentiles", "auroc", "cohens_d"]
+    meta = {**ds.meta, "format": FORMAT, "format_version": 1, "layers": ds.layers}
+    save_file({k: getattr(ds, k).contiguous() for k in names}, str(path), metadata={"steerable": json.dumps(meta)})
+    return path
+
+
+def test_reads_version_1(ds, llama, tmp_path):
+    old = load_directions(_v1_file(ds, tmp_path / "v1.safetensors"), llama)
+    assert old.meta["format_version"] == 1
+    assert old.mean_unit_pos is None and old.mean_unit_neg is None and old.cast_percentiles is None
+    torch.testing.assert_close(old.directions, ds.directions)
+    with pytest.raises(SteerableError, match="recalibrate"):
+        discriminative_layers(old)
+    resaved = load_directions(save_directions(old, tmp_path / "v2.safetensors"))  # still no optional tensors
+    assert resaved.cast_percentiles is None and resaved.meta["format_version"] == 2
+
+
+def test_rejects_bad_optional_tensors(ds, tmp_path):
+    ds.cast_percentiles = ds.cast_percentiles[:, 0]
+    with pytest.raises(SteerableError, match="'cast_percentiles' has shape"):
+        save_directions(ds, tmp_path / "v.safetensors")
+    ds.cast_percentiles = None
+    ds.mean_unit_neg = None
+    with pytest.raises(SteerableError, match="present together"):
+        save_directions(ds, tmp_path / "v.safetensors")
+    ds.mean_unit_neg = ds.mean_unit_pos.clone()
+    ds.mean_unit_neg[0, 0] = float("inf")
+    with pytest.raises(SteerableError, match="'mean_unit_neg' contains NaN or Inf"):
+        save_directions(ds, tmp_path / "v.safetensors")
 
 
 @pytest.mark.parametrize("family", ["qwen2", "gemma3"])
@@ -41,7 +104,7 @@ def test_rejects_other_models(ds, family, tmp_path):
 
 def test_rejects_other_hidden_size(ds, llama, tmp_path):
     ds.directions = torch.nn.functional.normalize(torch.randn(len(ds.layers), 16), dim=1)
-    ds.mean_pos = ds.mean_neg = torch.zeros(len(ds.layers), 16)
+    ds.mean_pos = ds.mean_neg = ds.mean_unit_pos = ds.mean_unit_neg = torch.zeros(len(ds.layers), 16)
     path = save_directions(ds, tmp_path / "v.safetensors")
     with pytest.raises(SteerableError, match="hidden size mismatch: direction set has d=16"):
         load_directions(path, llama)

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from steerable.capture.stats import LayerStats
+from steerable.capture.stats import ClassStats, LayerStats
 from steerable.directions.estimators import ESTIMATORS, get_estimator
 from steerable.directions.quality import auroc, cohens_d, percentiles
 from steerable.errors import SteerableError
@@ -70,3 +70,15 @@ def test_auroc_and_cohens_d_by_hand():
     assert cohens_d(torch.tensor([4.0, 6.0]), torch.tensor([0.0, 2.0])) == pytest.approx(4 / math.sqrt(2))
     p = percentiles(torch.arange(101, dtype=torch.float32))
     assert p[25] == 25 and p[50] == 50 and p[100] == 100
+
+
+def test_class_stats_mean_unit_streams():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(50, 6, generator=g) * torch.rand(50, 1, generator=g) * 10
+    x[7] = 0  # a zero row contributes nothing instead of NaN
+    st = ClassStats(6, second_moments=False, reservoir_cap=4)
+    for chunk in x.split(13):
+        st.add(chunk)
+    expected = torch.nn.functional.normalize(x.double(), dim=1).sum(0) / 50
+    torch.testing.assert_close(st.mean_unit, expected)
+    assert st.mean_unit.dtype == torch.float64

@@ -46,11 +46,14 @@ class ClassStats:
     seed: int = 0
     n: int = 0
     total: torch.Tensor = field(init=False)
+    # Sum of h/‖h‖: Selective Steering's per-class mean projection is linear in it, for any b1 chosen later.
+    unit_total: torch.Tensor = field(init=False)
     outer: torch.Tensor | None = field(init=False)
     sample: Reservoir = field(init=False)
 
     def __post_init__(self) -> None:
         self.total = torch.zeros(self.d, dtype=torch.float64)
+        self.unit_total = torch.zeros(self.d, dtype=torch.float64)
         self.outer = torch.zeros(self.d, self.d, dtype=torch.float64) if self.second_moments else None
         self.sample = Reservoir(self.reservoir_cap, self.d, self.seed)
 
@@ -58,6 +61,7 @@ class ClassStats:
         x64 = x.detach().to(torch.float64).cpu()
         self.n += len(x64)
         self.total += x64.sum(0)
+        self.unit_total += (x64 / x64.norm(dim=1, keepdim=True).clamp_min(1e-12)).sum(0)  # zero rows add 0
         if self.outer is not None:
             self.outer += x64.T @ x64
         self.sample.add(x)
@@ -65,6 +69,11 @@ class ClassStats:
     @property
     def mean(self) -> torch.Tensor:
         return self.total / max(self.n, 1)
+
+    @property
+    def mean_unit(self) -> torch.Tensor:
+        """Mean of the unit-normalised rows h/‖h‖."""
+        return self.unit_total / max(self.n, 1)
 
     def covariance(self) -> torch.Tensor:
         assert self.outer is not None, "second moments were not collected"

@@ -3,17 +3,21 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
-from steerable.cli.table import table
+from steerable.cli.table import fmt, table
 from steerable.data.loaders import PAIR_SETS, PROMPT_SETS, contrastive_examples, load_prompts
 from steerable.data.sources import DATA_FILES, data_file
-from steerable.directions.artifact import DirectionSet, load_directions, save_directions
+from steerable.directions.artifact import DirectionSet, layer_ranges, load_directions, save_directions
 from steerable.directions.calibrate import calibrate
+from steerable.directions.condition import choose_condition
 from steerable.directions.gguf_cv import export_control_vector, import_control_vector
-from steerable.directions.layers import cosine_matrix, global_direction
+from steerable.directions.layers import cosine_matrix, discriminative_layers, global_direction, top_layers
 from steerable.errors import SteerableError
 from steerable.fsutil import atomic_path
 from steerable.models.builtin import BUILTIN_MODELS
@@ -66,16 +70,57 @@ def inspect_table(ds: DirectionSet) -> str:
     head = (f"model {m.get('model', {}).get('name')}  site {m.get('site')}  position {m.get('position')}  "
             f"estimator {m.get('estimator')}  counts {m.get('counts')}\n"
             f"global direction b1 = layer {b1_layer}; AUROC and Cohen's d on the held-out 20 %\n")
+    sel, cond = _selection(ds)
+
+    def show(layers: list[int] | None, unavailable: str) -> str:
+        if layers is None:
+            return f"— ({unavailable})"
+        return layer_ranges(layers) if layers else "none"
+    no_stat = "no finite held-out statistic below the skip cutoff"
+    lines = [
+        "layer selection:",
+        f"  discriminative (μP·μN < 0 along b1): {show(sel['discriminative'], 'no mean_unit_*: recalibrate')}",
+        f"  top-5 by AUROC (last 20 % skipped):  {show(sel['top_auroc'], no_stat)}",
+        f"  top-5 by Cohen's d (same skip):      {show(sel['top_cohens_d'], no_stat)}",
+        f"  plane: b1 = layer {sel['plane_b1_layer']} (global direction), b2 = PC1 of the directions ⟂ b1",
+    ]
+    if cond is not None:
+        lines.append(
+            f"CAST condition (auto): layer {cond['layer']}, steer when score {cond['compare']} "
+            f"{cond['threshold']:.4f}; held-out precision {fmt(cond['precision'])} recall {fmt(cond['recall'])} "
+            f"FPR {fmt(cond['fpr'])} (train recall {fmt(cond['train_recall'])} FPR {fmt(cond['train_fpr'])})"
+        )
     return head + table(
         ["layer", "AUROC", "cohen_d", "‖μP−μN‖", "scale", "cos(prev)", "cos(b1)", "pos p25/50/75",
-         "neg p25/50/75"], rows)
+         "neg p25/50/75"], rows) + "\n\n" + "\n".join(lines)
+
+
+def _selection(ds: DirectionSet) -> tuple[dict, dict | None]:
+    """What each layer criterion picks; None where the artifact lacks what a criterion needs."""
+    def attempt(fn: Callable[[], Any]) -> Any:
+        try:
+            return fn()
+        except SteerableError:  # an older or imported artifact: report the criterion as unavailable
+            return None
+
+    sel = {
+        "discriminative": attempt(lambda: discriminative_layers(ds)),
+        "top_auroc": attempt(lambda: top_layers(ds, 5, "auroc")),
+        "top_cohens_d": attempt(lambda: top_layers(ds, 5, "cohens_d")),
+        "plane_b1_layer": global_direction(ds)[1],
+        "skip_last": 0.2,
+    }
+    choice = attempt(lambda: choose_condition(ds)) if ds.cast_percentiles is not None else None
+    return sel, dataclasses.asdict(choice) if choice is not None else None
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
     ds = load_directions(args.file)
     if args.json:
+        sel, cond = _selection(ds)
         print(json.dumps({"meta": ds.meta, "layers": ds.layers, "auroc": ds.auroc.tolist(),
-                          "cohens_d": ds.cohens_d.tolist(), "raw_norms": ds.raw_norms.tolist()}, indent=2))
+                          "cohens_d": ds.cohens_d.tolist(), "raw_norms": ds.raw_norms.tolist(),
+                          "selection": sel, "condition": cond}, indent=2))
     else:
         print(inspect_table(ds))
     return 0
@@ -99,9 +144,10 @@ def plan_from_flags(args: argparse.Namespace):
         return read_plan_file(args.plan)
     if not args.steer:
         return None
-    spec = {"vector": args.steer, "method": args.method, "strength": args.strength, "direction": args.direction}
-    if args.layers is not None:
-        spec["layers"] = args.layers
+    spec = {"vector": args.steer, "method": args.method, "strength": args.strength, "direction": args.direction,
+            "angle": args.angle, "cap_floor": args.cap_floor, "cap_ceiling": args.cap_ceiling,
+            "threshold": args.threshold, "target": args.target, "layers": args.layers, "gate": args.gate,
+            "site": args.site}
     return {k: v for k, v in spec.items() if v is not None}
 
 
@@ -111,7 +157,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
     handle = load_model(args.model)
     rows = _read_prompt_rows(args.prompts)
     plan = plan_from_flags(args)
-    completions = generate(handle, [r["prompt"] for r in rows], plan, max_new_tokens=args.max_new_tokens,
+    # a row's own "plan" (an object, a list, or null for unsteered) wins over the flags for that row
+    plans = [r.get("plan", plan) for r in rows]
+    completions = generate(handle, [r["prompt"] for r in rows], plans=plans, max_new_tokens=args.max_new_tokens,
                            batch_size=args.batch_size, progress=True)
     with atomic_path(args.out) as tmp, open(tmp, "w", encoding="utf-8") as f:
         for row, text in zip(rows, completions, strict=True):

@@ -19,7 +19,7 @@ from steerable.errors import SteerableError
 from steerable.fsutil import atomic_path
 
 FORMAT = "steerable.directions"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2 added the optional tensors; version 1 files still load (they are None)
 # Tensor name -> (shape given n layers and d) used to validate files we did not write.
 _TENSORS = {
     "directions": lambda n, d: (n, d),
@@ -32,6 +32,12 @@ _TENSORS = {
     "auroc": lambda n, d: (n,),
     "cohens_d": lambda n, d: (n,),
 }
+# Optional tensors (None when absent): older files and imported control vectors lack them.
+_OPTIONAL = {
+    "mean_unit_pos": lambda n, d: (n, d),
+    "mean_unit_neg": lambda n, d: (n, d),
+    "cast_percentiles": lambda n, d: (n, 2, 2, 101),
+}
 
 
 @dataclass
@@ -42,6 +48,12 @@ class DirectionSet:
     `scales[i]` = (μ_P − μ_N)·v̂: adding strength α·scales[i]·v̂ moves the negative mean α of the way
     onto the positive mean along v̂. `percentiles[i, c]` are the 0..100th percentiles of the
     projections h·v̂ of class c (0 = positive, 1 = negative).
+
+    Optional (None when the file predates them):
+    `mean_unit_pos/neg[i]` = mean of h/‖h‖ over that class's training samples, so Selective Steering's
+    μ_c = mean((h/‖h‖)·b1) = mean_unit_c·b1 for any b1.
+    `cast_percentiles[i, f, c]` = 0..100th percentiles of the CAST score cast_score(h, v̂) for fold f
+    (0 = train, 1 = held-out) and class c; NaN where a fold had no samples of that class.
     """
 
     layers: list[int]
@@ -55,6 +67,9 @@ class DirectionSet:
     auroc: torch.Tensor
     cohens_d: torch.Tensor
     meta: dict[str, Any] = field(default_factory=dict)
+    mean_unit_pos: torch.Tensor | None = None
+    mean_unit_neg: torch.Tensor | None = None
+    cast_percentiles: torch.Tensor | None = None
 
     @property
     def hidden_size(self) -> int:
@@ -65,23 +80,30 @@ class DirectionSet:
             return self.layers.index(layer)
         except ValueError:
             raise SteerableError(
-                f"layer {layer} is not in this direction set (calibrated layers: {_ranges(self.layers)})"
+                f"layer {layer} is not in this direction set (calibrated layers: {layer_ranges(self.layers)})"
             ) from None
 
     def direction(self, layer: int) -> torch.Tensor:
         return self.directions[self.row(layer)]
 
     def tensors(self) -> dict[str, torch.Tensor]:
-        return {k: getattr(self, k).detach().float().clone().contiguous() for k in _TENSORS}
+        """The tensors a file holds: every required one, and the optional ones that are present."""
+        names = [*_TENSORS, *(k for k in _OPTIONAL if getattr(self, k) is not None)]
+        return {k: getattr(self, k).detach().float().clone().contiguous() for k in names}
 
     def validate(self) -> None:
         n, d = len(self.layers), self.directions.shape[-1]
-        for name, shape in _TENSORS.items():
+        for name, shape in {**_TENSORS, **_OPTIONAL}.items():
             t = getattr(self, name)
+            if t is None and name in _OPTIONAL:
+                continue
             if tuple(t.shape) != shape(n, d):
                 raise SteerableError(f"tensor {name!r} has shape {tuple(t.shape)}, expected {shape(n, d)}")
-        for name in ("directions", "raw_norms", "scales", "mean_pos", "mean_neg"):
-            if not bool(torch.isfinite(getattr(self, name)).all()):
+        if (self.mean_unit_pos is None) != (self.mean_unit_neg is None):
+            raise SteerableError("mean_unit_pos and mean_unit_neg must be present together")
+        for name in ("directions", "raw_norms", "scales", "mean_pos", "mean_neg", "mean_unit_pos", "mean_unit_neg"):
+            t = getattr(self, name)
+            if t is not None and not bool(torch.isfinite(t).all()):
                 raise SteerableError(f"tensor {name!r} contains NaN or Inf")
         norms = self.directions.norm(dim=1)
         if not bool(torch.allclose(norms, torch.ones_like(norms), atol=1e-3)):
@@ -111,7 +133,8 @@ class DirectionSet:
             )
 
 
-def _ranges(layers: list[int]) -> str:
+def layer_ranges(layers: list[int]) -> str:
+    """Compact layer list for messages: [0, 1, 2, 5] → "0-2,5"."""
     if not layers:
         return "none"
     out, start, prev = [], layers[0], layers[0]
@@ -163,7 +186,8 @@ def load_directions(path: str | Path, model: Any | None = None) -> DirectionSet:
     layers = meta.pop("layers", None)
     if not isinstance(layers, list) or not all(isinstance(x, int) for x in layers):
         raise SteerableError(f"{path}: metadata has no valid layer list")
-    ds = DirectionSet(layers=layers, meta=meta, **{k: tensors[k] for k in _TENSORS})
+    present = [k for k in (*_TENSORS, *_OPTIONAL) if k in tensors]
+    ds = DirectionSet(layers=layers, meta=meta, **{k: tensors[k] for k in present})
     try:
         ds.validate()
     except SteerableError as e:

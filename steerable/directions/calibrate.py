@@ -14,7 +14,7 @@ from steerable.capture.stats import LayerStats
 from steerable.data.loaders import Example
 from steerable.directions.artifact import DirectionSet
 from steerable.directions.estimators import Estimate, get_estimator
-from steerable.directions.quality import auroc, cohens_d, percentiles
+from steerable.directions.quality import auroc, cast_score, cohens_d, percentiles
 from steerable.models.load import ModelHandle
 
 
@@ -35,7 +35,20 @@ def _layer_entry(stats: LayerStats, est: Estimate) -> dict[str, Any]:
         "percentiles": torch.stack([percentiles(proj(pos_all)), percentiles(proj(neg_all))]),
         "auroc": auroc(hp, hn),
         "cohens_d": cohens_d(hp, hn),
+        "mean_unit_pos": stats.pos.mean_unit.float(),
+        "mean_unit_neg": stats.neg.mean_unit.float(),
+        "cast_percentiles": _cast_percentiles(stats, est.direction),
     }
+
+
+def _cast_percentiles(stats: LayerStats, unit: torch.Tensor) -> torch.Tensor:
+    """[fold (train, held-out), class (pos, neg), 101] percentiles of the CAST score along `unit`.
+
+    Kept per fold so a threshold can be chosen on train and its recall/FPR estimated on held-out.
+    """
+    u = unit.float()
+    folds = ((stats.pos.sample.rows, stats.neg.sample.rows), (stats.heldout_pos.rows, stats.heldout_neg.rows))
+    return torch.stack([torch.stack([percentiles(cast_score(x.float(), u)) for x in fold]) for fold in folds])
 
 
 def directions_from_capture(
@@ -60,6 +73,9 @@ def directions_from_capture(
         percentiles=torch.stack([r["percentiles"] for r in rows]),
         auroc=torch.tensor([r["auroc"] for r in rows]),
         cohens_d=torch.tensor([r["cohens_d"] for r in rows]),
+        mean_unit_pos=torch.stack([r["mean_unit_pos"] for r in rows]),
+        mean_unit_neg=torch.stack([r["mean_unit_neg"] for r in rows]),
+        cast_percentiles=torch.stack([r["cast_percentiles"] for r in rows]),
         meta={**meta, "estimator": estimator, "site": cap.site, "position": cap.position,
               "layer_convention": LAYER_CONVENTION, "counts": counts},
     )
