@@ -71,3 +71,33 @@ def test_cli_errors_are_clean(model_dir, tmp_path, capsys):
                  "--steer", str(bad)]) == 2
     assert "not a readable safetensors" in capsys.readouterr().err
     assert not (tmp_path / "o.jsonl").exists()
+
+
+def test_generate_every_flag_and_per_row_plans(model_dir, tmp_path):
+    pos = _jsonl(tmp_path / "pos.jsonl", [{"prompt": f"do harm {i}"} for i in range(10)])
+    neg = _jsonl(tmp_path / "neg.jsonl", [{"prompt": f"be kind {i}"} for i in range(10)])
+    vec = str(tmp_path / "v.safetensors")
+    assert main(["calibrate", "--model", model_dir, "--positive", pos, "--negative", neg, "--out", vec]) == 0
+    texts = ["hello", "bye", "what now", "tell me"]
+    plain = str(tmp_path / "plain.jsonl")
+    assert main(["generate", "--model", model_dir, "--prompts", _jsonl(tmp_path / "p.jsonl", [
+        {"prompt": t} for t in texts]), "--out", plain, "--max-new-tokens", "5", "--batch-size", "4"]) == 0
+    rows = [
+        {"prompt": texts[0]},  # takes the flags' plan
+        {"prompt": texts[1], "plan": None},  # unsteered
+        {"prompt": texts[2], "plan": {"vector": vec, "method": "add", "strength": 9, "layers": "0-3"}},
+        {"prompt": texts[3], "plan": [{"vector": vec, "method": "cap", "cap_floor": "p95", "layers": "all"},
+                                      {"vector": vec, "method": "angular", "angle": 30, "gate": "generated"}]},
+    ]
+    out = str(tmp_path / "out.jsonl")
+    assert main(["generate", "--model", model_dir, "--prompts", _jsonl(tmp_path / "rows.jsonl", rows), "--out", out,
+                 "--steer", vec, "--method", "rotate", "--angle", "170", "--layers", "all", "--gate", "all",
+                 "--direction", "global", "--strength", "1", "--max-new-tokens", "5", "--batch-size", "4"]) == 0
+    got = [json.loads(x)["completion"] for x in Path(out).read_text().splitlines()]
+    ref = [json.loads(x)["completion"] for x in Path(plain).read_text().splitlines()]
+    assert got[1] == ref[1]
+    assert got[0] != ref[0] and got[2] != ref[2]
+    for flags in (["--method", "cap", "--cap-floor", "p10", "--cap-ceiling", "3.5"],
+                  ["--method", "sttp", "--threshold", "p50", "--target", "p90"]):
+        assert main(["generate", "--model", model_dir, "--prompts", plain, "--out", out, "--steer", vec,
+                     *flags, "--max-new-tokens", "2"]) == 0

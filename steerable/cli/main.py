@@ -18,8 +18,16 @@ def _direction(value: str) -> str | int:
     return int(value) if value.lstrip("-").isdigit() else value
 
 
+def _threshold(value: str) -> float | str:
+    try:
+        return float(value)
+    except ValueError:
+        return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     from steerable.cli import commands as c
+    from steerable.cli.bake_cmd import add_bake_parser
 
     p = argparse.ArgumentParser(prog="steerable", description="Steer language models by editing activations.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -56,11 +64,18 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--prompts", required=True, help="JSONL with \"prompt\" per row, or a prompt set (test split)")
     s.add_argument("--out", required=True)
     s.add_argument("--steer", help="direction file")
-    s.add_argument("--plan", help="plan JSON file (instead of --steer flags)")
+    s.add_argument("--plan", help="plan JSON file (instead of --steer flags); a row's \"plan\" wins over both")
     s.add_argument("--method", default="add", choices=list(METHODS))
-    s.add_argument("--strength", type=float, default=1.0)
-    s.add_argument("--layers", help="e.g. 6-12, 3,5,7 or all")
-    s.add_argument("--direction", type=_direction, default="per-layer", help="per-layer, global or a layer")
+    s.add_argument("--strength", type=float, help="default 1")
+    s.add_argument("--angle", type=float, help="degrees (rotate, angular, angular-adaptive)")
+    s.add_argument("--cap-floor", type=_threshold, help="number or percentile pNN (positive class) / nNN")
+    s.add_argument("--cap-ceiling", type=_threshold, help="number or percentile pNN / nNN")
+    s.add_argument("--threshold", type=_threshold, help="score threshold for sttp/stmp (default p5)")
+    s.add_argument("--target", type=_threshold, help="target score for sttp (default p50) / mirror for stmp")
+    s.add_argument("--layers", help="6-12, 3,5,7, all, discriminative, top:K or top-d:K")
+    s.add_argument("--gate", help="all, prompt, generated, first:K, assistant, turns>=k (join with +)")
+    s.add_argument("--direction", type=_direction, help="per-layer, global or a layer")
+    s.add_argument("--site", choices=list(SITES), help="override the artifact's site")
     s.add_argument("--max-new-tokens", type=int, default=64)
     s.add_argument("--batch-size", type=int, default=8)
     s.set_defaults(fn=c.cmd_generate)
@@ -77,6 +92,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", required=True)
     s.add_argument("--model", help="record this model so loading checks the match")
     s.set_defaults(fn=c.cmd_import_gguf)
+
+    add_bake_parser(sub)
     return p
 
 

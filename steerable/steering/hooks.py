@@ -1,64 +1,163 @@
-"""Attach a plan to a model for the duration of a `with` block; the hooks always come off."""
+"""Attach plans to a model for the duration of a `with` block; the hooks always come off.
+
+One pre-hook on the whole model records what each forward pass covers (prompt or generated
+positions, cache length) so gates and conditions are evaluated once per pass; one hook per steered
+(site, layer) runs that position's slots. Weights are never touched.
+"""
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import torch
 
 from steerable.capture.sites import get_hidden, replace_hidden, site_module
-from steerable.steering.methods import METHODS
+from steerable.errors import SteerableError
+from steerable.steering.compile import Compiled, Slot, compile_plans, site_order
+from steerable.steering.conditions import Condition
+from steerable.steering.gates import NONE, TokenView
 from steerable.steering.plan import SteeringPlan, build_plan
 
-Op = Callable[[torch.Tensor], torch.Tensor]
+
+class _StopPrepass(Exception):
+    """Raised after the last condition is decided: the rest of the pre-pass is not needed."""
 
 
-def compile_plan(plan: SteeringPlan, handle: Any) -> dict[tuple[str, int], list[Op]]:
-    """Per (site, layer), the ops to run in plan order, with their tensors prepared once."""
-    ref = next(handle.model.parameters())
-    out: dict[tuple[str, int], list[Op]] = {}
-    for iv in plan.interventions:
-        method = METHODS[iv.method]
-        for layer in iv.layers:
-            params = {k: v.to(device=ref.device, dtype=ref.dtype) for k, v in method.prepare(iv, layer).items()}
-            out.setdefault((iv.site, layer), []).append(_bind(method.apply, params))
+class Session:
+    """The state of one `steer` block: what the current forward pass covers and each row's decisions."""
+
+    def __init__(self, handle: Any, compiled: Compiled, plans: SteeringPlan | list[SteeringPlan | None]):
+        self.handle = handle
+        self.compiled = compiled
+        self.plans = plans
+        self.view: TokenView | None = None
+        self.decisions: dict[Condition, torch.Tensor] = {}
+        self._prompt_len: int | None = None
+        self._turns: dict[str, torch.Tensor | None] = {}
+        self._deciding = False
+        self._prepass = False
+        last = max(compiled.conditions, key=lambda k: site_order(*k), default=None)
+        self._last_condition = last
+
+    @property
+    def needs_turns(self) -> bool:
+        return self.compiled.needs_turns
+
+    def begin(self, prompt_len: int, turn: torch.Tensor | None = None, assistant: torch.Tensor | None = None,
+              reply_turn: torch.Tensor | None = None) -> None:
+        """Declare the (left-padded) prompt of the next generation: positions 0 … prompt_len−1.
+
+        `turn` [B, prompt_len] (exchange index per prompt token), `assistant` [B, prompt_len] (bool) and
+        `reply_turn` [B] feed the "assistant" and "turns>=k" gates. Without `begin`, every position of
+        every forward pass counts as a prompt token.
+        """
+        self._prompt_len = prompt_len
+        self._turns = {"turn": turn, "assistant": assistant, "reply_turn": reply_turn}
+
+    # -- hooks ---------------------------------------------------------------------------------
+
+    def _on_forward(self, module: Any, args: tuple, kwargs: dict) -> None:
+        if self._prepass:
+            return
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        if ids is None:
+            ids = kwargs["inputs_embeds"]
+        batch, length = int(ids.shape[0]), int(ids.shape[1])
+        n = self.compiled.n_rows
+        if n is not None and batch != n:
+            raise SteerableError(f"this steering session has per-row plans for {n} rows, got a batch of {batch}")
+        cache = kwargs.get("past_key_values")
+        past = int(cache.get_seq_length()) if cache is not None and hasattr(cache, "get_seq_length") else 0
+        ref = next(self.handle.model.parameters())
+        prompt_len = self._prompt_len if self._prompt_len is not None else past + length
+        self.view = TokenView(batch=batch, past=past, length=length, prompt_len=prompt_len, device=ref.device,
+                              dtype=ref.dtype, attention_mask=kwargs.get("attention_mask"), **self._turns)
+        if past == 0 and self.compiled.conditions:
+            self.decisions = {}
+            self._deciding = True
+            if self.compiled.needs_prepass:
+                self._run_prepass(kwargs, ids)
+
+    def _run_prepass(self, kwargs: dict, ids: torch.Tensor) -> None:
+        """Decide every condition before any gated op runs: a forward pass up to the last condition layer."""
+        inputs = {k: kwargs[k] for k in ("input_ids", "inputs_embeds", "attention_mask", "position_ids")
+                  if kwargs.get(k) is not None}
+        if "input_ids" not in inputs and "inputs_embeds" not in inputs:
+            inputs["input_ids"] = ids
+        self._prepass = True
+        try:
+            self.handle.model(**inputs, use_cache=False)
+        except _StopPrepass:
+            pass
+        finally:
+            self._prepass = False
+        self._deciding = False
+
+    def _make_hook(self, key: tuple[str, int], slots: list[Slot], conditions: list[Condition],
+                   pre: bool) -> Callable[..., Any]:
+        is_last = key == self._last_condition
+
+        def hook(module: Any, args: tuple, kwargs: dict, output: Any = None) -> Any:
+            h = get_hidden(args, kwargs, output, pre)
+            view = self.view
+            if view is None:
+                raise SteerableError("steering hooks ran outside a forward pass of the steered model")
+            if conditions and self._deciding:
+                for c in conditions:
+                    self.decisions[c] = c.decide(h, view)
+                if is_last:
+                    self._deciding = False
+                    if self._prepass:
+                        raise _StopPrepass
+            for slot in slots:
+                if slot.static:
+                    h = slot.method.apply(h, None, slot.params)
+                    continue
+                mask = slot.mask(view, self.decisions)
+                if mask is not NONE:
+                    h = slot.method.apply(h, mask, slot.params)
+            return replace_hidden(args, kwargs, output, pre, h)
+        return hook
+
+
+def _check_rows(handle: Any, rows: Sequence[Any], resolve: Any) -> list[SteeringPlan | None]:
+    out: list[SteeringPlan | None] = []
+    for spec in rows:
+        plan = build_plan(spec, handle, resolve) if spec is not None else None
+        out.append(plan if plan else None)
     return out
 
 
-def _bind(apply: Callable[..., torch.Tensor], params: dict[str, torch.Tensor]) -> Op:
-    def op(h: torch.Tensor) -> torch.Tensor:
-        return apply(h, **params)
-    return op
-
-
-def _hook(ops: list[Op], pre: bool) -> Callable[..., Any]:
-    def hook(module, args, kwargs, output=None):
-        h = get_hidden(args, kwargs, output, pre)
-        for op in ops:
-            h = op(h)
-        return replace_hidden(args, kwargs, output, pre, h)
-    return hook
-
-
 @contextlib.contextmanager
-def steer(handle: Any, plan: Any) -> Iterator[SteeringPlan]:
-    """Steer `handle` with `plan` (anything build_plan accepts) inside the block.
-
-    The model's weights are never touched, so it is bit-identical once the block exits,
-    also when the block raises.
+def steer(handle: Any, plan: Any = None, *, rows: Sequence[Any] | None = None,
+          resolve: Any = None) -> Iterator[Session]:
+    """Steer `handle` inside the block with one `plan` for every row, or `rows`: a plan (or None) per
+    batch row. Plans are anything build_plan accepts. The model is bit-identical once the block exits,
+    also when it raises.
     """
-    checked = build_plan(plan, handle)
-    handles = []
+    from steerable.steering.plan import caching_resolver, load_vector_file
+
+    resolve = resolve or caching_resolver(load_vector_file)
+    if rows is not None and plan is not None:
+        raise SteerableError("give one plan for every row or a plan per row, not both")
+    checked: SteeringPlan | list[SteeringPlan | None]
+    checked = _check_rows(handle, rows, resolve) if rows is not None else build_plan(plan, handle, resolve)
+    ref = next(handle.model.parameters())
+    compiled = compile_plans(checked, ref)
+    session = Session(handle, compiled, checked)
+    handles = [handle.model.register_forward_pre_hook(session._on_forward, with_kwargs=True)]
     try:
-        for (site, layer), ops in compile_plan(checked, handle).items():
+        for key in {*compiled.slots, *compiled.conditions}:
+            site, layer = key
             module, pre = site_module(handle.layout, site, layer)
+            hook = session._make_hook(key, compiled.slots.get(key, []), compiled.conditions.get(key, []), pre)
             if pre:
-                handles.append(module.register_forward_pre_hook(_hook(ops, True), with_kwargs=True))
+                handles.append(module.register_forward_pre_hook(hook, with_kwargs=True))
             else:
-                handles.append(module.register_forward_hook(_hook(ops, False), with_kwargs=True))
-        yield checked
+                handles.append(module.register_forward_hook(hook, with_kwargs=True))
+        yield session
     finally:
         for h in handles:
             h.remove()

@@ -1,103 +1,40 @@
 """The one validator: turns user input (Python objects, CLI flags, plan JSON) into a checked plan.
 
-Plan JSON (an object, or a list of objects applied in order):
-    {"vector": PATH_OR_NAME, "method": "add"|"ablate", "strength": float,
-     "layers": "A-B" | "A,B,C" | "all" | [ints] | int, "direction": "per-layer"|"global"|LAYER}
+A plan is a JSON object, or a list of them applied in order (docs/plans.md lists every key):
+    {"vector": PATH_OR_NAME | [PATHS], "method": METHOD, "strength": float, "angle": degrees,
+     "cap_floor": float|"pNN", "cap_ceiling": float|"pNN", "threshold": float|"pNN", "target": float|"pNN",
+     "layers": "A-B"|"A,B,C"|"all"|"discriminative"|"top:K"|"top-d:K"|[ints]|int,
+     "gate": GATE, "direction": "per-layer"|"global"|LAYER, "site": SITE}
+    {"method": "conditional", "vector": CONDITION_PATH, "layer": int|"auto", "threshold": float|"auto",
+     "recall": float, "then": PLAN}
 """
 
 from __future__ import annotations
 
 import json
 import math
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
-import torch
-
+from steerable.capture.sites import SITES
 from steerable.directions.artifact import DirectionSet, load_directions
-from steerable.directions.layers import global_direction
 from steerable.errors import SteerableError
-from steerable.steering.methods import METHODS
+from steerable.steering.conditions import Condition, build_condition
+from steerable.steering.gates import parse_gate
+from steerable.steering.intervention import Intervention, SteeringPlan, parse_threshold
+from steerable.steering.layers import parse_layers, resolve_layers
+from steerable.steering.methods import METHOD_NAMES, PLANE_METHODS
 
-PLAN_KEYS = {"vector", "method", "strength", "layers", "direction"}
+__all__ = ["PLAN_KEYS", "Intervention", "SteeringPlan", "build_plan", "parse_layers", "read_plan_file"]
+
+PLAN_KEYS = {"vector", "method", "strength", "angle", "cap_floor", "cap_ceiling", "threshold", "target",
+             "layers", "gate", "direction", "site"}
+CONDITIONAL_KEYS = {"vector", "method", "layer", "threshold", "recall", "compare", "then"}
 VectorResolver = Callable[[str], DirectionSet]
 
 
-@dataclass(frozen=True)
-class Intervention:
-    """One checked intervention: a method applied with one direction set on some layers."""
-
-    method: str
-    vectors: DirectionSet = field(repr=False)
-    layers: tuple[int, ...]
-    strength: float = 1.0
-    direction: str | int = "per-layer"
-    vector_name: str = ""
-
-    @property
-    def site(self) -> str:
-        return str(self.vectors.meta.get("site", "resid_post"))
-
-    def source_layer(self, layer: int) -> int:
-        """The calibrated layer whose direction steers `layer`."""
-        if self.direction == "per-layer":
-            return layer
-        if self.direction == "global":
-            return global_direction(self.vectors)[1]
-        return int(self.direction)
-
-    def unit_direction(self, layer: int) -> torch.Tensor:
-        return self.vectors.direction(self.source_layer(layer))
-
-    def to_json(self) -> dict[str, Any]:
-        return {"vector": self.vector_name, "method": self.method, "strength": self.strength,
-                "layers": list(self.layers), "direction": self.direction}
-
-
-@dataclass(frozen=True)
-class SteeringPlan:
-    """Interventions applied in order. An empty plan steers nothing."""
-
-    interventions: tuple[Intervention, ...] = ()
-
-    def __bool__(self) -> bool:
-        return bool(self.interventions)
-
-    def to_json(self) -> list[dict[str, Any]]:
-        return [iv.to_json() for iv in self.interventions]
-
-
-def parse_layers(spec: Any, n_layers: int, calibrated: Sequence[int]) -> tuple[int, ...]:
-    """"A-B" (inclusive), "A,B,C", "all" (every calibrated layer), an int, or a list of ints."""
-    if spec is None or spec == "all":
-        return tuple(calibrated)
-    if isinstance(spec, bool):
-        raise SteerableError(f"layers must be a range, list or int, got {spec!r}")
-    if isinstance(spec, int):
-        out = [spec]
-    elif isinstance(spec, str):
-        out = []
-        for part in spec.replace(" ", "").split(","):
-            lo, dash, hi = part.partition("-")
-            try:
-                out += list(range(int(lo), int(hi) + 1)) if dash else [int(lo)]
-            except ValueError:
-                raise SteerableError(f"cannot parse layers {spec!r}: use A-B, A,B,C or all") from None
-    elif isinstance(spec, list | tuple) and all(isinstance(x, int) and not isinstance(x, bool) for x in spec):
-        out = list(spec)
-    else:
-        raise SteerableError(f"layers must be \"A-B\", \"A,B,C\", \"all\", an int or a list of ints, got {spec!r}")
-    if not out:
-        raise SteerableError("layers is empty")
-    bad = [x for x in out if not 0 <= x < n_layers]
-    if bad:
-        raise SteerableError(f"layer {max(bad)} out of range: the model has layers 0-{n_layers - 1}")
-    return tuple(sorted(set(out)))
-
-
-def _number(name: str, value: Any, default: float) -> float:
+def number(name: str, value: Any, default: float | None) -> float | None:
     if value is None:
         return default
     if isinstance(value, bool) or not isinstance(value, int | float):
@@ -113,43 +50,109 @@ def load_vector_file(name: str) -> DirectionSet:
     return load_directions(name)
 
 
-def build_intervention(
-    spec: Mapping[str, Any], handle: Any, resolve: VectorResolver = load_vector_file
-) -> Intervention:
+def caching_resolver(resolve: VectorResolver = load_vector_file) -> VectorResolver:
+    """Load each artifact once per call site (per-row plans often share vectors)."""
+    seen: dict[str, DirectionSet] = {}
+
+    def cached(name: str) -> DirectionSet:
+        if name not in seen:
+            seen[name] = resolve(name)
+        return seen[name]
+    return cached
+
+
+def _vectors(
+    spec: Mapping[str, Any], handle: Any, resolve: VectorResolver
+) -> tuple[tuple[str, ...], list[DirectionSet]]:
+    name = spec.get("vector")
+    names = name if isinstance(name, list) else [name]
+    if not names or not all(isinstance(n, str) and n for n in names):
+        raise SteerableError("plan needs \"vector\": the name or path of a direction file (or a list of them)")
+    sets = [resolve(n) for n in names]
+    for ds in sets:
+        ds.check_model(handle)
+    return tuple(names), sets
+
+
+def build_intervention(spec: Mapping[str, Any], handle: Any, resolve: VectorResolver = load_vector_file,
+                       conditions: tuple[Condition, ...] = ()) -> Intervention:
     if not isinstance(spec, Mapping):
         raise SteerableError(f"a plan entry must be a JSON object, got {type(spec).__name__}")
+    method = spec.get("method", "add")
+    if method not in METHOD_NAMES:
+        raise SteerableError(f"unknown method {method!r}: use one of {', '.join(METHOD_NAMES)}")
     unknown = set(spec) - PLAN_KEYS
     if unknown:
         raise SteerableError(f"unknown plan key(s) {sorted(unknown)}: allowed keys are {sorted(PLAN_KEYS)}")
-    method = spec.get("method", "add")
-    if method not in METHODS:
-        raise SteerableError(f"unknown method {method!r}: use one of {', '.join(METHODS)}")
-    name = spec.get("vector")
-    if not isinstance(name, str) or not name:
-        raise SteerableError("plan needs \"vector\": the name or path of a direction file")
-    vectors = resolve(name)
-    vectors.check_model(handle)
-    direction = spec.get("direction", "per-layer")
+    if isinstance(spec.get("vector"), list) and len(spec["vector"]) > 1 and method != "cap":
+        raise SteerableError(f"several vectors are only supported by method cap, not {method}")
+    names, sets = _vectors(spec, handle, resolve)
+    vectors = sets[0]
+    plane_method = method in PLANE_METHODS
+    direction = spec.get("direction", "global" if plane_method else "per-layer")
     is_layer = isinstance(direction, int) and not isinstance(direction, bool)
     if direction not in ("per-layer", "global") and not is_layer:
         raise SteerableError(f"direction must be \"per-layer\", \"global\" or a layer index, got {direction!r}")
     if is_layer:
-        vectors.row(direction)  # must be a calibrated layer
-    layers = parse_layers(spec.get("layers"), handle.n_layers, vectors.layers)
-    if direction == "per-layer":
-        missing = [x for x in layers if x not in vectors.layers]
-        if missing:
-            raise SteerableError(
-                f"layer {missing[0]} has no calibrated direction in {name} (use direction \"global\" or a layer "
-                "index to steer uncalibrated layers)"
-            )
-    strength = _number("strength", spec.get("strength"), 1.0)
-    return Intervention(method, vectors, layers, strength, direction, name)
+        for ds in sets:
+            ds.row(direction)  # must be a calibrated layer
+    site = spec.get("site", vectors.meta.get("site", "resid_post"))
+    if site not in SITES:
+        raise SteerableError(f"unknown site {site!r}: use one of {', '.join(SITES)}")
+    angle = number("angle", spec.get("angle"), None)
+    if plane_method and angle is None:
+        raise SteerableError(f"method {method} needs \"angle\" (degrees)")
+    iv = Intervention(
+        method=method, vectors=vectors, layers=(), strength=number("strength", spec.get("strength"), 1.0),
+        direction=direction, vector_name=names[0] if len(names) == 1 else list(names), angle=angle,
+        cap_floor=parse_threshold("cap_floor", spec.get("cap_floor")),
+        cap_ceiling=parse_threshold("cap_ceiling", spec.get("cap_ceiling")),
+        threshold=parse_threshold("threshold", spec.get("threshold")),
+        target=parse_threshold("target", spec.get("target")),
+        gate=parse_gate(spec.get("gate")), site_override=spec.get("site"), more_vectors=tuple(sets[1:]),
+        conditions=conditions,
+    )
+    default_layers = "discriminative" if method == "rotate" else "all"
+    layers = resolve_layers(spec.get("layers", default_layers), iv, handle.n_layers)
+    iv = iv.with_layers(layers)
+    iv.check()
+    return iv
 
 
-def build_plan(
-    spec: Any, handle: Any, resolve: VectorResolver = load_vector_file
-) -> SteeringPlan:
+def _entries(spec: Any) -> list[Any]:
+    if isinstance(spec, str):
+        try:
+            spec = json.loads(spec)
+        except json.JSONDecodeError as e:
+            raise SteerableError(f"plan is not valid JSON: {e.msg}") from e
+    if isinstance(spec, list):
+        if not spec:
+            raise SteerableError("plan is an empty list")
+        return spec
+    return [spec]
+
+
+def _build(spec: Any, handle: Any, resolve: VectorResolver, conditions: tuple[Condition, ...]) -> list[Intervention]:
+    out: list[Intervention] = []
+    for entry in _entries(spec):
+        if isinstance(entry, Mapping) and entry.get("method") == "conditional":
+            unknown = set(entry) - CONDITIONAL_KEYS
+            if unknown:
+                raise SteerableError(
+                    f"unknown conditional key(s) {sorted(unknown)}: allowed keys are {sorted(CONDITIONAL_KEYS)}")
+            if "then" not in entry:
+                raise SteerableError("a conditional plan needs \"then\": the plan to apply when the condition holds")
+            names, sets = _vectors(entry, handle, resolve)
+            if len(sets) != 1:
+                raise SteerableError("a conditional plan takes one condition vector")
+            cond = build_condition(entry, names[0], sets[0], handle)
+            out += _build(entry["then"], handle, resolve, (*conditions, cond))
+        else:
+            out.append(build_intervention(entry, handle, resolve, conditions))
+    return out
+
+
+def build_plan(spec: Any, handle: Any, resolve: VectorResolver = load_vector_file) -> SteeringPlan:
     """Validate a plan given as an Intervention, SteeringPlan, dict, list of dicts, JSON text or None."""
     if spec is None:
         return SteeringPlan()
@@ -160,13 +163,7 @@ def build_plan(
     if isinstance(spec, Intervention):
         spec.vectors.check_model(handle)
         return SteeringPlan((spec,))
-    if isinstance(spec, str):
-        try:
-            spec = json.loads(spec)
-        except json.JSONDecodeError as e:
-            raise SteerableError(f"plan is not valid JSON: {e.msg}") from e
-    entries = spec if isinstance(spec, list) else [spec]
-    return SteeringPlan(tuple(build_intervention(e, handle, resolve) for e in entries))
+    return SteeringPlan(tuple(_build(spec, handle, resolve, ())))
 
 
 def read_plan_file(path: str | Path) -> Any:

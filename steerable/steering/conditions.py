@@ -1,0 +1,94 @@
+"""CAST conditions: decide once per sequence, from its prompt, whether a row's gated plan runs.
+
+The score is CAST's cos(h̄, tanh(P_c h̄)) of the prompt feature at the condition layer (the last prompt
+token if the condition artifact was calibrated at position "last", else the mean over prompt tokens).
+Each row gets its own decision — the reference implementation looked at row 0 only.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from steerable.directions.artifact import DirectionSet
+from steerable.directions.condition import ConditionChoice, choose_condition
+from steerable.directions.quality import cast_score
+from steerable.errors import SteerableError
+from steerable.steering.gates import TokenView
+
+
+@dataclass(frozen=True, eq=False)
+class Condition:
+    vectors: DirectionSet
+    vector_name: str
+    layer: int
+    threshold: float
+    compare: str  # ">" or "<": the condition holds when score compare threshold
+    recall_target: float
+    choice: ConditionChoice | None = None
+
+    @property
+    def site(self) -> str:
+        return str(self.vectors.meta.get("site", "resid_post"))
+
+    @property
+    def position(self) -> str:
+        return "last" if self.vectors.meta.get("position", "last") == "last" else "mean"
+
+    def feature(self, h: torch.Tensor, view: TokenView) -> torch.Tensor:
+        """The prompt feature [B, d] from this pass's activations (which must cover the whole prompt)."""
+        if self.position == "last":
+            return h[:, view.prompt_len - 1 - view.past]
+        n = view.n_prompt
+        mask = torch.ones(h.shape[0], n, device=h.device, dtype=h.dtype)
+        if view.attention_mask is not None:
+            mask = view.attention_mask[:, view.past : view.past + n].to(h.dtype)
+        return (h[:, :n] * mask[..., None]).sum(1) / mask.sum(1, keepdim=True).clamp_min(1)
+
+    def decide(self, h: torch.Tensor, view: TokenView) -> torch.Tensor:
+        """[B, 1, 1] of 0/1 in h's dtype: whether the condition holds for each row."""
+        score = cast_score(self.feature(h, view).float(), self.vectors.direction(self.layer).to(h.device).float())
+        hit = score > self.threshold if self.compare == ">" else score < self.threshold
+        return hit.to(h.dtype)[:, None, None]
+
+    def to_json(self) -> dict[str, Any]:
+        return {"method": "conditional", "vector": self.vector_name, "layer": self.layer,
+                "threshold": self.threshold, "compare": self.compare, "recall": self.recall_target}
+
+    def report(self) -> dict[str, Any]:
+        out = self.to_json()
+        if self.choice is not None:
+            out.update(heldout_recall=self.choice.recall, heldout_precision=self.choice.precision,
+                       heldout_fpr=self.choice.fpr)
+        return out
+
+
+def build_condition(entry: Mapping[str, Any], name: str, ds: DirectionSet, handle: Any) -> Condition:
+    layer, threshold = entry.get("layer", "auto"), entry.get("threshold", "auto")
+    recall = entry.get("recall", 0.95)
+    if isinstance(recall, bool) or not isinstance(recall, int | float) or not 0 < recall < 1:
+        raise SteerableError(f"recall must be a number in (0, 1), got {recall!r}")
+    if layer != "auto" and (isinstance(layer, bool) or not isinstance(layer, int)):
+        raise SteerableError(f"condition layer must be an int or \"auto\", got {layer!r}")
+    if layer != "auto":
+        ds.row(layer)
+    if threshold != "auto" and (isinstance(threshold, bool) or not isinstance(threshold, int | float)):
+        raise SteerableError(f"condition threshold must be a number or \"auto\", got {threshold!r}")
+    compare = entry.get("compare")
+    if compare not in (None, ">", "<"):
+        raise SteerableError(f"compare must be \">\" or \"<\", got {compare!r}")
+    choice = None
+    if getattr(ds, "cast_percentiles", None) is not None:
+        choice = choose_condition(ds, layer=None if layer == "auto" else layer,
+                                  threshold=None if threshold == "auto" else float(threshold), recall_target=recall)
+    elif layer == "auto" or threshold == "auto":
+        raise SteerableError(f"{name} has no CAST statistics to choose layer/threshold \"auto\" from: "
+                             "recalibrate it with this version of steerable or give numbers")
+    return Condition(
+        vectors=ds, vector_name=name, layer=choice.layer if choice else int(layer),
+        threshold=choice.threshold if threshold == "auto" and choice else float(threshold),
+        compare=compare or (choice.compare if choice else ">"), recall_target=float(recall), choice=choice,
+    )
