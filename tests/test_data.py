@@ -80,3 +80,15 @@ def test_unpaired_classes_are_interleaved_and_paired_by_index(tmp_path):
 def test_refusal_labels_load():
     rows = refusal_labels()
     assert len(rows) == 169 and {y for _, y in rows} == {0, 1}
+
+
+def test_coherence_metrics():
+    from steerable.evaluate.coherence import compression_ratio, language_consistency, rep_n
+
+    assert language_consistency("Hello, world! 42 — café") == 1.0
+    assert language_consistency("Привет мир") == 0.0
+    assert 0.4 < language_consistency("hello 你好吗") < 0.7
+    assert rep_n("a b c d e f") == 0.0
+    assert rep_n("the cat sat " * 10) > 0.8
+    assert compression_ratio("abc " * 200) < compression_ratio("The quick brown fox jumps over the lazy dog.")
+    assert rep_n("") == 0.0 and compression_ratio("") == 0.0 and language_consistency("  ") == 1.0

@@ -235,3 +235,46 @@ def test_conditional_auto_uses_calibration_statistics(llama, tmp_path):
     cond = plan.interventions[0].conditions[0]
     assert cond.layer in ds.layers and cond.compare in (">", "<")
     assert cond.report()["recall"] == 0.95
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+def test_ablation_at_every_write_matches_bake(family, tmp_path):
+    from steerable.bake import runtime_ablation
+    from tests.conftest import tiny_handle
+
+    h = tiny_handle(family)
+    ds = calibrate(h, EX, position="last", progress=False)
+    path = str(save_directions(ds, tmp_path / "v.safetensors"))
+    with runtime_ablation(h, ds.direction(2)):
+        ref = _logits(h)
+    plan = {"vector": path, "method": "ablate", "site": ["resid_pre", "attn_out", "mlp_out"], "layers": "all",
+            "direction": 2}
+    assert len(build_plan(plan, h).interventions) == 3
+    with steer(h, plan):
+        got = _logits(h)
+    torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4)
+
+
+def test_calibrate_skips_layers_where_the_classes_coincide(llama):
+    # attn_in of layer 0 at the last template token is the same embedding for every prompt
+    ds = calibrate(llama, EX, site="attn_in", position="last", progress=False)
+    assert 0 not in ds.layers and "0" in ds.meta["skipped_layers"]
+    assert ds.layers == [1, 2, 3]
+
+
+def test_multi_direction_cap_bounds_every_axis_inside_the_model(llama, tmp_path):
+    other = [Example(e.prompt[::-1], None, 1 - e.label, e.pair) for e in EX]
+    a = str(save_directions(calibrate(llama, EX, position="last", progress=False), tmp_path / "a.safetensors"))
+    b = str(save_directions(calibrate(llama, other, position="all", progress=False), tmp_path / "b.safetensors"))
+    plan = build_plan({"vector": [a, b], "method": "cap", "cap_floor": [1.0, 0.5], "layers": [1]}, llama)
+    axes, lo, _ = plan.interventions[0].cap_axes(1)
+    torch.testing.assert_close(axes @ axes.T, torch.eye(2), atol=1e-5, rtol=0)
+    seen = {}
+    with steer(llama, plan):
+        hk = llama.layout.layers[1].register_forward_hook(lambda m, i, o: seen.__setitem__("h", o))
+        _logits(llama)
+        hk.remove()
+    h = seen["h"][0] if isinstance(seen["h"], tuple) else seen["h"]
+    assert bool(((h @ axes.T) >= lo - 1e-4).all())
+    with pytest.raises(SteerableError, match="2 values for 1 directions"):
+        build_plan({"vector": a, "method": "cap", "cap_floor": [1.0, 0.5], "layers": [1]}, llama)

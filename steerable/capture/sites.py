@@ -10,8 +10,10 @@ from torch import nn
 from steerable.errors import SteerableError
 from steerable.models.layout import Layout
 
-# In forward order within one decoder block.
-SITES = ("resid_pre", "attn_in", "mlp_in", "resid_post")
+# In forward order within one decoder block. attn_out / mlp_out are what attention and the MLP add
+# to the residual stream (before Gemma3's post-norms); steering them all ablates a direction exactly.
+SITES = ("resid_pre", "attn_in", "attn_out", "mlp_in", "mlp_out", "resid_post")
+_WRITERS = {"attn_out": ("self_attn", "attn", "attention"), "mlp_out": ("mlp", "feed_forward")}
 DEFAULT_SITE = "resid_post"
 LAYER_CONVENTION = "0-based decoder block index; resid_post = output of block, resid_pre = its input"
 
@@ -31,6 +33,12 @@ def site_module(layout: Layout, site: str, layer: int) -> tuple[nn.Module, bool]
         return layout.layers[layer], True
     if site == "resid_post":
         return layout.layers[layer], False
+    if site in _WRITERS:
+        for name in _WRITERS[site]:
+            module = getattr(layout.layers[layer], name, None)
+            if isinstance(module, nn.Module):
+                return module, False
+        raise SteerableError(f"site {site} is not available: no {' / '.join(_WRITERS[site])} module in {layout.family}")
     norms = layout.attn_in if site == "attn_in" else layout.mlp_in
     if norms is None:
         raise SteerableError(f"site {site} is not available: no such norm module found in {layout.family}")

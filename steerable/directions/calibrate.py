@@ -15,6 +15,7 @@ from steerable.data.loaders import Example
 from steerable.directions.artifact import DirectionSet
 from steerable.directions.estimators import Estimate, get_estimator
 from steerable.directions.quality import auroc, cast_score, cohens_d, percentiles
+from steerable.errors import SteerableError
 from steerable.models.load import ModelHandle
 
 
@@ -55,8 +56,15 @@ def directions_from_capture(
     cap: CaptureResult, estimator: str, meta: dict[str, Any]
 ) -> DirectionSet:
     est = get_estimator(estimator)
-    layers = sorted(cap.stats)
-    rows = [_layer_entry(cap.stats[layer], est.fn(cap.stats[layer])) for layer in layers]
+    layers, rows, skipped = [], [], {}
+    for layer in sorted(cap.stats):
+        try:
+            rows.append(_layer_entry(cap.stats[layer], est.fn(cap.stats[layer])))
+            layers.append(layer)
+        except SteerableError as e:  # e.g. layer 0 at a fixed template token: both classes identical
+            skipped[str(layer)] = str(e)
+    if not layers:
+        raise SteerableError(f"no layer gave a direction: {next(iter(skipped.values()))}")
     first = cap.stats[layers[0]]
     counts = {
         "train_pos": first.pos.n, "train_neg": first.neg.n,
@@ -77,7 +85,8 @@ def directions_from_capture(
         mean_unit_neg=torch.stack([r["mean_unit_neg"] for r in rows]),
         cast_percentiles=torch.stack([r["cast_percentiles"] for r in rows]),
         meta={**meta, "estimator": estimator, "site": cap.site, "position": cap.position,
-              "layer_convention": LAYER_CONVENTION, "counts": counts},
+              "layer_convention": LAYER_CONVENTION, "counts": counts,
+              **({"skipped_layers": skipped} if skipped else {})},
     )
 
 

@@ -147,6 +147,11 @@ def _build(spec: Any, handle: Any, resolve: VectorResolver, conditions: tuple[Co
                 raise SteerableError("a conditional plan takes one condition vector")
             cond = build_condition(entry, names[0], sets[0], handle)
             out += _build(entry["then"], handle, resolve, (*conditions, cond))
+        elif isinstance(entry, Mapping) and isinstance(entry.get("site"), list):
+            # one intervention per site, e.g. ablation at every residual write
+            if not entry["site"]:
+                raise SteerableError("site is an empty list")
+            out += [build_intervention({**entry, "site": s}, handle, resolve, conditions) for s in entry["site"]]
         else:
             out.append(build_intervention(entry, handle, resolve, conditions))
     return out
