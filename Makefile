@@ -20,7 +20,9 @@ fetch: $(STAMP)
 demo: fetch
 	$(BIN)/python -m steerable.demo
 
+# The integration tests also steer qwen2.5-0.5b (the model that refuses harmful requests).
 test: fetch
+	$(BIN)/steerable fetch qwen2.5-0.5b
 	$(BIN)/python -m pytest -q
 
 lint: $(STAMP)
@@ -28,6 +30,7 @@ lint: $(STAMP)
 
 bench: fetch
 	$(BIN)/python bench/calibrate.py
+	$(BIN)/python bench/overhead.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -181,3 +181,18 @@ def test_gate_switches_tokens_off():
     off = gate[..., 0] == 0
     assert torch.equal(out[off], h[off])
     assert not torch.equal(out[~off], h[~off])
+
+
+def test_large_and_small_paths_agree():
+    # decode-sized inputs use elementwise products, prefill-sized ones BLAS: same numbers either way
+    g = torch.Generator().manual_seed(0)
+    h = torch.randn(2, 300, 128, generator=g, dtype=torch.float64)
+    b1, b2 = _plane(128, 3)
+    big = ops.rotate(h, b1, b2, 0.7)
+    small = torch.stack([ops.rotate(h[:, i : i + 1], b1, b2, 0.7) for i in range(300)], dim=1)[:, :, 0]
+    torch.testing.assert_close(big, small)
+    rows = torch.stack([ops.plane_basis(b1, b2), ops.plane_basis(b2, b1)])  # per-row bases [2, 2, d]
+    writes = torch.stack([ops.rotation_write(b1, b2, 0.7), ops.rotation_write(b2, b1, 0.7)])
+    per_row = ops.rotate_plane(h, rows, writes)
+    torch.testing.assert_close(per_row[0], big[0])
+    torch.testing.assert_close(per_row[:, :1], ops.rotate_plane(h[:, :1], rows, writes))
