@@ -84,19 +84,20 @@ def qwen():
 
 @pytest.fixture(scope="module")
 def qwen_vector(qwen, tmp_path_factory):
-    """Qwen's refusal direction: training prompts it refuses vs ones it answers (experiments/qwen_refusal_labels.py)."""
-    harmful, benign = load_prompts("advbench:train")[:48], load_prompts("benign:train")[:48]
-    said_h = generate(qwen, harmful, max_new_tokens=12, batch_size=24)
-    said_b = generate(qwen, benign, max_new_tokens=12, batch_size=24)
+    """Qwen's refusal direction exactly as experiments/qwen_refusal_labels.py builds it: the training prompts
+    it refuses vs the ones it answers (advbench:train[:120], benign:train[:120]), last token, mean-diff."""
+    harmful, benign = load_prompts("advbench:train")[:120], load_prompts("benign:train")[:120]
+    said_h = generate(qwen, harmful, max_new_tokens=16, batch_size=24)
+    said_b = generate(qwen, benign, max_new_tokens=16, batch_size=24)
     refused = [p for p, o in zip(harmful, said_h, strict=True) if is_refusal(o)]
     answered = [p for p, o in zip(benign, said_b, strict=True) if not is_refusal(o)]
-    assert len(refused) >= 20 and len(answered) >= 20
+    assert len(refused) >= 40 and len(answered) >= 40
     examples = [Example(p, None, 1, None) for p in refused] + [Example(p, None, 0, None) for p in answered]
     ds = calibrate(qwen, examples, position="last", progress=False)
     return str(save_directions(ds, tmp_path_factory.mktemp("qwen") / "refusal.safetensors"))
 
 
-# direction layer and angle as chosen on training prompts by experiments/refusal_qwen.py
+# direction layer (ablate) and angle (rotate) as chosen on other training prompts by experiments/refusal_qwen.py
 @pytest.mark.parametrize("plan", [
     {"method": "ablate", "layers": "all", "direction": 18},
     {"method": "rotate", "angle": 270, "layers": "discriminative"},
