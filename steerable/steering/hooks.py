@@ -38,8 +38,8 @@ class Session:
         self._turns: dict[str, torch.Tensor | None] = {}
         self._deciding = False
         self._prepass = False
-        last = max(compiled.conditions, key=lambda k: site_order(*k), default=None)
-        self._last_condition = last
+        self._last_condition = max(compiled.conditions, key=lambda k: site_order(*k), default=None)
+        self._ref = next(handle.model.parameters())  # device and dtype for gate masks
 
     @property
     def needs_turns(self) -> bool:
@@ -70,10 +70,9 @@ class Session:
             raise SteerableError(f"this steering session has per-row plans for {n} rows, got a batch of {batch}")
         cache = kwargs.get("past_key_values")
         past = int(cache.get_seq_length()) if cache is not None and hasattr(cache, "get_seq_length") else 0
-        ref = next(self.handle.model.parameters())
         prompt_len = self._prompt_len if self._prompt_len is not None else past + length
-        self.view = TokenView(batch=batch, past=past, length=length, prompt_len=prompt_len, device=ref.device,
-                              dtype=ref.dtype, attention_mask=kwargs.get("attention_mask"), **self._turns)
+        self.view = TokenView(batch=batch, past=past, length=length, prompt_len=prompt_len, device=self._ref.device,
+                              dtype=self._ref.dtype, attention_mask=kwargs.get("attention_mask"), **self._turns)
         if past == 0 and self.compiled.conditions:
             self.decisions = {}
             self._deciding = True
