@@ -73,7 +73,7 @@ def test_cli_errors_are_clean(model_dir, tmp_path, capsys):
     assert not (tmp_path / "o.jsonl").exists()
 
 
-def test_generate_every_flag_and_per_row_plans(model_dir, tmp_path):
+def test_generate_every_flag_and_per_row_plans(model_dir, tmp_path, capsys):
     pos = _jsonl(tmp_path / "pos.jsonl", [{"prompt": f"do harm {i}"} for i in range(10)])
     neg = _jsonl(tmp_path / "neg.jsonl", [{"prompt": f"be kind {i}"} for i in range(10)])
     vec = str(tmp_path / "v.safetensors")
@@ -97,6 +97,12 @@ def test_generate_every_flag_and_per_row_plans(model_dir, tmp_path):
     ref = [json.loads(x)["completion"] for x in Path(plain).read_text().splitlines()]
     assert got[1] == ref[1]
     assert got[0] != ref[0] and got[2] != ref[2]
+    cond = tmp_path / "cond.json"
+    cond.write_text(json.dumps({"method": "conditional", "vector": vec, "layer": 2, "threshold": 0.1,
+                                "then": {"vector": vec, "layers": "1-3"}}))
+    assert main(["generate", "--model", model_dir, "--prompts", plain, "--out", out, "--plan", str(cond),
+                 "--max-new-tokens", "2"]) == 0
+    assert '"layer": 2' in capsys.readouterr().err
     for flags in (["--method", "cap", "--cap-floor", "p10", "--cap-ceiling", "3.5"],
                   ["--method", "sttp", "--threshold", "p50", "--target", "p90"]):
         assert main(["generate", "--model", model_dir, "--prompts", plain, "--out", out, "--steer", vec,

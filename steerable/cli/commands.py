@@ -151,6 +151,19 @@ def plan_from_flags(args: argparse.Namespace):
     return {k: v for k, v in spec.items() if v is not None}
 
 
+def _print_conditions(handle, plans: list) -> None:
+    """Say which layer and threshold each conditional plan decides with, and how well it held out."""
+    from steerable.generation import check_row_plans
+
+    seen: set[int] = set()
+    for checked in check_row_plans(handle, plans):
+        for iv in checked.interventions if checked else ():
+            for c in iv.conditions:
+                if id(c) not in seen:
+                    seen.add(id(c))
+                    print(f"condition: {json.dumps(c.report())}", file=sys.stderr)
+
+
 def cmd_generate(args: argparse.Namespace) -> int:
     from steerable.generation import generate
 
@@ -159,6 +172,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     plan = plan_from_flags(args)
     # a row's own "plan" (an object, a list, or null for unsteered) wins over the flags for that row
     plans = [r.get("plan", plan) for r in rows]
+    _print_conditions(handle, plans)
     completions = generate(handle, [r["prompt"] for r in rows], plans=plans, max_new_tokens=args.max_new_tokens,
                            batch_size=args.batch_size, progress=True)
     with atomic_path(args.out) as tmp, open(tmp, "w", encoding="utf-8") as f:
