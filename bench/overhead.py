@@ -56,7 +56,7 @@ def hook_cost_us(handle, plan=None, rows=None, batch: int = 1, reps: int = 2000)
     checked = build_plan(plan, handle) if rows is None else [build_plan(r, handle) for r in rows]
     ref = next(handle.model.parameters())
     compiled = compile_plans(checked, ref)
-    session = Session(handle, compiled, checked)
+    session = Session(handle, compiled)
     session.begin(12)
     session.decisions = {c: torch.ones(batch, 1, 1) for cs in compiled.conditions.values() for c in cs}
     hooks = [session._make_hook(k, compiled.slots.get(k, []), compiled.conditions.get(k, []), False)

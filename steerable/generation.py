@@ -12,23 +12,7 @@ from steerable.errors import SteerableError
 from steerable.models.load import Messages, ModelHandle
 from steerable.models.turns import segment_batch
 from steerable.steering.hooks import steer
-from steerable.steering.plan import SteeringPlan, build_plan, caching_resolver, load_vector_file
-
-
-def check_row_plans(handle: ModelHandle, plans: Sequence[Any]) -> list[SteeringPlan | None]:
-    """Validate per-row plans once each (identical specs share one checked plan and its loaded vectors)."""
-    resolve = caching_resolver(load_vector_file)
-    seen: dict[int, SteeringPlan | None] = {}
-    out: list[SteeringPlan | None] = []
-    for spec in plans:
-        if spec is None:
-            out.append(None)
-            continue
-        if id(spec) not in seen:
-            plan = build_plan(spec, handle, resolve)
-            seen[id(spec)] = plan if plan else None
-        out.append(seen[id(spec)])
-    return out
+from steerable.steering.plan import build_plan, build_row_plans
 
 
 @torch.inference_mode()
@@ -54,7 +38,7 @@ def generate(
     if plans is not None and len(plans) != len(prompts):
         raise SteerableError(f"{len(plans)} plans for {len(prompts)} prompts")
     shared = build_plan(plan, handle) if plans is None else None
-    row_plans = check_row_plans(handle, plans) if plans is not None else None
+    row_plans = build_row_plans(handle, plans) if plans is not None else None
     texts = [handle.render(p, system) for p in prompts]
     order = sorted(range(len(texts)), key=lambda i: len(texts[i]))  # similar lengths share a batch
     out: list[str] = [""] * len(texts)

@@ -153,10 +153,10 @@ def plan_from_flags(args: argparse.Namespace):
 
 def _print_conditions(handle, plans: list) -> None:
     """Say which layer and threshold each conditional plan decides with, and how well it held out."""
-    from steerable.generation import check_row_plans
+    from steerable.steering.plan import build_row_plans
 
     seen: set[int] = set()
-    for checked in check_row_plans(handle, plans):
+    for checked in build_row_plans(handle, plans):
         for iv in checked.interventions if checked else ():
             for c in iv.conditions:
                 if id(c) not in seen:

@@ -18,7 +18,7 @@ from steerable.errors import SteerableError
 from steerable.steering.compile import Compiled, Slot, compile_plans, site_order
 from steerable.steering.conditions import Condition
 from steerable.steering.gates import NONE, TokenView
-from steerable.steering.plan import SteeringPlan, build_plan
+from steerable.steering.plan import SteeringPlan, build_plan, build_row_plans, caching_resolver, load_vector_file
 
 
 class _StopPrepass(Exception):
@@ -28,10 +28,9 @@ class _StopPrepass(Exception):
 class Session:
     """The state of one `steer` block: what the current forward pass covers and each row's decisions."""
 
-    def __init__(self, handle: Any, compiled: Compiled, plans: SteeringPlan | list[SteeringPlan | None]):
+    def __init__(self, handle: Any, compiled: Compiled):
         self.handle = handle
         self.compiled = compiled
-        self.plans = plans
         self.view: TokenView | None = None
         self.decisions: dict[Condition, torch.Tensor] = {}
         self._prompt_len: int | None = None
@@ -121,14 +120,6 @@ class Session:
         return hook
 
 
-def _check_rows(handle: Any, rows: Sequence[Any], resolve: Any) -> list[SteeringPlan | None]:
-    out: list[SteeringPlan | None] = []
-    for spec in rows:
-        plan = build_plan(spec, handle, resolve) if spec is not None else None
-        out.append(plan if plan else None)
-    return out
-
-
 @contextlib.contextmanager
 def steer(handle: Any, plan: Any = None, *, rows: Sequence[Any] | None = None,
           resolve: Any = None) -> Iterator[Session]:
@@ -136,16 +127,14 @@ def steer(handle: Any, plan: Any = None, *, rows: Sequence[Any] | None = None,
     batch row. Plans are anything build_plan accepts. The model is bit-identical once the block exits,
     also when it raises.
     """
-    from steerable.steering.plan import caching_resolver, load_vector_file
-
     resolve = resolve or caching_resolver(load_vector_file)
     if rows is not None and plan is not None:
         raise SteerableError("give one plan for every row or a plan per row, not both")
     checked: SteeringPlan | list[SteeringPlan | None]
-    checked = _check_rows(handle, rows, resolve) if rows is not None else build_plan(plan, handle, resolve)
+    checked = build_row_plans(handle, rows, resolve) if rows is not None else build_plan(plan, handle, resolve)
     ref = next(handle.model.parameters())
     compiled = compile_plans(checked, ref)
-    session = Session(handle, compiled, checked)
+    session = Session(handle, compiled)
     handles = [handle.model.register_forward_pre_hook(session._on_forward, with_kwargs=True)]
     try:
         for key in {*compiled.slots, *compiled.conditions}:

@@ -150,13 +150,3 @@ def project_steer(
     s = _coords(h, unit) + bias
     coef = torch.where(s < threshold, factor * (target - s), torch.zeros_like(s))
     return h + _write(_gated(coef, gate), unit if write is None else write)
-
-
-def sttp(h: torch.Tensor, unit: torch.Tensor, bias: float, threshold: float, target: float) -> torch.Tensor:
-    t = lambda x: torch.tensor([x], dtype=h.dtype)  # noqa: E731
-    return project_steer(h, unit, t(bias), t(threshold), t(target), 1.0)
-
-
-def stmp(h: torch.Tensor, unit: torch.Tensor, bias: float, threshold: float, mirror: float) -> torch.Tensor:
-    t = lambda x: torch.tensor([x], dtype=h.dtype)  # noqa: E731
-    return project_steer(h, unit, t(bias), t(threshold), t(mirror), 2.0)

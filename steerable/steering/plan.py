@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +26,8 @@ from steerable.steering.intervention import Intervention, SteeringPlan, parse_th
 from steerable.steering.layers import parse_layers, resolve_layers
 from steerable.steering.methods import METHOD_NAMES, PLANE_METHODS
 
-__all__ = ["PLAN_KEYS", "Intervention", "SteeringPlan", "build_plan", "parse_layers", "read_plan_file"]
+__all__ = ["PLAN_KEYS", "Intervention", "SteeringPlan", "build_plan", "build_row_plans", "parse_layers",
+           "read_plan_file"]
 
 PLAN_KEYS = {"vector", "method", "strength", "angle", "cap_floor", "cap_ceiling", "threshold", "target",
              "layers", "gate", "direction", "site"}
@@ -169,6 +170,25 @@ def build_plan(spec: Any, handle: Any, resolve: VectorResolver = load_vector_fil
         spec.vectors.check_model(handle)
         return SteeringPlan((spec,))
     return SteeringPlan(tuple(_build(spec, handle, resolve, ())))
+
+
+def build_row_plans(
+    handle: Any, rows: Sequence[Any], resolve: VectorResolver | None = None
+) -> list[SteeringPlan | None]:
+    """One checked plan (or None) per batch row; identical specs (the same object) are checked once and
+    artifacts are loaded once."""
+    resolve = resolve or caching_resolver(load_vector_file)
+    seen: dict[int, SteeringPlan | None] = {}
+    out: list[SteeringPlan | None] = []
+    for spec in rows:
+        if spec is None:
+            out.append(None)
+            continue
+        if id(spec) not in seen:
+            plan = build_plan(spec, handle, resolve)
+            seen[id(spec)] = plan if plan else None
+        out.append(seen[id(spec)])
+    return out
 
 
 def read_plan_file(path: str | Path) -> Any:
