@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 export OMP_WAIT_POLICY ?= PASSIVE
 
-.PHONY: demo test fetch lint bench clean
+.PHONY: demo test fetch lint bench clean chromium
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -20,8 +20,15 @@ fetch: $(STAMP)
 demo: fetch
 	$(BIN)/python -m steerable.demo
 
+# The report test opens the HTML report in headless Chromium: Debian's package, installed when we can
+# (root with apt); elsewhere that one test is skipped and says why.
+chromium:
+	@command -v chromium >/dev/null 2>&1 || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1 && \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; } || \
+	  echo "chromium not installed: the report rendering test will be skipped"
+
 # The integration tests also steer qwen2.5-0.5b (the model that refuses harmful requests).
-test: fetch
+test: fetch chromium
 	$(BIN)/steerable fetch qwen2.5-0.5b
 	$(BIN)/python -m pytest -q
 
@@ -31,6 +38,7 @@ lint: $(STAMP)
 bench: fetch
 	$(BIN)/python bench/calibrate.py
 	$(BIN)/python bench/overhead.py
+	$(BIN)/python bench/sweep.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -85,3 +85,13 @@ def handle(request) -> ModelHandle:
 @pytest.fixture
 def llama() -> ModelHandle:
     return tiny_handle("llama")
+
+
+@pytest.fixture
+def model_dir(tmp_path) -> str:
+    """The tiny Llama saved as a Hugging Face directory, for the CLI."""
+    h = tiny_handle("llama")
+    d = tmp_path / "tiny"
+    h.model.save_pretrained(d)
+    h.tokenizer.save_pretrained(d)
+    return str(d)

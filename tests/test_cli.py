@@ -5,19 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import pytest
-
 from steerable.cli.main import main
-from tests.conftest import tiny_handle
-
-
-@pytest.fixture
-def model_dir(tmp_path):
-    h = tiny_handle("llama")
-    d = tmp_path / "tiny"
-    h.model.save_pretrained(d)
-    h.tokenizer.save_pretrained(d)
-    return str(d)
 
 
 def _jsonl(path, rows):

@@ -7,11 +7,10 @@ import dataclasses
 import json
 import sys
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 from steerable.cli.table import fmt, table
-from steerable.data.loaders import PAIR_SETS, PROMPT_SETS, contrastive_examples, load_prompts
+from steerable.data.loaders import PAIR_SETS, PROMPT_SETS, contrastive_examples, load_prompt_rows
 from steerable.data.sources import DATA_FILES, data_file
 from steerable.directions.artifact import DirectionSet, layer_ranges, load_directions, save_directions
 from steerable.directions.calibrate import calibrate
@@ -126,17 +125,6 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     return 0
 
 
-def _read_prompt_rows(spec: str) -> list[dict]:
-    path = Path(spec)
-    if path.suffix == ".jsonl" and path.exists():
-        rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-        for i, r in enumerate(rows, 1):
-            if not isinstance(r, dict) or not isinstance(r.get("prompt"), str | list):
-                raise SteerableError(f"{path}:{i}: each row needs a \"prompt\"")
-        return rows
-    return [{"prompt": p} for p in load_prompts(spec, default_split="test")]
-
-
 def plan_from_flags(args: argparse.Namespace):
     if args.plan:
         if args.steer:
@@ -168,7 +156,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from steerable.generation import generate
 
     handle = load_model(args.model)
-    rows = _read_prompt_rows(args.prompts)
+    rows = load_prompt_rows(args.prompts)
     plan = plan_from_flags(args)
     # a row's own "plan" (an object, a list, or null for unsteered) wins over the flags for that row
     plans = [r.get("plan", plan) for r in rows]

@@ -28,6 +28,7 @@ def _threshold(value: str) -> float | str:
 def build_parser() -> argparse.ArgumentParser:
     from steerable.cli import commands as c
     from steerable.cli.bake_cmd import add_bake_parser
+    from steerable.cli.sweep_cmd import add_sweep_parsers
 
     p = argparse.ArgumentParser(prog="steerable", description="Steer language models by editing activations.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -94,6 +95,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(fn=c.cmd_import_gguf)
 
     add_bake_parser(sub)
+    add_sweep_parsers(sub)
     return p
 
 

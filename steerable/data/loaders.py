@@ -75,9 +75,15 @@ def _read_jsonl(path: Path) -> list[dict]:
     return rows
 
 
-def _advbench() -> list[str]:
+def _advbench_rows() -> list[dict]:
+    """AdvBench prompts with their main harm category (the first listed)."""
     doc = yaml.safe_load(data_file("advbench").read_text(encoding="utf-8"))
-    return [s["value"] for s in doc["seeds"]]
+    return [{"prompt": s["value"], "category": (s.get("harm_categories") or ["uncategorised"])[0]}
+            for s in doc["seeds"]]
+
+
+def _advbench() -> list[str]:
+    return [r["prompt"] for r in _advbench_rows()]
 
 
 def _benign() -> list[str]:
@@ -99,6 +105,22 @@ def load_prompts(spec: str, default_split: str = "train") -> list[str]:
     if name == "benign":
         return _keep(_benign(), lambda p: p, split)
     raise SteerableError(f"unknown prompt set {spec!r}: use {', '.join(PROMPT_SETS)} or a .jsonl file")
+
+
+def load_prompt_rows(spec: str, default_split: str = "test") -> list[dict]:
+    """Rows `{"prompt", ...}` of a built-in set or a JSONL file, keeping any other fields ("category",
+    "plan", …); a prompt may be a string or a list of chat messages. AdvBench rows carry their category."""
+    path = Path(spec)
+    if path.suffix == ".jsonl" and path.exists():
+        rows = _read_jsonl(path)
+        for i, r in enumerate(rows, 1):
+            if not isinstance(r.get("prompt"), str | list):
+                raise SteerableError(f"{path}:{i}: each row needs a \"prompt\" (a string or a list of messages)")
+        return rows
+    name, split = _parse_name(spec, default_split)
+    if name == "advbench":
+        return _keep(_advbench_rows(), lambda r: r["prompt"], split)
+    return [{"prompt": p} for p in load_prompts(spec, default_split)]
 
 
 def _split_caa(positive: str, negative: str) -> Pair:

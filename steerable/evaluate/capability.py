@@ -62,12 +62,14 @@ def mc_prompt(item: MCItem) -> str:
 
 
 def mc_correct(handle: ModelHandle, items: Sequence[MCItem], plan: Any = None, *, batch_size: int = 16,
-               system: str | None = None) -> list[bool]:
-    """Per item, whether the letter with the highest logit at the start of the reply is the correct one."""
+               system: str | None = None, plans: Sequence[Any] | None = None) -> list[bool]:
+    """Per item, whether the letter with the highest logit at the start of the reply is the correct one
+    (under `plan`, or under each item's own plan in `plans`)."""
     letter_ids = [single_token_id(handle.tokenizer, c) for c in LETTERS]
     out = [False] * len(items)
     prompts = [mc_prompt(it) for it in items]
-    for b in score_batches(handle, prompts, [""] * len(items), plan, batch_size, system=system):
+    for b in score_batches(handle, prompts, [""] * len(items), plan, batch_size, system=system,
+                            plans=plans):
         for r, i in enumerate(b.rows):
             k = len(items[i].choices)
             choice = int(b.logprobs[r, 0, letter_ids[:k]].argmax())

@@ -23,7 +23,7 @@ from steerable.errors import SteerableError
 from steerable.models.load import Messages, ModelHandle
 from steerable.models.turns import segment_batch
 from steerable.steering.hooks import steer
-from steerable.steering.plan import SteeringPlan, build_plan
+from steerable.steering.plan import SteeringPlan, build_plan, build_row_plans
 
 # Words a refusal usually opens with; their first tokens are the refusal-opening tokens.
 REFUSAL_OPENERS: tuple[str, ...] = ("I", "I'm", "As", "Sorry", "Unfortunately")
@@ -73,12 +73,12 @@ class ScoreBatch:
 
 
 @contextlib.contextmanager
-def _steered(handle: ModelHandle, plan: SteeringPlan | None, prompts: list[str | Messages], width: int,
-             system: str | None) -> Iterator[None]:
-    if not plan:
+def _steered(handle: ModelHandle, plan: SteeringPlan | None, rows: list[SteeringPlan | None] | None,
+             prompts: list[str | Messages], width: int, system: str | None) -> Iterator[None]:
+    if not plan and not (rows and any(rows)):
         yield
         return
-    with steer(handle, plan) as session:
+    with (steer(handle, plan) if rows is None else steer(handle, rows=rows)) as session:
         if session.needs_turns:
             session.begin(width, *segment_batch(handle, prompts, system, width))
         else:
@@ -87,12 +87,19 @@ def _steered(handle: ModelHandle, plan: SteeringPlan | None, prompts: list[str |
 
 
 def score_batches(handle: ModelHandle, prompts: Sequence[str | Messages], tails: Sequence[str], plan: Any,
-                  batch_size: int, *, all_positions: bool = False, system: str | None = None) -> Iterator[ScoreBatch]:
+                  batch_size: int, *, all_positions: bool = False, system: str | None = None,
+                  plans: Sequence[Any] | None = None) -> Iterator[ScoreBatch]:
     """Forward passes over prompt + tail, batched by length; log-probs from the last prompt position on
-    (K = tail width + 1), or at every position with `all_positions`."""
+    (K = tail width + 1), or at every position with `all_positions`. `plans` gives each row its own plan
+    (or None), as in `generate`; rows sharing a batch never see each other's steering."""
     if len(tails) != len(prompts):
         raise SteerableError(f"{len(tails)} continuations for {len(prompts)} prompts")
+    if plans is not None and plan is not None:
+        raise SteerableError("give `plan` (one for all rows) or `plans` (one per row), not both")
+    if plans is not None and len(plans) != len(prompts):
+        raise SteerableError(f"{len(plans)} plans for {len(prompts)} prompts")
     checked = build_plan(plan, handle) if plan is not None else None
+    row_plans = build_row_plans(handle, plans) if plans is not None else None
     tok = handle.tokenizer
     texts = [handle.render(p, system) for p in prompts]
     tail_ids = [tok.encode(t, add_special_tokens=False) if t else [] for t in tails]
@@ -109,7 +116,8 @@ def score_batches(handle: ModelHandle, prompts: Sequence[str | Messages], tails:
             ext_mask[r, : len(tail_ids[i])] = 1
         ids = torch.cat([enc["input_ids"], ext], 1)
         mask = torch.cat([enc["attention_mask"].long(), ext_mask], 1)
-        with torch.inference_mode(), _steered(handle, checked, [prompts[i] for i in rows], width, system):
+        batch_plans = None if row_plans is None else [row_plans[i] for i in rows]
+        with torch.inference_mode(), _steered(handle, checked, batch_plans, [prompts[i] for i in rows], width, system):
             logits = handle.model(input_ids=ids, attention_mask=mask, position_ids=position_ids(mask),
                                   use_cache=False, logits_to_keep=0 if all_positions else s + 1).logits
         yield ScoreBatch(rows, logits.float().log_softmax(-1), ids, mask, width)
@@ -206,3 +214,33 @@ def kl_benign(handle: ModelHandle, prompts: Sequence[str | Messages], plan: Any,
     sums = _kl_sums(handle, prompts, plan, batch_size, system)
     n = sum(c for _, c in sums)
     return sum(s for s, _ in sums) / n if n else math.nan
+
+
+def kl_grid(handle: ModelHandle, prompts: Sequence[str | Messages], plans: Sequence[Any], *, batch_size: int = 8,
+            system: str | None = None) -> list[float]:
+    """`kl_benign` for many plans at once: per plan, mean KL(unsteered ‖ steered) over every non-pad position
+    of every prompt. The unsteered distributions are computed once per chunk of prompts and compared with
+    each plan's, plans sharing batches as per-row plans."""
+    checked = build_row_plans(handle, list(plans))
+    order = sorted(range(len(prompts)), key=lambda i: len(handle.render(prompts[i], system)))
+    m = max(1, min(batch_size, len(prompts)))
+    sums, counts = [0.0] * len(plans), [0] * len(plans)
+    tails = [""] * batch_size * max(1, len(plans))
+    for start in range(0, len(order), m):
+        chunk = [prompts[i] for i in order[start : start + m]]
+        (base,) = score_batches(handle, chunk, tails[: len(chunk)], None, len(chunk), all_positions=True,
+                                system=system)
+        ref = base.logprobs[torch.argsort(torch.tensor(base.rows))]  # back to chunk order
+        mask = base.mask[torch.argsort(torch.tensor(base.rows))].bool()
+        group = max(1, batch_size // len(chunk))
+        for g0 in range(0, len(plans), group):
+            ps = list(range(g0, min(g0 + group, len(plans))))
+            rows = [checked[p] for p in ps for _ in chunk]
+            (b,) = score_batches(handle, chunk * len(ps), tails[: len(rows)], None, len(rows), all_positions=True,
+                                 system=system, plans=rows)
+            for r, i in enumerate(b.rows):
+                p, j = ps[i // len(chunk)], i % len(chunk)
+                kl = torch.nn.functional.kl_div(b.logprobs[r], ref[j], log_target=True, reduction="none").sum(-1)
+                sums[p] += float(kl[mask[j]].sum())
+                counts[p] += int(mask[j].sum())
+    return [s / n if n else math.nan for s, n in zip(sums, counts, strict=True)]

@@ -1,0 +1,173 @@
+"""`steerable sweep`, `steerable tune` and `steerable report`: measure a grid, pick a point, show it."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from steerable.cli.table import table
+from steerable.errors import SteerableError
+from steerable.models.builtin import DEFAULT_MODEL
+from steerable.sweeps.records import BEHAVIOURS
+from steerable.sweeps.select import CRITERIA
+
+TUNE_LAYERS = "discriminative;top:4;all"
+
+
+def _grid_args(s: argparse.ArgumentParser, layers_default: str | None) -> None:
+    s.add_argument("--model", default=DEFAULT_MODEL)
+    s.add_argument("--vector", required=True, help="direction file")
+    s.add_argument("--method", default="add", help="a method, or several joined with commas")
+    s.add_argument("--strengths", help="e.g. 0,0.5,1,2 (add: default 0.5,1,2,4; others 1)")
+    s.add_argument("--angles", help="degrees for rotate / angular / angular-adaptive (default 90,180,270)")
+    s.add_argument("--cap-floors", help="cap floors: numbers or pNN/nNN percentiles (default p10,p25,p50)")
+    s.add_argument("--layers", default=layers_default,
+                   help='layer choices joined with commas, e.g. "8-16,discriminative" (use ";" between choices '
+                        'that are themselves comma lists)')
+    s.add_argument("--gate", help="gate for every configuration")
+    s.add_argument("--direction", help="per-layer, global or a layer index, for every configuration")
+    s.add_argument("--site", help="override the artifact's site")
+    s.add_argument("--prompts", required=True,
+                   help="prompt set (test split by default) or JSONL of {prompt, category?}")
+    s.add_argument("--benign", help="benign prompts: over-refusal, KL and coherence are measured on them")
+    s.add_argument("--behaviour", default="refusal", choices=BEHAVIOURS,
+                   help="success on --prompts: refusal (steer to refuse) or compliance (remove refusal)")
+    s.add_argument("--limit", type=int, help="use the first N prompts of each set")
+    s.add_argument("--mmlu", type=int, default=0, metavar="N", help="MMLU items per subject for capability (0: off)")
+    s.add_argument("--max-new-tokens", type=int, default=64)
+    s.add_argument("--batch-size", type=int, default=64, help="rows per generation batch (many configs share one)")
+    s.add_argument("--group-rows", type=int, default=256,
+                   help="rows per group; results are written when a group finishes")
+    s.add_argument("--examples", type=int, default=4, help="completions kept per config for the report")
+
+
+def add_sweep_parsers(sub: Any) -> None:
+    s = sub.add_parser("sweep", help="measure many steering configurations in shared batches (JSONL, resumable)")
+    _grid_args(s, None)
+    s.add_argument("--out", required=True, help="results JSONL: one line per finished configuration")
+    s.set_defaults(fn=cmd_sweep)
+
+    s = sub.add_parser("tune", help="pick the configuration with the most behaviour within a side-effect budget")
+    _grid_args(s, TUNE_LAYERS)
+    s.add_argument("--criterion", default="budget", choices=CRITERIA)
+    s.add_argument("--max-kl", type=float, help="mean KL(unsteered ‖ steered) on benign prompts")
+    s.add_argument("--max-ppl-increase", type=float, help="increase of the median completion perplexity")
+    s.add_argument("--max-capability-drop", type=float, help="MMLU accuracy drop, e.g. 0.02 (needs --mmlu)")
+    s.add_argument("--max-over-refusal", type=float, help="increase of the benign refusal rate, e.g. 0.05")
+    s.add_argument("--ppl-threshold", type=float, help="perplexity of a violating completion (default 2× unsteered)")
+    s.add_argument("--out", required=True, help="plan JSON to write (usable by generate --plan)")
+    s.add_argument("--results", help="sweep JSONL (default: beside --out, resumable)")
+    s.set_defaults(fn=cmd_tune)
+
+    s = sub.add_parser("report", help="HTML report and PNG plots of a sweep's results")
+    s.add_argument("results", help="sweep results JSONL")
+    s.add_argument("--out", required=True, help="directory for index.html and the plots")
+    s.add_argument("--criterion", default="budget", choices=CRITERIA, help="how the marked point is chosen")
+    s.add_argument("--max-kl", type=float)
+    s.add_argument("--max-ppl-increase", type=float)
+    s.add_argument("--max-over-refusal", type=float)
+    s.set_defaults(fn=cmd_report)
+
+
+def _spec(args: argparse.Namespace):
+    from steerable.data.loaders import load_prompt_rows
+    from steerable.sweeps import grid
+    from steerable.sweeps.run import SweepSpec
+
+    configs = grid.expand(grid.split_list(args.method), grid.layer_choices(args.layers),
+                          grid.numbers("strengths", args.strengths), grid.numbers("angles", args.angles),
+                          grid.thresholds(args.cap_floors))
+    prompts = load_prompt_rows(args.prompts)[: args.limit]
+    benign = load_prompt_rows(args.benign)[: args.limit] if args.benign else []
+    if not prompts:
+        raise SteerableError(f"no prompts in {args.prompts}")
+    extra: dict[str, Any] = {}
+    if args.gate:
+        extra["gate"] = args.gate
+    if args.direction:
+        extra["direction"] = int(args.direction) if args.direction.lstrip("-").isdigit() else args.direction
+    if args.site:
+        extra["site"] = args.site
+    return SweepSpec(vector=args.vector, configs=configs, prompts=prompts, benign=benign, behaviour=args.behaviour,
+                     max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, group_rows=args.group_rows,
+                     mmlu_per_subject=args.mmlu, examples=args.examples, plan_extra=extra,
+                     names={"prompts": args.prompts, "benign": args.benign, "limit": args.limit})
+
+
+def summary_table(records: list[dict]) -> str:
+    from steerable.sweeps.select import median_ppl
+
+    rows = []
+    for r in records:
+        b = r["behaviour"]
+        cap = (r.get("capability") or {}).get("change")
+        rows.append([
+            r["label"], f"{b['rate']:.0%} [{b['ci95'][0]:.0%},{b['ci95'][1]:.0%}]",
+            f"{r['benign']['refusal']['rate']:.0%}" if "benign" in r else "-",
+            f"{r['kl']:.3f}" if r.get("kl") is not None else "-", f"{median_ppl(r):.2f}",
+            f"{r['prompts']['language_consistency']:.3f}", f"{r['prompts']['compression_ratio']:.3f}",
+            f"{r['prompts']['rep4']:.3f}", f"{cap['change']:+.1%}" if cap else "-",
+        ])
+    b0 = records[0]["behaviour"]["name"] if records else "behaviour"
+    return table(["config", f"{b0} (n={records[0]['behaviour']['n'] if records else 0})", "benign refusal", "KL",
+                  "ppl (median)", "lang", "compress", "rep-4", "MMLU Δ"], rows)
+
+
+def cmd_sweep(args: argparse.Namespace) -> int:
+    from steerable.models.load import load_model
+    from steerable.sweeps.run import run_sweep
+
+    spec = _spec(args)
+    handle = load_model(args.model)
+    records = run_sweep(handle, spec, args.out)
+    print(summary_table(records))
+    print(f"{len(records)} configurations in {args.out}", file=sys.stderr)
+    return 0
+
+
+def _budget(args: argparse.Namespace):
+    from steerable.sweeps.select import Budget
+
+    return Budget(max_kl=args.max_kl, max_ppl_increase=args.max_ppl_increase,
+                  max_capability_drop=getattr(args, "max_capability_drop", None),
+                  max_over_refusal=args.max_over_refusal, ppl_threshold=getattr(args, "ppl_threshold", None))
+
+
+def cmd_tune(args: argparse.Namespace) -> int:
+    from steerable.fsutil import write_text_atomic
+    from steerable.models.load import load_model
+    from steerable.sweeps.run import run_sweep
+    from steerable.sweeps.select import select
+    from steerable.sweeps.tune import prefilter_kl
+
+    spec = _spec(args)
+    handle = load_model(args.model)
+    results = args.results or str(Path(args.out).with_suffix(".sweep.jsonl"))
+    if args.max_kl is not None:
+        spec.configs, dropped = prefilter_kl(handle, spec, args.max_kl)
+        if dropped:
+            print(f"KL pre-pass: {len(dropped)} of {len(dropped) + len(spec.configs) - 1} configurations exceed "
+                  f"KL {args.max_kl:g} on the benign prompts and are not generated", file=sys.stderr)
+    records = run_sweep(handle, spec, results)
+    print(summary_table(records))
+    choice = select(records, args.criterion, _budget(args))
+    write_text_atomic(args.out, json.dumps(choice.record["plan"], indent=2) + "\n")
+    print(f"chosen ({args.criterion}, {choice.admissible} of {choice.considered} admissible): {choice.record['label']}")
+    print(f"  {choice.why}")
+    print(f"wrote {args.out}; all results in {results}", file=sys.stderr)
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from steerable.sweeps.records import read_records
+    from steerable.sweeps.report import write_report
+
+    records = read_records(args.results, repair=False)
+    if not records:
+        raise SteerableError(f"{args.results}: no sweep results")
+    index = write_report(records, args.out, criterion=args.criterion, budget=_budget(args))
+    print(f"wrote {index}")
+    return 0

@@ -1,0 +1,131 @@
+"""A sweep's grid: methods × layer choices × the knob each method turns (strength, angle or cap floor).
+
+Each point is a `Config`; its plan is an ordinary plan dict, so whatever a sweep finds can be handed to
+`generate`, the server or `tune --out` unchanged. The unsteered baseline is a config too (method "none").
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from steerable.errors import SteerableError
+from steerable.steering.methods import METHODS, PLANE_METHODS
+
+BASELINE = "none"
+DEFAULT_STRENGTHS = {"add": (0.5, 1.0, 2.0, 4.0)}
+DEFAULT_ANGLES = (90.0, 180.0, 270.0)
+DEFAULT_CAP_FLOORS = ("p10", "p25", "p50")
+
+
+@dataclass(frozen=True)
+class Config:
+    method: str
+    layers: str | None = None
+    strength: float | None = None
+    angle: float | None = None
+    cap_floor: float | str | None = None
+
+    @property
+    def is_baseline(self) -> bool:
+        return self.method == BASELINE
+
+    @property
+    def knob(self) -> str:
+        """The parameter this method's dose-response is drawn against."""
+        if self.method in PLANE_METHODS:
+            return "angle"
+        if self.method == "cap":
+            return "cap_floor"
+        return "strength"
+
+    @property
+    def value(self) -> float | str | None:
+        return getattr(self, self.knob)
+
+    def plan(self, vector: str, extra: dict[str, Any] | None = None) -> dict[str, Any] | None:
+        if self.is_baseline:
+            return None
+        spec = {"vector": vector, **{k: v for k, v in asdict(self).items() if v is not None}, **(extra or {})}
+        return spec
+
+    def label(self) -> str:
+        if self.is_baseline:
+            return "unsteered"
+        parts = [self.method, f"layers={self.layers or 'default'}"]
+        if self.strength is not None and (self.knob == "strength" or self.strength != 1):
+            parts.append(f"α={self.strength:g}")
+        if self.angle is not None:
+            parts.append(f"θ={self.angle:g}°")
+        if self.cap_floor is not None:
+            parts.append(f"floor={self.cap_floor}")
+        return " ".join(parts)
+
+    def to_json(self) -> dict[str, Any]:
+        return {k: v for k, v in asdict(self).items() if v is not None}
+
+
+def config_key(config: Config, context: dict[str, Any]) -> str:
+    """A stable id of one configuration under one sweep setting (model, vector, prompts, lengths, …):
+    a restarted sweep skips exactly the keys it finds in its output."""
+    blob = json.dumps({"config": config.to_json(), "context": context}, sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def split_list(text: str | None) -> list[str]:
+    return [p.strip() for p in text.split(",") if p.strip()] if text else []
+
+
+def layer_choices(text: str | None) -> list[str | None]:
+    """Layer choices of a sweep: "8-16,discriminative" is two choices. Separate with ";" to give a choice that
+    is itself a comma list ("3,5,7;top:4")."""
+    if not text:
+        return [None]
+    parts = text.split(";") if ";" in text else text.split(",")
+    return [p.strip() for p in parts if p.strip()]
+
+
+def numbers(name: str, text: str | None) -> list[float]:
+    out = []
+    for p in split_list(text):
+        try:
+            out.append(float(p))
+        except ValueError:
+            raise SteerableError(f"--{name}: {p!r} is not a number") from None
+    return out
+
+
+def thresholds(text: str | None) -> list[float | str]:
+    out: list[float | str] = []
+    for p in split_list(text):
+        try:
+            out.append(float(p))
+        except ValueError:
+            out.append(p)  # "pNN"/"nNN": checked by the plan validator
+    return out
+
+
+def expand(methods: Sequence[str], layers: Sequence[str | None], strengths: Sequence[float] = (),
+           angles: Sequence[float] = (), cap_floors: Sequence[float | str] = ()) -> list[Config]:
+    """Every configuration of the grid, baseline first. A method sweeps its own knob (plane methods the angle,
+    cap the floor, the rest the strength); a plane method or cap also crosses its knob with the strengths
+    when strengths are given."""
+    out = [Config(BASELINE)]
+    for method in methods:
+        if method not in METHODS:
+            raise SteerableError(f"unknown method {method!r}: use one of {', '.join(METHODS)}")
+        for lay in layers:
+            if method in PLANE_METHODS:
+                for a in angles or DEFAULT_ANGLES:
+                    out += [Config(method, lay, s, a) for s in (strengths or [None])]
+            elif method == "cap":
+                for f in cap_floors or DEFAULT_CAP_FLOORS:
+                    out += [Config(method, lay, s, cap_floor=f) for s in (strengths or [None])]
+            else:
+                for s in strengths or DEFAULT_STRENGTHS.get(method, (1.0,)):
+                    out.append(Config(method, lay, s))
+    seen: set[Config] = set()
+    return [c for c in out if not (c in seen or seen.add(c))]

@@ -1,0 +1,158 @@
+"""Run a sweep: many configurations share each batched generation as per-row plans.
+
+Configurations are taken in groups of about `group_rows` rows (prompts × configurations); each group is
+one `generate` call, one perplexity pass, one KL pass and (optionally) one MMLU pass, and every
+configuration of the group is appended to the results file as one JSON line when the group ends. A
+restarted sweep with the same settings reads the file and runs only the configurations it lacks.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from tqdm.auto import tqdm
+
+from steerable.directions.artifact import load_directions
+from steerable.evaluate.capability import MCItem, load_mmlu, mc_correct, stratified
+from steerable.evaluate.logits import kl_grid, perplexity
+from steerable.evaluate.refusal import rate
+from steerable.generation import generate
+from steerable.models.load import ModelHandle
+from steerable.steering.plan import build_row_plans
+from steerable.sweeps.grid import Config, config_key
+from steerable.sweeps.records import (
+    append_record,
+    behaviour_hits,
+    capability_change,
+    category_rates,
+    read_records,
+    set_summary,
+)
+
+
+@dataclass
+class SweepSpec:
+    """What a sweep measures: the prompts it steers, the benign prompts it must not disturb, and how."""
+
+    vector: str
+    configs: list[Config]
+    prompts: list[dict[str, Any]]  # rows {"prompt", "category"?}
+    benign: list[dict[str, Any]] = field(default_factory=list)
+    behaviour: str = "refusal"  # what counts as success on `prompts`
+    max_new_tokens: int = 64
+    batch_size: int = 64
+    score_batch_size: int = 8
+    group_rows: int = 256
+    mmlu_per_subject: int = 0
+    examples: int = 4
+    plan_extra: dict[str, Any] = field(default_factory=dict)  # gate, direction, site for every config
+    names: dict[str, Any] = field(default_factory=dict)  # how prompts / benign were named, for the record
+    known_kl: dict[Config, float] = field(default_factory=dict)  # already measured (tune's KL pre-pass)
+
+    def context(self, handle: ModelHandle) -> dict[str, Any]:
+        return {"model": handle.name, "config_hash": handle.config_hash, "vector": str(self.vector),
+                "prompts": [r["prompt"] for r in self.prompts], "benign": [r["prompt"] for r in self.benign],
+                "behaviour": self.behaviour, "max_new_tokens": self.max_new_tokens,
+                "mmlu_per_subject": self.mmlu_per_subject, "plan_extra": self.plan_extra}
+
+
+def layer_profile(vector: str) -> dict[str, Any]:
+    ds = load_directions(vector)
+    return {"layers": list(ds.layers), "auroc": [round(float(x), 4) for x in ds.auroc],
+            "cohens_d": [round(float(x), 4) for x in ds.cohens_d]}
+
+
+def _groups(configs: list[Config], rows_each: int, group_rows: int) -> list[list[Config]]:
+    size = max(1, group_rows // max(1, rows_each))
+    return [configs[i : i + size] for i in range(0, len(configs), size)]
+
+
+def run_sweep(handle: ModelHandle, spec: SweepSpec, out: str | Path, *, progress: bool = True) -> list[dict]:
+    """Run every configuration of `spec` not yet in `out`; return all finished lines for this setting."""
+    context = spec.context(handle)
+    keys = {config_key(c, context): c for c in spec.configs}
+    key_of = {c: k for k, c in keys.items()}
+    done = {r["key"]: r for r in read_records(out) if r.get("key") in keys}
+    pending = [c for k, c in keys.items() if k not in done]
+    # the baseline goes first: perplexity thresholds and capability changes are read against it
+    pending.sort(key=lambda c: not c.is_baseline)
+    plans = {c: c.plan(spec.vector, spec.plan_extra) for c in pending}
+    build_row_plans(handle, [p for p in plans.values() if p is not None])  # every plan checked before any run
+    items = stratified(load_mmlu(), spec.mmlu_per_subject) if spec.mmlu_per_subject else []
+    profile = layer_profile(spec.vector)
+    texts = [r["prompt"] for r in spec.prompts] + [r["prompt"] for r in spec.benign]
+    bar = tqdm(total=len(keys), initial=len(done), desc="sweep", unit="config", disable=not progress)
+    baseline = next((r for r in done.values() if r["config"]["method"] == "none"), None)
+    for group in _groups(pending, len(texts), spec.group_rows):
+        t0 = time.perf_counter()
+        row_plans = [plans[c] for c in group for _ in texts]
+        completions = generate(handle, texts * len(group), plans=row_plans, max_new_tokens=spec.max_new_tokens,
+                               batch_size=spec.batch_size, progress=progress)
+        ppl = perplexity(handle, texts * len(group), completions, None, batch_size=spec.score_batch_size)
+        kl_prompts = [r["prompt"] for r in (spec.benign or spec.prompts)]
+        todo = [c for c in group if c not in spec.known_kl]
+        fresh = kl_grid(handle, kl_prompts, [plans[c] for c in todo], batch_size=spec.score_batch_size) if todo else []
+        known = {**spec.known_kl, **dict(zip(todo, fresh, strict=True))}
+        kls = [0.0 if c.is_baseline else known[c] for c in group]
+        correct: list[bool] = []
+        if items:
+            correct = mc_correct(handle, items * len(group), plans=[plans[c] for c in group for _ in items],
+                                 batch_size=spec.score_batch_size * 2)
+        elapsed = (time.perf_counter() - t0) / len(group)
+        for g, config in enumerate(group):
+            n = len(texts)
+            rec = _record(spec, handle, config, plans[config], key_of[config], completions[g * n : (g + 1) * n],
+                          ppl[g * n : (g + 1) * n], kls[g], correct[g * len(items) : (g + 1) * len(items)], items,
+                          profile, elapsed)
+            if baseline is None and config.is_baseline:
+                baseline = rec
+            if baseline is not None and rec.get("capability"):
+                rec["capability"]["change"] = capability_change(rec, baseline)
+            append_record(out, rec)
+            done[rec["key"]] = rec
+            bar.update(1)
+    bar.close()
+    return [done[k] for k in keys if k in done]
+
+
+def _record(spec: SweepSpec, handle: ModelHandle, config: Config, plan: dict | None, key: str,
+            completions: list[str], ppl: list[float], kl: float, correct: list[bool], items: Sequence[MCItem],
+            profile: dict[str, Any], elapsed: float) -> dict[str, Any]:
+    n_p = len(spec.prompts)
+    hits = behaviour_hits(spec.behaviour, completions[:n_p])
+    checked = build_row_plans(handle, [plan])[0] if plan is not None else None
+    layers = sorted({layer for iv in checked.interventions for layer in iv.layers}) if checked else []
+    rec: dict[str, Any] = {
+        "key": key,
+        "sweep": {"model": handle.name, "vector": str(spec.vector), "behaviour": spec.behaviour,
+                  "max_new_tokens": spec.max_new_tokens, **spec.names},
+        "config": config.to_json(),
+        "label": config.label(),
+        "knob": config.knob,
+        "value": config.value,
+        "plan": plan,
+        "layers": layers,
+        "behaviour": {"name": spec.behaviour, **rate(hits).to_json()},
+        "hits": [int(h) for h in hits],
+        "prompts": set_summary(completions[:n_p], ppl[:n_p]),
+        "kl": None if math.isnan(kl) else kl,
+        "kl_on": "benign" if spec.benign else "prompts",
+        "categories": category_rates([r.get("category") for r in spec.prompts], hits),
+        "examples": [{"set": "prompts", "prompt": spec.prompts[i]["prompt"], "completion": completions[i]}
+                     for i in range(min(spec.examples, n_p))],
+        "layer_profile": profile,
+        "seconds_per_config": round(elapsed, 3),
+    }
+    if spec.benign:
+        rec["benign"] = set_summary(completions[n_p:], ppl[n_p:])
+        rec["examples"] += [{"set": "benign", "prompt": spec.benign[i]["prompt"], "completion": completions[n_p + i]}
+                            for i in range(min(spec.examples, len(spec.benign)))]
+    if items:
+        rec["capability"] = {"accuracy": rate(correct).to_json(), "correct": [int(c) for c in correct],
+                             "subjects": len({it.subject for it in items})}
+    return rec
