@@ -2,17 +2,30 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
 from tqdm.auto import tqdm
+from transformers import LogitsProcessor, LogitsProcessorList
 
 from steerable.errors import SteerableError
 from steerable.models.load import Messages, ModelHandle
 from steerable.models.turns import segment_batch
 from steerable.steering.hooks import steer
 from steerable.steering.plan import build_plan, build_row_plans
+
+
+class _FirstStep(LogitsProcessor):
+    """Keeps the log-probabilities of the first decoding step; changes nothing."""
+
+    def __init__(self) -> None:
+        self.logprobs: torch.Tensor | None = None
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        if self.logprobs is None:
+            self.logprobs = scores.float().log_softmax(-1)
+        return scores
 
 
 @torch.inference_mode()
@@ -26,12 +39,16 @@ def generate(
     batch_size: int = 8,
     system: str | None = None,
     progress: bool = False,
+    on_first_step: Callable[[list[int], torch.Tensor], None] | None = None,
     **gen_kwargs: Any,
 ) -> list[str]:
     """Completions for `prompts` (chat-templated where the model has a template), in input order.
 
     `plan` steers every prompt; `plans` gives each prompt its own plan or None (unsteered). Rows of
     one batch run together whatever their plans; an unsteered row gets exactly its unsteered tokens.
+    `on_first_step(rows, logprobs)` receives, per batch, the input indices and the [B, V] float32
+    log-probabilities of the first generated token as decoding scores them — a free look at each
+    prompt's next-token distribution (sweeps take their KL from it).
     """
     if plans is not None and plan is not None:
         raise SteerableError("give `plan` (one for all prompts) or `plans` (one per prompt), not both")
@@ -59,7 +76,11 @@ def generate(
                 session.begin(width, turn, asst, reply)
             else:
                 session.begin(width)
-            gen = handle.model.generate(**enc, **kwargs)
+            first = _FirstStep()
+            extra = {"logits_processor": LogitsProcessorList([first])} if on_first_step else {}
+            gen = handle.model.generate(**enc, **kwargs, **extra)
+        if on_first_step is not None and first.logprobs is not None:
+            on_first_step(list(idx), first.logprobs)
         new = gen[:, width:]
         for i, ids in zip(idx, new, strict=True):
             out[i] = tok.decode(ids, skip_special_tokens=True)

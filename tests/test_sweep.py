@@ -64,6 +64,8 @@ def test_kl_grid_matches_kl_benign_per_plan(setup):
              {"vector": vec, "method": "ablate", "layers": "1-2"}]
     prompts = [r["prompt"] for r in PROMPTS]
     got = kl_grid(handle, prompts, plans, batch_size=4)
+    last = kl_grid(handle, prompts, plans, batch_size=2, last_only=True)
+    assert last[0] == pytest.approx(0.0, abs=1e-6) and all(x > 0 for x in last[1:])
     assert got[0] == pytest.approx(0.0, abs=1e-6)
     for plan, kl in zip(plans[1:], got[1:], strict=True):
         assert kl == pytest.approx(kl_benign(handle, prompts, plan, batch_size=3), rel=1e-4, abs=1e-6)
@@ -83,6 +85,9 @@ def test_batched_sweep_equals_one_config_at_a_time(setup, tmp_path):
         assert a["hits"] == b["hits"] and a["prompts"]["perplexities"] == b["prompts"]["perplexities"]
         assert a["kl"] == pytest.approx(b["kl"], rel=1e-4, abs=1e-6)
     assert together[0]["kl"] == 0.0 and together[2]["kl"] > together[1]["kl"] > 0
+    # the KL a sweep reads off decoding is the reply-start KL that forward passes give
+    direct = kl_grid(handle, [r["prompt"] for r in BENIGN], [c.plan(vec) for c in configs[1:]], last_only=True)
+    assert [r["kl"] for r in together[1:]] == pytest.approx(direct, rel=1e-3, abs=1e-7)
     rec = together[1]
     assert rec["behaviour"]["n"] == len(PROMPTS) and rec["benign"]["refusal"]["n"] == len(BENIGN)
     assert set(rec["categories"]) == {"a", "b"} and rec["layers"] == [1, 2]
@@ -117,6 +122,9 @@ def test_killed_sweep_resumes_without_redoing_finished_configs(setup, tmp_path, 
     assert calls == [2 * rows, rows]  # only the three unfinished configs ran
     assert [r["label"] for r in done] == [c.label() for c in configs]
     assert len(read_records(out)) == 5 and out.read_text().endswith("\n")
+    # the resumed run had no baseline row: its KL reference came from forward passes, and agrees
+    direct = kl_grid(handle, [r["prompt"] for r in BENIGN], [c.plan(vec) for c in configs[1:]], last_only=True)
+    assert [r["kl"] for r in done[1:]] == pytest.approx(direct, rel=1e-3, abs=1e-7)
     calls.clear()
     run.run_sweep(handle, spec, out, progress=False)
     assert calls == []  # nothing left to do

@@ -217,30 +217,38 @@ def kl_benign(handle: ModelHandle, prompts: Sequence[str | Messages], plan: Any,
 
 
 def kl_grid(handle: ModelHandle, prompts: Sequence[str | Messages], plans: Sequence[Any], *, batch_size: int = 8,
-            system: str | None = None) -> list[float]:
+            system: str | None = None, last_only: bool = False) -> list[float]:
     """`kl_benign` for many plans at once: per plan, mean KL(unsteered ‖ steered) over every non-pad position
-    of every prompt. The unsteered distributions are computed once per chunk of prompts and compared with
-    each plan's, plans sharing batches as per-row plans."""
+    of every prompt — or, with `last_only`, at the last prompt position only (the distribution of the reply's
+    first token, what a sweep records). The unsteered distributions are computed once per chunk of prompts
+    and compared with each plan's, plans sharing batches as per-row plans."""
     checked = build_row_plans(handle, list(plans))
     order = sorted(range(len(prompts)), key=lambda i: len(handle.render(prompts[i], system)))
     m = max(1, min(batch_size, len(prompts)))
     sums, counts = [0.0] * len(plans), [0] * len(plans)
     tails = [""] * batch_size * max(1, len(plans))
+    every = not last_only
     for start in range(0, len(order), m):
         chunk = [prompts[i] for i in order[start : start + m]]
-        (base,) = score_batches(handle, chunk, tails[: len(chunk)], None, len(chunk), all_positions=True,
+        (base,) = score_batches(handle, chunk, tails[: len(chunk)], None, len(chunk), all_positions=every,
                                 system=system)
-        ref = base.logprobs[torch.argsort(torch.tensor(base.rows))]  # back to chunk order
-        mask = base.mask[torch.argsort(torch.tensor(base.rows))].bool()
+        back = torch.argsort(torch.tensor(base.rows))  # rows back to chunk order
+        ref = base.logprobs[back]
+        mask = base.mask[back].bool() if every else torch.ones(len(chunk), 1, dtype=torch.bool)
         group = max(1, batch_size // len(chunk))
         for g0 in range(0, len(plans), group):
             ps = list(range(g0, min(g0 + group, len(plans))))
             rows = [checked[p] for p in ps for _ in chunk]
-            (b,) = score_batches(handle, chunk * len(ps), tails[: len(rows)], None, len(rows), all_positions=True,
+            (b,) = score_batches(handle, chunk * len(ps), tails[: len(rows)], None, len(rows), all_positions=every,
                                  system=system, plans=rows)
             for r, i in enumerate(b.rows):
                 p, j = ps[i // len(chunk)], i % len(chunk)
                 kl = torch.nn.functional.kl_div(b.logprobs[r], ref[j], log_target=True, reduction="none").sum(-1)
-                sums[p] += float(kl[mask[j]].sum())
+                sums[p] += float(kl[mask[j].to(kl.device)].sum())
                 counts[p] += int(mask[j].sum())
     return [s / n if n else math.nan for s, n in zip(sums, counts, strict=True)]
+
+
+def kl_rows(reference: torch.Tensor, steered: torch.Tensor) -> torch.Tensor:
+    """KL(reference ‖ steered) per row of two [N, V] log-probability tables."""
+    return torch.nn.functional.kl_div(steered, reference, log_target=True, reduction="none").sum(-1)

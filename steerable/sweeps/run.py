@@ -15,11 +15,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
 from tqdm.auto import tqdm
 
 from steerable.directions.artifact import load_directions
 from steerable.evaluate.capability import MCItem, load_mmlu, mc_correct, stratified
-from steerable.evaluate.logits import kl_grid, perplexity
+from steerable.evaluate.logits import kl_rows, perplexity, score_batches
 from steerable.evaluate.refusal import rate
 from steerable.generation import generate
 from steerable.models.load import ModelHandle
@@ -67,6 +68,33 @@ def layer_profile(vector: str) -> dict[str, Any]:
             "cohens_d": [round(float(x), 4) for x in ds.cohens_d]}
 
 
+def first_token_logprobs(handle: ModelHandle, prompts: list, batch_size: int) -> torch.Tensor:
+    """Unsteered log-probabilities of each prompt's next token, [N, V] in prompt order."""
+    out: list[torch.Tensor | None] = [None] * len(prompts)
+    for b in score_batches(handle, prompts, [""] * len(prompts), None, batch_size):
+        for r, i in enumerate(b.rows):
+            out[i] = b.logprobs[r, 0].cpu()
+    return torch.stack(out)  # type: ignore[arg-type]
+
+
+def _generate_group(handle: ModelHandle, spec: SweepSpec, texts: list, plans: list, kl_span: range,
+                    progress: bool) -> tuple[list[str], list[torch.Tensor]]:
+    """Completions of every (plan, text) row in one batched generation, and per plan the first-token
+    log-probabilities [len(kl_span), V] of the texts in `kl_span` (taken from decoding: no extra pass)."""
+    n = len(texts)
+    first: dict[int, torch.Tensor] = {}
+
+    def keep(idx: list[int], logprobs: torch.Tensor) -> None:
+        for r, i in enumerate(idx):
+            if i % n in kl_span:
+                first[i] = logprobs[r].cpu()
+
+    completions = generate(handle, texts * len(plans), plans=[p for p in plans for _ in texts],
+                           max_new_tokens=spec.max_new_tokens, batch_size=spec.batch_size, progress=progress,
+                           on_first_step=keep)
+    return completions, [torch.stack([first[g * n + j] for j in kl_span]) for g in range(len(plans))]
+
+
 def _groups(configs: list[Config], rows_each: int, group_rows: int) -> list[list[Config]]:
     size = max(1, group_rows // max(1, rows_each))
     return [configs[i : i + size] for i in range(0, len(configs), size)]
@@ -88,17 +116,21 @@ def run_sweep(handle: ModelHandle, spec: SweepSpec, out: str | Path, *, progress
     texts = [r["prompt"] for r in spec.prompts] + [r["prompt"] for r in spec.benign]
     bar = tqdm(total=len(keys), initial=len(done), desc="sweep", unit="config", disable=not progress)
     baseline = next((r for r in done.values() if r["config"]["method"] == "none"), None)
+    kl_texts = [r["prompt"] for r in (spec.benign or spec.prompts)]
+    kl_start = len(spec.prompts) if spec.benign else 0  # where the KL prompts sit among a config's rows
+    reference: torch.Tensor | None = None  # unsteered first-token log-probs of the KL prompts
     for group in _groups(pending, len(texts), spec.group_rows):
         t0 = time.perf_counter()
-        row_plans = [plans[c] for c in group for _ in texts]
-        completions = generate(handle, texts * len(group), plans=row_plans, max_new_tokens=spec.max_new_tokens,
-                               batch_size=spec.batch_size, progress=progress)
+        completions, tables = _generate_group(handle, spec, texts, [plans[c] for c in group],
+                                              range(kl_start, kl_start + len(kl_texts)), progress)
+        if reference is None:
+            reference = next((t for c, t in zip(group, tables, strict=True) if c.is_baseline), None)
+        if reference is None:
+            reference = first_token_logprobs(handle, kl_texts, spec.score_batch_size)
+        kls = [0.0 if c.is_baseline else spec.known_kl.get(c, float(kl_rows(reference, t).mean()))
+               for c, t in zip(group, tables, strict=True)]
+        del tables
         ppl = perplexity(handle, texts * len(group), completions, None, batch_size=spec.score_batch_size)
-        kl_prompts = [r["prompt"] for r in (spec.benign or spec.prompts)]
-        todo = [c for c in group if c not in spec.known_kl]
-        fresh = kl_grid(handle, kl_prompts, [plans[c] for c in todo], batch_size=spec.score_batch_size) if todo else []
-        known = {**spec.known_kl, **dict(zip(todo, fresh, strict=True))}
-        kls = [0.0 if c.is_baseline else known[c] for c in group]
         correct: list[bool] = []
         if items:
             correct = mc_correct(handle, items * len(group), plans=[plans[c] for c in group for _ in items],

@@ -1,0 +1,15 @@
+#!/usr/bin/env bash
+# Refusal induction on smollm2-135m with over-refusal on benign prompts (docs/results.md): add and cap
+# (a floor on the refusal coordinate) on layers 9-11 and 5-15, then the operating point by tune.
+set -euo pipefail
+VEC=runs/smollm2-refusal.safetensors
+OUT=${OUT:-experiments/results/smollm2_induction.jsonl}
+[ -f "$VEC" ] || steerable calibrate --model smollm2-135m --pairs refusal-pairs --position response-mean --out "$VEC"
+steerable sweep --model smollm2-135m --vector "$VEC" --method add,cap --strengths 0.25,0.5,1,1.5 \
+    --cap-floors p10,p50,p90 --layers "9-11;5-15" --prompts advbench:test --benign benign:test --limit 64 \
+    --behaviour refusal --max-new-tokens 40 --mmlu 1 --out "$OUT"
+steerable report "$OUT" --out experiments/results/smollm2_induction_report --max-over-refusal 0.05
+steerable tune --model smollm2-135m --vector "$VEC" --method add --strengths 0.25,0.5,0.75,1,1.5 \
+    --layers "9-11;5-15;10" --prompts advbench:test --benign benign:test --limit 64 --max-new-tokens 40 \
+    --max-kl 0.5 --max-over-refusal 0.05 --out experiments/results/smollm2_tuned_plan.json \
+    --results experiments/results/smollm2_tune.jsonl
