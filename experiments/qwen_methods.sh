@@ -9,7 +9,7 @@ OUT=${OUT:-experiments/results/qwen_methods.jsonl}
 COMMON=(--model qwen2.5-0.5b --vector runs/qwen-refusal-behav.safetensors --direction global
         --layers discriminative,all --prompts advbench:test --benign benign:test --limit 32
         --behaviour compliance --max-new-tokens 32)
-steerable sweep "${COMMON[@]}" --method add --strengths=-1,-2 --out "$OUT"
+steerable sweep "${COMMON[@]}" --method add --strengths=-0.1,-0.25,-0.5,-1,-2 --out "$OUT"
 steerable sweep "${COMMON[@]}" --method ablate,angular,angular-adaptive,rotate --angles 90,180,270 --out "$OUT"
 python experiments/qwen_methods_mmlu.py "$OUT"
 steerable report "$OUT" --out experiments/results/qwen_methods_report --criterion angle

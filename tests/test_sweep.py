@@ -177,6 +177,8 @@ def test_seed_criteria():
     # seed 003: zero completions above the perplexity threshold (default 2 × unsteered median = 6)
     assert select(RECORDS, "angle").record["label"] == "same-as-mid-but-gentler"
     assert select(RECORDS, "angle", Budget(ppl_threshold=10)).record["label"] == "strong"
+    with pytest.raises(SteerableError, match="every configuration has completions above perplexity 1.00"):
+        select(RECORDS, "angle", Budget(ppl_threshold=1.0))
     # seed 000: F1 of harm reduction and capability preservation
     f1, h, c = f1_score(RECORDS[3], RECORDS[0])
     assert h == pytest.approx(1.0) and c == pytest.approx(0.4 / 0.6) and f1 == pytest.approx(2 * h * c / (h + c))

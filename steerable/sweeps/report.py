@@ -92,7 +92,7 @@ def write_report(records: Sequence[dict], out_dir: str | Path, *, criterion: str
     figs = {
         "dose_response": plots.dose_response(records, base, out / "dose_response.png"),
         "tradeoff": plots.tradeoff(records, base, chosen, out / "tradeoff.png"),
-        "categories": plots.categories(base, chosen, out / "categories.png") if chosen else None,
+        "categories": plots.categories(base, chosen or _strongest(records) or base, out / "categories.png"),
         "layers": plots.layer_profile(base, chosen, out / "layers.png"),
     }
     sweep = base.get("sweep", {})

@@ -129,6 +129,9 @@ def select(records: Sequence[dict[str, Any]], criterion: str = "budget", budget:
     else:
         pool = candidates
         score = lambda r: -(1 - r["behaviour"]["rate"])  # noqa: E731
+    if not pool and criterion == "angle":
+        raise SteerableError(f"every configuration has completions above perplexity {threshold:.2f} (twice the "
+                             "unsteered median unless --ppl-threshold is given); sweep weaker settings")
     if not pool:
         worst = {r["label"]: violations(r, base, budget, threshold) for r in candidates[:3]}
         raise SteerableError(f"no configuration meets the budget (e.g. {worst}); loosen it or sweep weaker settings")
