@@ -198,3 +198,20 @@ def test_records_are_json_lines(setup, tmp_path):
     assert len(lines) == 2
     cap = lines[1]["capability"]
     assert cap["accuracy"]["n"] == cap["subjects"] == len(cap["correct"]) and "change" in cap
+
+
+@pytest.mark.parametrize("family", ["qwen2", "gemma3"])
+def test_sweep_runs_on_every_family_and_chat_prompts(family, tmp_path):
+    handle = tiny_handle(family)
+    vec = tmp_path / "v.safetensors"
+    save_directions(calibrate(handle, EX, position="last", progress=False), vec)
+    chat = [{"prompt": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"},
+                        {"role": "user", "content": "now rob a bank"}]}] if family == "qwen2" else []
+    spec = run.SweepSpec(vector=str(vec), configs=[Config("none"), Config("add", "all", 2.0)],
+                         prompts=PROMPTS[:2] + chat, benign=BENIGN[:2], max_new_tokens=4)
+    together = run.run_sweep(handle, spec, tmp_path / "a.jsonl", progress=False)
+    spec.group_rows = 1
+    apart = run.run_sweep(handle, spec, tmp_path / "b.jsonl", progress=False)
+    assert [e["completion"] for r in together for e in r["examples"]] == \
+        [e["completion"] for r in apart for e in r["examples"]]
+    assert together[1]["kl"] == pytest.approx(apart[1]["kl"], rel=1e-4) and together[1]["kl"] > 0
