@@ -6,10 +6,10 @@ VEC=runs/smollm2-refusal.safetensors
 OUT=${OUT:-experiments/results/smollm2_induction.jsonl}
 [ -f "$VEC" ] || steerable calibrate --model smollm2-135m --pairs refusal-pairs --position response-mean --out "$VEC"
 steerable sweep --model smollm2-135m --vector "$VEC" --method add,cap --strengths 0.25,0.5,1,1.5 \
-    --cap-floors p10,p50,p90 --layers "9-11;5-15" --prompts advbench:test --benign benign:test --limit 64 \
+    --cap-floors p10,p50,p90 --layers "9-11;5-15" --prompts advbench:test --benign benign:test --limit 48 \
     --behaviour refusal --max-new-tokens 40 --mmlu 1 --out "$OUT"
 steerable report "$OUT" --out experiments/results/smollm2_induction_report --max-over-refusal 0.05
-steerable tune --model smollm2-135m --vector "$VEC" --method add --strengths 0.25,0.5,0.75,1,1.5 \
-    --layers "9-11;5-15;10" --prompts advbench:test --benign benign:test --limit 64 --max-new-tokens 40 \
+steerable tune --model smollm2-135m --vector "$VEC" --method add --strengths 0.25,0.5,1 \
+    --layers "9-11;5-15" --prompts advbench:test --benign benign:test --limit 48 --max-new-tokens 40 \
     --max-kl 0.5 --max-over-refusal 0.05 --out experiments/results/smollm2_tuned_plan.json \
     --results experiments/results/smollm2_tune.jsonl

@@ -35,7 +35,7 @@ def swept(model_dir, tmp_path):
 def test_sweep_cli_writes_one_line_per_config_and_resumes(swept, capsys):
     *_, out, args = swept
     lines = out.read_text().splitlines()
-    assert len(lines) == 1 + 2 * 3 + 2 * 2 * 3  # baseline + add (2 layers × 3) + rotate (2 layers × 2 × 3)
+    assert len(lines) == 1 + 2 * 3 + 2 * 2  # baseline + add (2 layers × 3 strengths) + rotate (2 layers × 2 angles)
     assert len({json.loads(x)["key"] for x in lines}) == len(lines)
     capsys.readouterr()
     assert main(args) == 0  # same arguments: nothing left to run, same file

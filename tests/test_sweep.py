@@ -51,7 +51,10 @@ def test_grid_expansion():
     assert grid.layer_choices("8-16,discriminative") == ["8-16", "discriminative"]
     assert grid.layer_choices("3,5,7;top:4") == ["3,5,7", "top:4"]
     assert grid.expand(["rotate"], [None], strengths=[0.5, 1], angles=[90])[1:] == [
-        Config("rotate", None, 0.5, 90), Config("rotate", None, 1, 90)]
+        Config("rotate", None, 0.5, 90), Config("rotate", None, 1, 90)]  # only plane methods: crossed
+    mixed = grid.expand(["add", "cap"], ["9-11"], strengths=[0.5, 1], cap_floors=["p10", "p50"])
+    assert [(c.method, c.strength, c.cap_floor) for c in mixed[1:]] == [
+        ("add", 0.5, None), ("add", 1, None), ("cap", None, "p10"), ("cap", None, "p50")]
     with pytest.raises(SteerableError, match="unknown method 'nope'"):
         grid.expand(["nope"], [None])
     with pytest.raises(SteerableError, match="not a number"):

@@ -111,19 +111,21 @@ def thresholds(text: str | None) -> list[float | str]:
 def expand(methods: Sequence[str], layers: Sequence[str | None], strengths: Sequence[float] = (),
            angles: Sequence[float] = (), cap_floors: Sequence[float | str] = ()) -> list[Config]:
     """Every configuration of the grid, baseline first. A method sweeps its own knob (plane methods the angle,
-    cap the floor, the rest the strength); a plane method or cap also crosses its knob with the strengths
-    when strengths are given."""
-    out = [Config(BASELINE)]
+    cap the floor, the rest the strength). When every method of the sweep is a plane method or cap, given
+    strengths are crossed with their knob instead (e.g. rotate by each angle at each α)."""
     for method in methods:
         if method not in METHODS:
             raise SteerableError(f"unknown method {method!r}: use one of {', '.join(METHODS)}")
+    cross = list(strengths) if all(m in PLANE_METHODS or m == "cap" for m in methods) else []
+    out = [Config(BASELINE)]
+    for method in methods:
         for lay in layers:
             if method in PLANE_METHODS:
                 for a in angles or DEFAULT_ANGLES:
-                    out += [Config(method, lay, s, a) for s in (strengths or [None])]
+                    out += [Config(method, lay, s, a) for s in (cross or [None])]
             elif method == "cap":
                 for f in cap_floors or DEFAULT_CAP_FLOORS:
-                    out += [Config(method, lay, s, cap_floor=f) for s in (strengths or [None])]
+                    out += [Config(method, lay, s, cap_floor=f) for s in (cross or [None])]
             else:
                 for s in strengths or DEFAULT_STRENGTHS.get(method, (1.0,)):
                     out.append(Config(method, lay, s))
