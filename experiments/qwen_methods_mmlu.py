@@ -1,9 +1,9 @@
 """MMLU change of each method's best setting in a sweep (docs/results.md), one batched pass.
 
 MMLU costs more forward passes than the sweep itself on two CPU cores, so it runs only on the
-configuration each (method, layer choice) would be operated at. That configuration is the seed-003
-criterion applied within the group: the highest success rate with no completion above twice the
-unsteered median perplexity, or the highest success rate when every setting has violations.
+configuration each (method, layer choice) would be operated at: `operating_points`, the tune budget
+criterion within the group — the highest success rate whose median completion perplexity is at most
+twice the unsteered median (`--max-ppl-increase` = the unsteered median).
 
     python experiments/qwen_methods_mmlu.py experiments/results/qwen_methods.jsonl
 """
@@ -15,15 +15,32 @@ import os
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import argparse  # noqa: E402
+import contextlib
 import json  # noqa: E402
 from pathlib import Path  # noqa: E402
 
+from steerable.errors import SteerableError  # noqa: E402
 from steerable.evaluate.capability import load_mmlu, mc_correct, paired_change, stratified  # noqa: E402
 from steerable.evaluate.refusal import rate  # noqa: E402
 from steerable.fsutil import write_text_atomic  # noqa: E402
 from steerable.models.load import load_model  # noqa: E402
-from steerable.sweeps.records import baseline_of, ppl_violations, read_records  # noqa: E402
-from steerable.sweeps.select import median_ppl  # noqa: E402
+from steerable.sweeps.records import baseline_of, read_records  # noqa: E402
+from steerable.sweeps.select import Budget, median_ppl, select  # noqa: E402
+
+
+def operating_points(records: list[dict]) -> list[dict]:
+    """Per (method, layer choice), the most successful setting whose median perplexity is at most twice
+    the unsteered median; groups where none qualifies are left out."""
+    base = baseline_of(records)
+    groups: dict[tuple[str, str], list[dict]] = {}
+    for r in records:
+        if r["config"]["method"] != "none":
+            groups.setdefault((r["config"]["method"], str(r["config"].get("layers"))), []).append(r)
+    out = []
+    for rs in groups.values():
+        with contextlib.suppress(SteerableError):
+            out.append(select([base, *rs], "budget", Budget(max_ppl_increase=median_ppl(base))).record)
+    return out
 
 
 def main() -> None:
@@ -34,15 +51,7 @@ def main() -> None:
     args = ap.parse_args()
     records = read_records(args.results, repair=False)
     base = baseline_of(records)
-    threshold = 2 * median_ppl(base)
-    groups: dict[tuple[str, str], list[dict]] = {}
-    for r in records:
-        if r["config"]["method"] != "none":
-            groups.setdefault((r["config"]["method"], str(r["config"].get("layers"))), []).append(r)
-    best = []
-    for rs in groups.values():
-        clean = [r for r in rs if ppl_violations(r, threshold) == 0] or rs
-        best.append(max(clean, key=lambda r: r["behaviour"]["rate"]))
+    best = operating_points(records)
     handle = load_model(base["sweep"]["model"])
     items = stratified(load_mmlu(), args.per_subject)
     plans = [None, *(r["plan"] for r in best)]
@@ -50,7 +59,7 @@ def main() -> None:
     n = len(items)
     base_ok = correct[:n]
     out = {"model": base["sweep"]["model"], "items": n, "per_subject": args.per_subject,
-           "ppl_threshold": threshold, "unsteered": rate(base_ok).to_json(), "configs": []}
+           "rule": "budget: median ppl ≤ 2 × unsteered median", "unsteered": rate(base_ok).to_json(), "configs": []}
     for k, r in enumerate(best, 1):
         ok = correct[k * n : (k + 1) * n]
         out["configs"].append({"label": r["label"], "key": r["key"], "plan": r["plan"],

@@ -7,10 +7,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
 from steerable.sweeps.records import baseline_of, ppl_violations, read_records
 from steerable.sweeps.select import median_ppl
+
+sys.path.insert(0, str(Path(__file__).parent))
+from qwen_methods_mmlu import operating_points  # noqa: E402
 
 
 def _pct(r: dict) -> str:
@@ -21,7 +25,8 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("results")
     ap.add_argument("--mmlu", help="the _mmlu.json of experiments/qwen_methods_mmlu.py")
-    ap.add_argument("--best", action="store_true", help="only each (method, layers) group's best setting")
+    ap.add_argument("--best", action="store_true",
+                    help="only each (method, layers) group's operating setting (see qwen_methods_mmlu.py)")
     args = ap.parse_args()
     records = read_records(args.results, repair=False)
     base = baseline_of(records)
@@ -33,13 +38,7 @@ def main() -> None:
         mmlu[base["key"]] = {"change": 0.0, "ci95": [0.0, 0.0], "n": m["items"]}
     rows = records
     if args.best:
-        groups: dict[tuple, list[dict]] = {}
-        for r in records:
-            groups.setdefault((r["config"]["method"], str(r["config"].get("layers"))), []).append(r)
-        rows = []
-        for rs in groups.values():
-            clean = [r for r in rs if ppl_violations(r, threshold) == 0] or rs
-            rows.append(max(clean, key=lambda r: r["behaviour"]["rate"]))
+        rows = [base, *operating_points(records)]
     name = base["behaviour"]["name"]
     head = ["configuration", f"{name} (n={base['behaviour']['n']})",
             f"benign refused (n={base['benign']['refusal']['n']})", "KL", "median ppl", f"ppl > {threshold:.1f}",

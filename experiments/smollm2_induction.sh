@@ -11,5 +11,5 @@ steerable sweep --model smollm2-135m --vector "$VEC" --method add,cap --strength
 steerable report "$OUT" --out experiments/results/smollm2_induction_report --max-over-refusal 0.05
 steerable tune --model smollm2-135m --vector "$VEC" --method add --strengths 0.25,0.5,1 \
     --layers "9-11;5-15" --prompts advbench:test --benign benign:test --limit 48 --max-new-tokens 40 \
-    --max-kl 0.5 --max-over-refusal 0.05 --out experiments/results/smollm2_tuned_plan.json \
+    --max-kl 1.5 --max-over-refusal 0.1 --out experiments/results/smollm2_tuned_plan.json \
     --results experiments/results/smollm2_tune.jsonl
