@@ -110,7 +110,8 @@ def run_sweep(handle: ModelHandle, spec: SweepSpec, out: str | Path, *, progress
     # the baseline goes first: perplexity thresholds and capability changes are read against it
     pending.sort(key=lambda c: not c.is_baseline)
     plans = {c: c.plan(spec.vector, spec.plan_extra) for c in pending}
-    build_row_plans(handle, [p for p in plans.values() if p is not None])  # every plan checked before any run
+    # every plan is checked before anything runs; the checked plans give each line its resolved layers
+    checked = dict(zip(pending, build_row_plans(handle, list(plans.values())), strict=True))
     items = stratified(load_mmlu(), spec.mmlu_per_subject) if spec.mmlu_per_subject else []
     profile = layer_profile(spec.vector)
     texts = [r["prompt"] for r in spec.prompts] + [r["prompt"] for r in spec.benign]
@@ -138,9 +139,9 @@ def run_sweep(handle: ModelHandle, spec: SweepSpec, out: str | Path, *, progress
         elapsed = (time.perf_counter() - t0) / len(group)
         for g, config in enumerate(group):
             n = len(texts)
-            rec = _record(spec, handle, config, plans[config], key_of[config], completions[g * n : (g + 1) * n],
-                          ppl[g * n : (g + 1) * n], kls[g], correct[g * len(items) : (g + 1) * len(items)], items,
-                          profile, elapsed)
+            rec = _record(spec, handle, config, plans[config], checked[config], key_of[config],
+                          completions[g * n : (g + 1) * n], ppl[g * n : (g + 1) * n], kls[g],
+                          correct[g * len(items) : (g + 1) * len(items)], items, profile, elapsed)
             if baseline is None and config.is_baseline:
                 baseline = rec
             if baseline is not None and rec.get("capability"):
@@ -152,12 +153,11 @@ def run_sweep(handle: ModelHandle, spec: SweepSpec, out: str | Path, *, progress
     return [done[k] for k in keys if k in done]
 
 
-def _record(spec: SweepSpec, handle: ModelHandle, config: Config, plan: dict | None, key: str,
+def _record(spec: SweepSpec, handle: ModelHandle, config: Config, plan: dict | None, checked: Any, key: str,
             completions: list[str], ppl: list[float], kl: float, correct: list[bool], items: Sequence[MCItem],
             profile: dict[str, Any], elapsed: float) -> dict[str, Any]:
     n_p = len(spec.prompts)
     hits = behaviour_hits(spec.behaviour, completions[:n_p])
-    checked = build_row_plans(handle, [plan])[0] if plan is not None else None
     layers = sorted({layer for iv in checked.interventions for layer in iv.layers}) if checked else []
     rec: dict[str, Any] = {
         "key": key,
