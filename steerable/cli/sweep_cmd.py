@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from steerable.cli.main import _direction
 from steerable.cli.table import table
 from steerable.errors import SteerableError
 from steerable.models.builtin import DEFAULT_MODEL
@@ -28,7 +29,7 @@ def _grid_args(s: argparse.ArgumentParser, layers_default: str | None) -> None:
                    help='layer choices joined with commas, e.g. "8-16,discriminative" (use ";" between choices '
                         'that are themselves comma lists)')
     s.add_argument("--gate", help="gate for every configuration")
-    s.add_argument("--direction", help="per-layer, global or a layer index, for every configuration")
+    s.add_argument("--direction", type=_direction, help="per-layer, global or a layer index, for every configuration")
     s.add_argument("--site", help="override the artifact's site")
     s.add_argument("--prompts", required=True,
                    help="prompt set (test split by default) or JSONL of {prompt, category?}")
@@ -88,7 +89,7 @@ def _spec(args: argparse.Namespace):
     if args.gate:
         extra["gate"] = args.gate
     if args.direction:
-        extra["direction"] = int(args.direction) if args.direction.lstrip("-").isdigit() else args.direction
+        extra["direction"] = args.direction
     if args.site:
         extra["site"] = args.site
     return SweepSpec(vector=args.vector, configs=configs, prompts=prompts, benign=benign, behaviour=args.behaviour,

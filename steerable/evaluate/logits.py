@@ -226,7 +226,7 @@ def kl_grid(handle: ModelHandle, prompts: Sequence[str | Messages], plans: Seque
     order = sorted(range(len(prompts)), key=lambda i: len(handle.render(prompts[i], system)))
     m = max(1, min(batch_size, len(prompts)))
     sums, counts = [0.0] * len(plans), [0] * len(plans)
-    tails = [""] * batch_size * max(1, len(plans))
+    tails = [""] * batch_size  # a steered batch holds at most batch_size rows
     every = not last_only
     for start in range(0, len(order), m):
         chunk = [prompts[i] for i in order[start : start + m]]

@@ -49,8 +49,7 @@ class Config:
     def plan(self, vector: str, extra: dict[str, Any] | None = None) -> dict[str, Any] | None:
         if self.is_baseline:
             return None
-        spec = {"vector": vector, **{k: v for k, v in asdict(self).items() if v is not None}, **(extra or {})}
-        return spec
+        return {"vector": vector, **self.to_json(), **(extra or {})}
 
     def label(self) -> str:
         if self.is_baseline:

@@ -128,7 +128,7 @@ def run_sweep(handle: ModelHandle, spec: SweepSpec, out: str | Path, *, progress
             reference = next((t for c, t in zip(group, tables, strict=True) if c.is_baseline), None)
         if reference is None:
             reference = first_token_logprobs(handle, kl_texts, spec.score_batch_size)
-        kls = [0.0 if c.is_baseline else spec.known_kl.get(c, float(kl_rows(reference, t).mean()))
+        kls = [0.0 if c.is_baseline else spec.known_kl[c] if c in spec.known_kl else float(kl_rows(reference, t).mean())
                for c, t in zip(group, tables, strict=True)]
         del tables
         ppl = perplexity(handle, texts * len(group), completions, None, batch_size=spec.score_batch_size)
