@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from tqdm.auto import tqdm
@@ -14,6 +15,9 @@ from steerable.models.load import Messages, ModelHandle
 from steerable.models.turns import segment_batch
 from steerable.steering.hooks import steer
 from steerable.steering.plan import build_plan, build_row_plans
+
+if TYPE_CHECKING:
+    from steerable.evaluate.monitor import AxisMonitor
 
 
 class _FirstStep(LogitsProcessor):
@@ -40,6 +44,7 @@ def generate(
     system: str | None = None,
     progress: bool = False,
     on_first_step: Callable[[list[int], torch.Tensor], None] | None = None,
+    monitor: AxisMonitor | None = None,
     **gen_kwargs: Any,
 ) -> list[str]:
     """Completions for `prompts` (chat-templated where the model has a template), in input order.
@@ -48,7 +53,8 @@ def generate(
     one batch run together whatever their plans; an unsteered row gets exactly its unsteered tokens.
     `on_first_step(rows, logprobs)` receives, per batch, the input indices and the [B, V] float32
     log-probabilities of the first generated token as decoding scores them — a free look at each
-    prompt's next-token distribution (sweeps take their KL from it).
+    prompt's next-token distribution (sweeps take their KL from it). `monitor` (an `AxisMonitor`) records
+    each reply's mean projection on an axis as it is generated, keyed by input index.
     """
     if plans is not None and plan is not None:
         raise SteerableError("give `plan` (one for all prompts) or `plans` (one per prompt), not both")
@@ -78,7 +84,9 @@ def generate(
                 session.begin(width)
             first = _FirstStep()
             extra = {"logits_processor": LogitsProcessorList([first])} if on_first_step else {}
-            gen = handle.model.generate(**enc, **kwargs, **extra)
+            # attached after the steering hooks, so the monitor reads the activations steering left
+            with monitor.watch(handle, list(idx)) if monitor is not None else contextlib.nullcontext():
+                gen = handle.model.generate(**enc, **kwargs, **extra)
         if on_first_step is not None and first.logprobs is not None:
             on_first_step(list(idx), first.logprobs)
         new = gen[:, width:]

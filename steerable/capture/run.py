@@ -18,7 +18,7 @@ from steerable.models.load import ModelHandle
 HELDOUT_EVERY = 5  # pair/example k is held out when k % 5 == 4: a fixed 20 % for quality statistics
 
 
-class _StopForward(Exception):
+class StopForward(Exception):
     """Raised by the last capture hook: nothing after it (later blocks, LM head) is needed."""
 
 
@@ -73,7 +73,7 @@ def position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
 
 
 @contextlib.contextmanager
-def _reading_hooks(
+def reading_hooks(
     handle: ModelHandle, layers: Sequence[int], site: str, sink: dict[int, torch.Tensor]
 ) -> Iterator[None]:
     last = max(layers)
@@ -84,7 +84,7 @@ def _reading_hooks(
         def hook(mod, args, kwargs, output=None, *, _layer=layer, _pre=pre):
             sink[_layer] = get_hidden(args, kwargs, output, _pre)
             if _layer == last:
-                raise _StopForward
+                raise StopForward
         if pre:
             handles.append(module.register_forward_pre_hook(hook, with_kwargs=True))
         else:
@@ -122,11 +122,11 @@ def capture_stats(
     n_tokens = 0
     sink: dict[int, torch.Tensor] = {}
     bar = tqdm(total=len(examples), desc=f"capture {site}", unit="ex", disable=not progress, leave=False)
-    with _reading_hooks(handle, layers, site, sink):
+    with reading_hooks(handle, layers, site, sink):
         for batch in batches:
             enc, response_len = encode_examples(handle, batch.examples)
             n_tokens += int(enc["attention_mask"].sum())
-            with contextlib.suppress(_StopForward):
+            with contextlib.suppress(StopForward):
                 handle.model(**enc, position_ids=position_ids(enc["attention_mask"]), use_cache=False)
             labels = torch.tensor([ex.label for ex in batch.examples])
             keys = [ex.pair if ex.pair is not None else i for ex, i in zip(batch.examples, batch.ids, strict=True)]

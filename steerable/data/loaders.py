@@ -16,12 +16,14 @@ from pathlib import Path
 import yaml
 
 from steerable.data.refusal_pairs import refusal_pair
+from steerable.data.roles import harmful_rows
 from steerable.data.sources import DATA_FILES, data_file
 from steerable.errors import SteerableError
 
 SPLIT_SEED = "steerable-split-v1"
 TEST_PERCENT = 30
 PROMPT_SETS = ("advbench", "benign")
+ROW_SETS = (*PROMPT_SETS, "persona-harmful")  # sets load_prompt_rows also knows
 PAIR_SETS = ("refusal-pairs", *sorted(k for k in DATA_FILES if k.startswith("caa-")))
 
 
@@ -120,6 +122,8 @@ def load_prompt_rows(spec: str, default_split: str = "test") -> list[dict]:
     name, split = _parse_name(spec, default_split)
     if name == "advbench":
         return _keep(_advbench_rows(), lambda r: r["prompt"], split)
+    if name == "persona-harmful":  # the project's role data: a persona system prompt, then a harmful ask
+        return harmful_rows(split)
     return [{"prompt": p} for p in load_prompts(spec, default_split)]
 
 

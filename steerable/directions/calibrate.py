@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -53,13 +53,16 @@ def _cast_percentiles(stats: LayerStats, unit: torch.Tensor) -> torch.Tensor:
 
 
 def directions_from_capture(
-    cap: CaptureResult, estimator: str, meta: dict[str, Any]
+    cap: CaptureResult, estimator: str, meta: dict[str, Any],
+    fit: Callable[[int, LayerStats], Estimate] | None = None,
 ) -> DirectionSet:
-    est = get_estimator(estimator)
+    """Per-layer directions and quality from captured statistics; `fit(layer, stats)` replaces the named
+    estimator's function for estimators that need more than the statistics (the Assistant Axis's roles)."""
+    fit = fit or (lambda _layer, stats: get_estimator(estimator).fn(stats))
     layers, rows, skipped = [], [], {}
     for layer in sorted(cap.stats):
         try:
-            rows.append(_layer_entry(cap.stats[layer], est.fn(cap.stats[layer])))
+            rows.append(_layer_entry(cap.stats[layer], fit(layer, cap.stats[layer])))
             layers.append(layer)
         except SteerableError as e:  # e.g. layer 0 at a fixed template token: both classes identical
             skipped[str(layer)] = str(e)
@@ -108,12 +111,17 @@ def calibrate(
         handle, examples, layers, site=site, position=position, batch_size=batch_size,
         second_moments=est.second_moments, progress=progress,
     )
-    meta = {
+    data = {**(data or {}), "n_examples": len(examples),
+            "heldout_rule": f"pair (or example) index % {HELDOUT_EVERY} == {HELDOUT_EVERY - 1}"}
+    return directions_from_capture(cap, estimator, artifact_meta(handle, data))
+
+
+def artifact_meta(handle: ModelHandle, data: dict[str, Any]) -> dict[str, Any]:
+    """The metadata every direction file carries: the model it belongs to, its data, when and by what."""
+    return {
         "model": {"name": handle.name, "config_hash": handle.config_hash, "hidden_size": handle.hidden_size,
                   "n_layers": handle.n_layers, "family": handle.layout.family},
-        "data": {**(data or {}), "n_examples": len(examples),
-                 "heldout_rule": f"pair (or example) index % {HELDOUT_EVERY} == {HELDOUT_EVERY - 1}"},
+        "data": data,
         "created": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         "tool": "steerable",
     }
-    return directions_from_capture(cap, estimator, meta)

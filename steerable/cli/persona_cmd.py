@@ -1,0 +1,163 @@
+"""`steerable axis` (estimate the Assistant Axis from the role data) and `steerable drift` (persona drift over
+scripted conversations, optionally under plans)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any
+
+from steerable.cli.table import table
+from steerable.errors import SteerableError
+from steerable.models.builtin import DEFAULT_MODEL
+
+
+def add_persona_parsers(sub: Any) -> None:
+    from steerable.directions.axis import AXIS_ESTIMATORS
+
+    s = sub.add_parser("axis", help="estimate the Assistant Axis (default Assistant answers − mean of role vectors)")
+    s.add_argument("--model", default=DEFAULT_MODEL)
+    s.add_argument("--out", required=True, help="AXIS.safetensors; answers and the report go beside it")
+    s.add_argument("--estimator", default="assistant-axis", choices=list(AXIS_ESTIMATORS),
+                   help="which estimator the file holds (the report compares all four)")
+    s.add_argument("--personas", type=int, help="use the first N training personas (default all)")
+    s.add_argument("--questions", type=int, help="use the first N training questions (default all)")
+    s.add_argument("--per-persona", type=int, default=4, help="questions each persona answers")
+    s.add_argument("--responses", help="reuse the answers of an earlier run (its .responses.jsonl): no generation")
+    s.add_argument("--max-new-tokens", type=int, default=48)
+    s.add_argument("--batch-size", type=int, default=16)
+    s.add_argument("--bootstrap", type=int, default=20, help="bootstrap resamples for the stability report (0: off)")
+    s.set_defaults(fn=cmd_axis)
+
+    s = sub.add_parser("drift", help="persona drift: each assistant turn's projection on the axis, turn by turn")
+    s.add_argument("--model", default=DEFAULT_MODEL)
+    s.add_argument("--axis", required=True, help="file written by `steerable axis`")
+    s.add_argument("--conversations", default="roles:test",
+                   help="roles[:train|test|all] (built-in scripts) or JSONL of {id, system?, turns: [user messages]}")
+    s.add_argument("--out", required=True, help="directory: drift.jsonl, summary.json, drift.png, index.html")
+    s.add_argument("--plan", action="append", default=[],
+                   help="plan JSON to run the conversations under; repeat to compare several in one batch")
+    s.add_argument("--baseline", action="store_true", help="also run the conversations unsteered (with --plan)")
+    s.add_argument("--layer", type=int, help="layer to monitor (default: the axis file's monitor layer)")
+    s.add_argument("--band", default="5,95", help="Assistant band: percentiles LO,HI of its own projections")
+    s.add_argument("--limit", type=int, help="first N conversations")
+    s.add_argument("--max-turns", type=int, help="at most N turns per conversation")
+    s.add_argument("--max-new-tokens", type=int, default=64)
+    s.add_argument("--batch-size", type=int, default=16)
+    s.set_defaults(fn=cmd_drift)
+
+
+def _write_jsonl(path: Path, rows: list[dict[str, Any]]) -> None:
+    from steerable.fsutil import write_text_atomic
+
+    write_text_atomic(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+
+
+def cmd_axis(args: argparse.Namespace) -> int:
+    from steerable.data import roles
+    from steerable.directions.artifact import save_directions
+    from steerable.directions.axis import RoleRow, answer, capture_axis_data, fit_axis, role_rows
+    from steerable.directions.axis_report import layer_agreement, stability
+    from steerable.fsutil import write_text_atomic
+    from steerable.models.load import load_model
+
+    out = Path(args.out)
+    stem = out.with_suffix("")
+    handle = load_model(args.model)
+    if args.responses:
+        try:
+            rows = [RoleRow(**json.loads(line)) for line in Path(args.responses).read_text("utf-8").splitlines()
+                    if line.strip()]
+        except (OSError, TypeError, json.JSONDecodeError) as e:
+            raise SteerableError(f"{args.responses}: not a responses file written by `steerable axis` ({e})") from e
+    else:
+        personas = roles.personas("train")[: args.personas]
+        questions = roles.questions("train")[: args.questions]
+        rows = answer(handle, role_rows(personas, questions, args.per_persona),
+                      max_new_tokens=args.max_new_tokens, batch_size=args.batch_size)
+        _write_jsonl(Path(f"{stem}.responses.jsonl"), [r.to_json() for r in rows])
+    data = capture_axis_data(handle, rows, batch_size=args.batch_size)
+    info = {"per_persona": args.per_persona, "max_new_tokens": args.max_new_tokens,
+            "responses": args.responses or f"{stem.name}.responses.jsonl"}
+    ds = fit_axis(handle, data, args.estimator, info)
+    save_directions(ds, out)
+    agreement = layer_agreement(data)
+    mon = ds.meta["axis"]["monitor_layer"]
+    report: dict[str, Any] = {"model": handle.name, "estimator": args.estimator, "axis": ds.meta["axis"],
+                              "layers": agreement}
+    if args.bootstrap > 0:
+        report["stability"] = stability(data, mon, bootstrap=args.bootstrap)
+    write_text_atomic(Path(f"{stem}.report.json"), json.dumps(report, indent=1) + "\n")
+    print(_axis_table(ds, agreement))
+    if "stability" in report:
+        print(_stability_table(report["stability"]))
+    print(f"\nmonitor layer {mon}; suggested cap layers {ds.meta['axis']['cap_layers']} "
+          f"(e.g. {{\"vector\": \"{out}\", \"method\": \"cap\", \"cap_floor\": \"p25\", "
+          f"\"layers\": \"{ds.meta['axis']['cap_layers']}\"}})")
+    print(f"wrote {out}, {stem}.report.json" + ("" if args.responses else f", {stem}.responses.jsonl"))
+    return 0
+
+
+def _axis_table(ds: Any, agreement: list[dict[str, Any]]) -> str:
+    pairs = [k for k in agreement[0]["cosine"] if k.startswith("assistant-axis|")] if agreement else []
+    rows = []
+    for i, (layer, a) in enumerate(zip(ds.layers, agreement, strict=True)):
+        mark = "*" if layer == ds.meta["axis"]["monitor_layer"] else ""
+        rows.append([f"{layer}{mark}", float(ds.auroc[i]), float(ds.cohens_d[i]),
+                     f"{ds.percentiles[i, 0, 25]:.2f}/{ds.percentiles[i, 1, 50]:.2f}",
+                     *[a["cosine"][k] for k in pairs]])
+    heads = ["layer", "AUROC", "cohen_d", "asst p25/role p50", *[f"cos {k.split('|')[1]}" for k in pairs]]
+    return ("Assistant Axis per layer (held-out questions; * = monitor layer; cos = with assistant-axis)\n"
+            + table(heads, rows))
+
+
+def _stability_table(st: dict[str, Any]) -> str:
+    sizes = list(next(iter(st["sizes"].values())))
+    rows = [[e, b["mean"], b["p5"], *[st["sizes"][e][k]["mean"] for k in sizes]] for e, b in st["bootstrap"].items()]
+    return (f"\nstability at layer {st['layer']}: cosine with the full-data direction "
+            f"({st['n_personas']} personas, {st['n_assistant']} Assistant answers)\n"
+            + table(["estimator", "bootstrap mean", "bootstrap p5", *[f"{k} personas" for k in sizes]], rows))
+
+
+def cmd_drift(args: argparse.Namespace) -> int:
+    from steerable.data.roles import load_conversations
+    from steerable.directions.artifact import load_directions
+    from steerable.evaluate.drift import Condition, assistant_band, run_conversations
+    from steerable.evaluate.drift_report import write_drift
+    from steerable.models.load import load_model
+    from steerable.steering.plan import read_plan_file
+
+    try:
+        lo, hi = (float(x) for x in args.band.split(","))
+    except ValueError:
+        raise SteerableError(f"--band must be two percentiles LO,HI, got {args.band!r}") from None
+    convs = load_conversations(args.conversations)[: args.limit]
+    if args.max_turns:
+        from dataclasses import replace
+        convs = [replace(c, turns=c.turns[: args.max_turns]) for c in convs]
+    handle = load_model(args.model)
+    axis = load_directions(args.axis, handle)
+    band = assistant_band(axis, args.layer, lo, hi)
+    conditions = [Condition(Path(p).stem, read_plan_file(p)) for p in args.plan]
+    if len({c.name for c in conditions}) != len(conditions):
+        raise SteerableError("plan files must have different names (each names a condition)")
+    if not conditions or args.baseline:
+        conditions.insert(0, Condition("unsteered"))
+    records = run_conversations(handle, convs, axis, conditions, band=band, max_new_tokens=args.max_new_tokens,
+                                batch_size=args.batch_size)
+    info = {"model": handle.name, "axis": str(args.axis), "conversations": args.conversations,
+            "band": band.to_json(), "max_new_tokens": args.max_new_tokens,
+            "plans": {c.name: c.plan for c in conditions}}
+    summary = write_drift(args.out, records, info)
+    rows = []
+    for name, s in summary["conditions"].items():
+        by_turn = s["mean_projection_by_turn"]
+        rows.append([name, s["replies"], s["mean_projection"], f"{s['left_band']:.1%}", s["mean_drift"],
+                     f"{s['conversations_leaving_band']}/{s['conversations']}",
+                     " ".join(f"{v:.2f}" for v in by_turn.values())])
+    print(f"layer {band.layer}, Assistant band [{band.lo:.3f}, {band.hi:.3f}] (p{lo:g}-p{hi:g})")
+    print(table(["condition", "replies", "mean proj", "below band", "mean drift", "convs leaving",
+                 "mean projection by turn"], rows))
+    print(f"wrote {args.out}/drift.jsonl, drift.png, summary.json, index.html")
+    return 0

@@ -1,0 +1,131 @@
+"""Persona drift over conversations (methods.md §8): run scripted user turns, generate each assistant reply
+(greedy) with the reply's projection on the Assistant Axis measured while it is generated, and flag replies
+that fall below the Assistant band.
+
+The band is a percentile range of the axis artifact's own Assistant projections at the monitored layer
+(default 5th–95th); a reply's drift is its distance below the band's floor (0 inside or above it).
+Every conversation under every condition (unsteered, or a plan) is one row of the same batched
+generation at each turn.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from tqdm.auto import tqdm
+
+from steerable.data.roles import Conversation
+from steerable.directions.artifact import DirectionSet
+from steerable.errors import SteerableError
+from steerable.evaluate.monitor import AxisMonitor
+from steerable.generation import generate
+from steerable.models.load import Messages, ModelHandle
+from steerable.steering.intervention import percentile
+from steerable.steering.plan import build_row_plans
+
+
+@dataclass(frozen=True)
+class Band:
+    layer: int
+    lo: float
+    hi: float
+    percentiles: tuple[float, float]
+
+    def drift(self, p: float) -> float:
+        return max(0.0, self.lo - p) if math.isfinite(p) else math.nan
+
+    def to_json(self) -> dict[str, Any]:
+        return {"layer": self.layer, "lo": self.lo, "hi": self.hi, "percentiles": list(self.percentiles)}
+
+
+def assistant_band(axis: DirectionSet, layer: int | None = None, lo: float = 5, hi: float = 95) -> Band:
+    """The Assistant's own projection range at `layer` (default: the artifact's monitor layer)."""
+    if layer is None:
+        layer = int(axis.meta.get("axis", {}).get("monitor_layer", axis.layers[len(axis.layers) // 2]))
+    if layer not in axis.layers:
+        raise SteerableError(f"layer {layer} is not in the axis file (layers {axis.layers[0]}-{axis.layers[-1]})")
+    if not 0 <= lo < hi <= 100:
+        raise SteerableError(f"band percentiles must satisfy 0 <= lo < hi <= 100, got {lo}, {hi}")
+    return Band(layer, percentile(axis, layer, "pos", lo), percentile(axis, layer, "pos", hi), (lo, hi))
+
+
+@dataclass(frozen=True)
+class Condition:
+    """A way of running the conversations: unsteered (plan None) or under a plan."""
+
+    name: str
+    plan: Any = None
+
+
+def run_conversations(
+    handle: ModelHandle,
+    conversations: Sequence[Conversation],
+    axis: DirectionSet,
+    conditions: Sequence[Condition] = (Condition("unsteered"),),
+    *,
+    band: Band | None = None,
+    max_new_tokens: int = 64,
+    batch_size: int = 16,
+    progress: bool = True,
+) -> list[dict[str, Any]]:
+    """One record per (condition, conversation, assistant turn), in that order."""
+    axis.check_model(handle)
+    band = band or assistant_band(axis)
+    if len({c.name for c in conditions}) != len(conditions):
+        raise SteerableError("condition names must be unique")
+    build_row_plans(handle, [c.plan for c in conditions])  # every plan is checked before anything runs
+    runs = [(c, conv) for c in conditions for conv in conversations]
+    history: list[Messages] = [[{"role": "system", "content": conv.system}] if conv.system else [] for _, conv in runs]
+    out: list[list[dict[str, Any]]] = [[] for _ in runs]
+    n_turns = max(len(conv.turns) for conv in conversations)
+    bar = tqdm(total=sum(len(conv.turns) for _, conv in runs), desc="drift", unit="reply", disable=not progress)
+    for turn in range(n_turns):
+        active = [i for i, (_, conv) in enumerate(runs) if turn < len(conv.turns)]
+        prompts = [[*history[i], {"role": "user", "content": runs[i][1].turns[turn]}] for i in active]
+        plans = [runs[i][0].plan for i in active]
+        monitor = AxisMonitor(axis.direction(band.layer), band.layer, str(axis.meta.get("site", "resid_post")))
+        replies = generate(handle, prompts, plans=plans if any(p is not None for p in plans) else None,
+                           max_new_tokens=max_new_tokens, batch_size=batch_size, monitor=monitor)
+        for j, i in enumerate(active):
+            cond, conv = runs[i]
+            p = monitor.projection(j)
+            history[i] = [*prompts[j], {"role": "assistant", "content": replies[j]}]
+            out[i].append({
+                "id": conv.id, "kind": conv.kind, "condition": cond.name, "turn": turn + 1,
+                "user": conv.turns[turn], "reply": replies[j], "projection": None if math.isnan(p) else round(p, 5),
+                "tokens": monitor.tokens(j), "layer": band.layer, "band": [round(band.lo, 5), round(band.hi, 5)],
+                "drift": None if math.isnan(p) else round(band.drift(p), 5),
+                "left_band": bool(math.isfinite(p) and p < band.lo),
+            })
+            bar.update()
+    bar.close()
+    return [r for rows in out for r in rows]
+
+
+def summarise(records: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """Per condition: mean projection per turn, share of replies below the band, mean drift, and the
+    conversations' first turn below the band."""
+    out: dict[str, Any] = {}
+    for name in dict.fromkeys(r["condition"] for r in records):
+        rows = [r for r in records if r["condition"] == name and r["projection"] is not None]
+        turns = sorted({r["turn"] for r in rows})
+        per_turn = {t: [r["projection"] for r in rows if r["turn"] == t] for t in turns}
+        first: dict[str, int | None] = {}
+        for r in sorted(rows, key=lambda r: r["turn"]):
+            first.setdefault(r["id"], None)
+            if r["left_band"] and first[r["id"]] is None:
+                first[r["id"]] = r["turn"]
+        out[name] = {
+            "replies": len(rows),
+            "mean_projection": sum(r["projection"] for r in rows) / max(len(rows), 1),
+            "mean_projection_by_turn": {str(t): sum(v) / len(v) for t, v in per_turn.items()},
+            "left_band": sum(r["left_band"] for r in rows) / max(len(rows), 1),
+            "mean_drift": sum(r["drift"] for r in rows) / max(len(rows), 1),
+            "conversations_leaving_band": sum(v is not None for v in first.values()),
+            "conversations": len(first),
+            "first_turn_below_band": first,
+        }
+    return out
