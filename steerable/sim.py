@@ -27,6 +27,7 @@ import numpy as np
 import torch
 
 from steerable.capture.stats import LayerStats
+from steerable.directions.axis import assistant_axis as axis_estimator
 from steerable.directions.estimators import lda, logistic, mean_diff, pca
 from steerable.fsutil import atomic_path, write_text_atomic
 from steerable.steering import ops
@@ -117,25 +118,24 @@ def generate(spec: SimSpec) -> Sample:
 
 # -- estimators ---------------------------------------------------------------------------------------
 
-def _stats(pos: torch.Tensor, neg: torch.Tensor, pairs: bool) -> LayerStats:
+def _stats(pos: torch.Tensor, neg: torch.Tensor) -> LayerStats:
     # reservoir as large as the data: the logistic probe then trains on every row
     st = LayerStats(pos.shape[1], second_moments=True, reservoir_cap=max(len(pos), len(neg)), seed=0)
     st.add(pos, torch.ones(len(pos), dtype=torch.long), torch.zeros(len(pos), dtype=torch.bool))
     st.add(neg, torch.zeros(len(neg), dtype=torch.long), torch.zeros(len(neg), dtype=torch.bool))
-    if pairs:
-        st.add_pair_diffs(pos - neg)
+    st.add_pair_diffs(pos - neg)
     return st
 
 
 def assistant_axis(sample: Sample) -> torch.Tensor:
-    """mean(assistant) − mean over roles of each role's mean (methods.md §3): mean-diff against role vectors."""
-    role_vectors = torch.stack([sample.roles[sample.role_ids == r].mean(0) for r in sample.role_ids.unique()])
-    return mean_diff(_stats(sample.assistant, role_vectors, pairs=False)).direction
+    """mean(assistant) − mean over roles of each role's mean (methods.md §3), by the project's own estimator."""
+    personas = [None] * len(sample.assistant) + [f"role-{int(r)}" for r in sample.role_ids]
+    return axis_estimator(torch.cat([sample.assistant, sample.roles]), personas)
 
 
 def estimate_all(sample: Sample) -> dict[str, torch.Tensor]:
     """Unit direction per estimator, each oriented toward the Assistant (positive class)."""
-    st = _stats(sample.assistant, sample.roles, pairs=True)
+    st = _stats(sample.assistant, sample.roles)
     return {"assistant-axis": assistant_axis(sample), "mean-diff": mean_diff(st).direction,
             "pca": pca(st).direction, "lda": lda(st).direction, "logistic": logistic(st).direction}
 
@@ -151,11 +151,17 @@ def bootstrap_ci(x: Sequence[float], seed: int = 0, n_boot: int = 2000, level: f
 
 
 def alignment_experiment(
-    sigmas: Sequence[float], ns: Sequence[int], repeats: int, d: int = 64, seed: int = 0, base: SimSpec | None = None
+    sigmas: Sequence[float],
+    ns: Sequence[int],
+    repeats: int,
+    d: int | None = None,
+    seed: int = 0,
+    base: SimSpec | None = None,
 ) -> dict:
-    """Cosine of each estimate with the true axis. Repeat r uses the same world and the same standard-normal
-    draws at every σ and n (common random numbers), so comparisons across σ and n are paired."""
-    base = base or SimSpec(d=d)
+    """Cosine of each estimate with the true axis; `d` (if given) overrides `base.d`. Repeat r uses one world
+    for every σ and n, and the same standard-normal draws at every σ, so comparisons across σ are paired."""
+    base = base or SimSpec()
+    d = base.d if d is None else d
     rows = []
     for r in range(repeats):
         for sigma in sigmas:
@@ -261,7 +267,7 @@ def _plot_alignment(summary: list[dict], path: Path) -> None:
         for ax, key, fixed, val in ((left, "sigma", "n", n_max), (right, "n", "sigma", sig_ref)):
             pts = sorted((r[key], r["mean"], *r["ci95"]) for r in summary if r["estimator"] == name and r[fixed] == val)
             x, m, lo, hi = map(np.array, zip(*pts, strict=True))
-            ax.plot(x, m, marker="o", label=name)
+            ax.plot(x, m, marker="o", ls="--" if name == "assistant-axis" else "-", label=name)
             ax.fill_between(x, lo, hi, alpha=0.2)
     left.set(xscale="log", xlabel="noise σ", ylabel="cosine with true axis", title=f"n = {n_max} per class")
     right.set(xscale="log", xlabel="n per class", title=f"σ = {sig_ref}")
@@ -298,12 +304,20 @@ def main(argv: Sequence[str] | None = None) -> dict:
     ap.add_argument("--quick", action="store_true", help="small grid (seconds), for smoke tests")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
-    torch.set_num_threads(min(2, torch.get_num_threads()))  # tiny matrices: more threads only add overhead
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # d×d with d = 64: idle OpenMP threads spinning between calls cost more than they add
+    try:
+        return _run(args)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _run(args: argparse.Namespace) -> dict:
     t0 = time.perf_counter()
     if args.quick:
         grid = {"sigmas": [0.1, 1.0], "ns": [50, 200], "repeats": 3}
     else:
-        grid = {"sigmas": [0.05, 0.1, 0.25, 0.5, 1.0, 2.0], "ns": [50, 100, 200, 500, 1000], "repeats": 20}
+        grid = {"sigmas": [0.05, 0.1, 0.25, 0.5, 1.0, 2.0], "ns": [50, 100, 200, 500, 1000], "repeats": 30}
     spec = SimSpec(seed=args.seed)
     align = alignment_experiment(grid["sigmas"], grid["ns"], grid["repeats"], d=spec.d, seed=args.seed, base=spec)
     cap = capping_experiment(DEFAULT_TAUS, spec)
@@ -318,15 +332,18 @@ def main(argv: Sequence[str] | None = None) -> dict:
 
 
 def _print_summary(summary: list[dict], cap: dict, elapsed: float) -> None:
-    n_max = max(r["n"] for r in summary)
-    sigmas = sorted({r["sigma"] for r in summary})
-    print(f"Axis recovery: mean cosine with the true axis [95% bootstrap CI], n = {n_max} per class")
-    print("| estimator | " + " | ".join(f"σ={s}" for s in sigmas) + " |")
-    print("|---|" + "---|" * len(sigmas))
+    ns, sigmas = sorted({r["n"] for r in summary}), sorted({r["sigma"] for r in summary})
+    cell = {(r["estimator"], r["sigma"], r["n"]): r for r in summary}
+    fmt = "{0[mean]:.4f} [{0[ci95][0]:.3f}, {0[ci95][1]:.3f}]".format
+    for sigma in sorted({min(sigmas, key=lambda s: abs(s - t)) for t in (0.1, 1.0)}):
+        print(f"\nAxis recovery at σ = {sigma}: mean cosine with the true axis [95% bootstrap CI]")
+        print("| estimator | " + " | ".join(f"n={n}" for n in ns) + " |\n|---|" + "---|" * len(ns))
+        for name in ESTIMATOR_NAMES:
+            print(f"| {name} | " + " | ".join(fmt(cell[name, sigma, n]) for n in ns) + " |")
+    print(f"\nAxis recovery at n = {ns[-1]} per class")
+    print("| estimator | " + " | ".join(f"σ={s}" for s in sigmas) + " |\n|---|" + "---|" * len(sigmas))
     for name in ESTIMATOR_NAMES:
-        cells = {r["sigma"]: r for r in summary if r["estimator"] == name and r["n"] == n_max}
-        print(f"| {name} | " + " | ".join(f"{cells[s]['mean']:.4f} [{cells[s]['ci95'][0]:.3f}, "
-                                          f"{cells[s]['ci95'][1]:.3f}]" for s in sigmas) + " |")
+        print(f"| {name} | " + " | ".join(f"{cell[name, s, ns[-1]]['mean']:.4f}" for s in sigmas) + " |")
     lo, hi = cap["harmless_region"]
     print(f"\nCapping ({cap['estimator']} axis, cosine {cap['axis_cosine']:.4f}; harmless region [{lo:.3f}, {hi:.3f}])")
     for mode, b in cap["best"].items():
