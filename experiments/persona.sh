@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# Persona stabilisation on a real model (docs/persona.md): the Assistant Axis from the role data, a capping
+# threshold sweep on persona-framed harmful requests (with plain addition of the axis for comparison), and
+# drift over the held-out conversation scripts with and without capping.
+#   MODEL=smollm2-135m LIMIT=40 bash experiments/persona.sh
+#   MODEL=qwen2.5-0.5b LIMIT=24 FLOORS=p10,p25,p50,p75 STRENGTHS=0.5,1,2 bash experiments/persona.sh
+set -euo pipefail
+MODEL=${MODEL:-smollm2-135m}
+LIMIT=${LIMIT:-40}
+FLOORS=${FLOORS:-p1,p10,p25,p50,p75,p90}
+STRENGTHS=${STRENGTHS:-0.25,0.5,1,2}
+TOKENS=${TOKENS:-48}
+OUT=experiments/results/persona/$MODEL
+mkdir -p "$OUT" runs
+AXIS=runs/$MODEL-axis.safetensors
+[ -f "$AXIS" ] || steerable axis --model "$MODEL" --out "$AXIS" | tee "$OUT/axis.txt"
+cp "${AXIS%.safetensors}.report.json" "$OUT/axis.report.json"
+CAP=$(python -c "import json,sys; from steerable.directions.artifact import load_directions as l; print(l(sys.argv[1]).meta['axis']['cap_layers'])" "$AXIS")
+
+# threshold sweep: floor caps at percentiles of the Assistant's own projections, and add α·(axis) for comparison
+steerable sweep --model "$MODEL" --vector "$AXIS" --method cap,add --cap-floors "$FLOORS" --strengths "$STRENGTHS" \
+    --layers "$CAP" --prompts persona-harmful:all --benign benign:test --limit "$LIMIT" --behaviour refusal \
+    --mmlu 1 --max-new-tokens "$TOKENS" --out "$OUT/cap_sweep.jsonl"
+steerable report "$OUT/cap_sweep.jsonl" --out "$OUT/cap_report" --criterion f1
+
+# drift over the held-out scripts: unsteered, floor cap at p25 (the Assistant Axis paper) and p50, all in one batch
+for q in p25 p50; do
+    echo "{\"vector\": \"$AXIS\", \"method\": \"cap\", \"cap_floor\": \"$q\", \"layers\": \"$CAP\"}" > "runs/$MODEL-cap-$q.json"
+done
+steerable drift --model "$MODEL" --axis "$AXIS" --conversations roles:test --out "$OUT/drift" --baseline \
+    --plan "runs/$MODEL-cap-p25.json" --plan "runs/$MODEL-cap-p50.json" --max-new-tokens 64 | tee "$OUT/drift.txt"
