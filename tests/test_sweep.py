@@ -218,3 +218,14 @@ def test_sweep_runs_on_every_family_and_chat_prompts(family, tmp_path):
     assert [e["completion"] for r in together for e in r["examples"]] == \
         [e["completion"] for r in apart for e in r["examples"]]
     assert together[1]["kl"] == pytest.approx(apart[1]["kl"], rel=1e-4) and together[1]["kl"] > 0
+
+
+def test_cap_bands_sweep_a_floor_and_a_ceiling():
+    configs = grid.expand(["cap"], [None], cap_floors=["p25"], cap_bands=grid.bands("p10:p90, -1:2.5"))
+    caps = [c for c in configs if not c.is_baseline]
+    assert [(c.cap_floor, c.cap_ceiling) for c in caps] == [("p25", None), ("p10", "p90"), (-1.0, 2.5)]
+    assert caps[1].plan("v.safetensors") == {"vector": "v.safetensors", "method": "cap", "cap_floor": "p10",
+                                             "cap_ceiling": "p90"}
+    assert "band=[p10, p90]" in caps[1].label() and "cap_ceiling" not in caps[0].to_json()
+    with pytest.raises(SteerableError, match="LO:HI"):
+        grid.bands("p10")

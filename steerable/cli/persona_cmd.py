@@ -47,6 +47,19 @@ def add_persona_parsers(sub: Any) -> None:
     s.add_argument("--batch-size", type=int, default=16)
     s.set_defaults(fn=cmd_drift)
 
+    s = sub.add_parser("sim", help="synthetic lab: estimator alignment vs noise and sample size, capping trade-off")
+    s.add_argument("--out", required=True, help="directory: sim.json, sim_alignment.png, sim_capping.png")
+    s.add_argument("--quick", action="store_true", help="small grid (seconds)")
+    s.add_argument("--seed", type=int, default=0)
+    s.set_defaults(fn=cmd_sim)
+
+
+def cmd_sim(args: argparse.Namespace) -> int:
+    from steerable import sim
+
+    sim.main(["--out", args.out, "--seed", str(args.seed), *(["--quick"] if args.quick else [])])
+    return 0
+
 
 def _write_jsonl(path: Path, rows: list[dict[str, Any]]) -> None:
     from steerable.fsutil import write_text_atomic

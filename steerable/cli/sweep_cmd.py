@@ -25,6 +25,7 @@ def _grid_args(s: argparse.ArgumentParser, layers_default: str | None) -> None:
     s.add_argument("--strengths", help="e.g. 0,0.5,1,2 (add: default 0.5,1,2,4; others 1)")
     s.add_argument("--angles", help="degrees for rotate / angular / angular-adaptive (default 90,180,270)")
     s.add_argument("--cap-floors", help="cap floors: numbers or pNN/nNN percentiles (default p10,p25,p50)")
+    s.add_argument("--cap-bands", help="cap bands LO:HI (seed 000's band), e.g. p10:p90,p25:p75")
     s.add_argument("--layers", default=layers_default,
                    help='layer choices joined with commas, e.g. "8-16,discriminative" (use ";" between choices '
                         'that are themselves comma lists)')
@@ -80,7 +81,7 @@ def _spec(args: argparse.Namespace):
 
     configs = grid.expand(grid.split_list(args.method), grid.layer_choices(args.layers),
                           grid.numbers("strengths", args.strengths), grid.numbers("angles", args.angles),
-                          grid.thresholds(args.cap_floors))
+                          grid.thresholds(args.cap_floors), grid.bands(args.cap_bands))
     prompts = load_prompt_rows(args.prompts)[: args.limit]
     benign = load_prompt_rows(args.benign)[: args.limit] if args.benign else []
     if not prompts:

@@ -28,6 +28,7 @@ class Config:
     strength: float | None = None
     angle: float | None = None
     cap_floor: float | str | None = None
+    cap_ceiling: float | str | None = None  # with a floor: seed 000's band
 
     @property
     def is_baseline(self) -> bool:
@@ -59,7 +60,9 @@ class Config:
             parts.append(f"α={self.strength:g}")
         if self.angle is not None:
             parts.append(f"θ={self.angle:g}°")
-        if self.cap_floor is not None:
+        if self.cap_floor is not None and self.cap_ceiling is not None:
+            parts.append(f"band=[{self.cap_floor}, {self.cap_ceiling}]")
+        elif self.cap_floor is not None:
             parts.append(f"floor={self.cap_floor}")
         return " ".join(parts)
 
@@ -107,11 +110,24 @@ def thresholds(text: str | None) -> list[float | str]:
     return out
 
 
+def bands(text: str | None) -> list[tuple[float | str, float | str]]:
+    """Cap bands "LO:HI" joined with commas, each bound a number or a percentile: "p10:p90,p25:p75"."""
+    out = []
+    for p in split_list(text):
+        lo, sep, hi = p.partition(":")
+        if not sep or not lo or not hi:
+            raise SteerableError(f"--cap-bands: {p!r} is not LO:HI (e.g. p10:p90)")
+        out.append((thresholds(lo)[0], thresholds(hi)[0]))
+    return out
+
+
 def expand(methods: Sequence[str], layers: Sequence[str | None], strengths: Sequence[float] = (),
-           angles: Sequence[float] = (), cap_floors: Sequence[float | str] = ()) -> list[Config]:
+           angles: Sequence[float] = (), cap_floors: Sequence[float | str] = (),
+           cap_bands: Sequence[tuple[float | str, float | str]] = ()) -> list[Config]:
     """Every configuration of the grid, baseline first. A method sweeps its own knob (plane methods the angle,
-    cap the floor, the rest the strength). When every method of the sweep is a plane method or cap, given
-    strengths are crossed with their knob instead (e.g. rotate by each angle at each α)."""
+    cap the floor — or, given `cap_bands`, a floor and a ceiling — the rest the strength). When every method
+    of the sweep is a plane method or cap, given strengths are crossed with their knob instead (e.g. rotate by
+    each angle at each α)."""
     for method in methods:
         if method not in METHODS:
             raise SteerableError(f"unknown method {method!r}: use one of {', '.join(METHODS)}")
@@ -123,8 +139,9 @@ def expand(methods: Sequence[str], layers: Sequence[str | None], strengths: Sequ
                 for a in angles or DEFAULT_ANGLES:
                     out += [Config(method, lay, s, a) for s in (cross or [None])]
             elif method == "cap":
-                for f in cap_floors or DEFAULT_CAP_FLOORS:
-                    out += [Config(method, lay, s, cap_floor=f) for s in (cross or [None])]
+                pairs = [(f, None) for f in cap_floors] + list(cap_bands)
+                for f, c in pairs or [(f, None) for f in DEFAULT_CAP_FLOORS]:
+                    out += [Config(method, lay, s, cap_floor=f, cap_ceiling=c) for s in (cross or [None])]
             else:
                 for s in strengths or DEFAULT_STRENGTHS.get(method, (1.0,)):
                     out.append(Config(method, lay, s))

@@ -23,7 +23,8 @@ def _series(records: Sequence[Record]) -> dict[tuple[str, str, str], list[Record
         c = r["config"]
         if c["method"] == "none":
             continue
-        out.setdefault((c["method"], str(c.get("layers") or "default"), r["knob"]), []).append(r)
+        method = c["method"] + (" band" if c.get("cap_ceiling") is not None else "")
+        out.setdefault((method, str(c.get("layers") or "default"), r["knob"]), []).append(r)
     for rs in out.values():
         rs.sort(key=lambda r: _x(r["value"]))
     return out
