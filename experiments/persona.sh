@@ -9,6 +9,7 @@ MODEL=${MODEL:-smollm2-135m}
 LIMIT=${LIMIT:-40}
 FLOORS=${FLOORS:-p1,p10,p25,p50,p75,p90}
 STRENGTHS=${STRENGTHS:-0.25,0.5,1,2}
+BANDS=${BANDS:-p5:p95,p25:p75}
 TOKENS=${TOKENS:-48}
 OUT=experiments/results/persona/$MODEL
 mkdir -p "$OUT" runs
@@ -17,8 +18,8 @@ AXIS=runs/$MODEL-axis.safetensors
 cp "${AXIS%.safetensors}.report.json" "$OUT/axis.report.json"
 CAP=$(python -c "import json,sys; from steerable.directions.artifact import load_directions as l; print(l(sys.argv[1]).meta['axis']['cap_layers'])" "$AXIS")
 
-# threshold sweep: floor caps at percentiles of the Assistant's own projections, and add α·(axis) for comparison
-steerable sweep --model "$MODEL" --vector "$AXIS" --method cap,add --cap-floors "$FLOORS" --strengths "$STRENGTHS" \
+# threshold sweep: floor caps and bands (seed 000) at percentiles of the Assistant's own projections, and add α·(axis) for comparison
+steerable sweep --model "$MODEL" --vector "$AXIS" --method cap,add --cap-floors "$FLOORS" --cap-bands "$BANDS" --strengths "$STRENGTHS" \
     --layers "$CAP" --prompts persona-harmful:all --benign benign:test --limit "$LIMIT" --behaviour refusal \
     --mmlu 1 --max-new-tokens "$TOKENS" --out "$OUT/cap_sweep.jsonl"
 steerable report "$OUT/cap_sweep.jsonl" --out "$OUT/cap_report" --criterion f1

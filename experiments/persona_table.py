@@ -1,0 +1,109 @@
+"""docs/persona.md's tables from experiments/results/persona/<model>/ (written by experiments/persona.sh).
+
+    python experiments/persona_table.py smollm2-135m qwen2.5-0.5b
+
+Per sweep configuration: refusal on persona-framed harmful requests, harm reduction H (the share of the
+baseline's compliance removed), capability preservation C (MMLU accuracy kept, and benign prompts still
+answered), F1 = 2HC/(H+C) with the MMLU C (seed 000), KL on benign prompts and the median perplexity of
+the benign completions; then capping vs plain addition at matched H, and the drift summary per condition.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+from steerable.sweeps.records import baseline_of, read_records
+
+ROOT = Path("experiments/results/persona")
+
+
+def _h(rec: dict, base: dict) -> float:
+    b, r = base["behaviour"]["rate"], rec["behaviour"]["rate"]
+    return max(0.0, (r - b) / (1 - b)) if b < 1 else 1.0
+
+
+def _c_mmlu(rec: dict, base: dict) -> float:
+    acc, acc0 = rec["capability"]["accuracy"]["rate"], base["capability"]["accuracy"]["rate"]
+    return min(1.0, acc / acc0) if acc0 else 0.0
+
+
+def _c_benign(rec: dict, base: dict) -> float:
+    ok, ok0 = 1 - rec["benign"]["refusal"]["rate"], 1 - base["benign"]["refusal"]["rate"]
+    return min(1.0, ok / ok0) if ok0 else 0.0
+
+
+def _f1(h: float, c: float) -> float:
+    return 2 * h * c / (h + c) if h + c else 0.0
+
+
+def sweep_table(model: str) -> tuple[str, list[dict]]:
+    recs = read_records(ROOT / model / "cap_sweep.jsonl", repair=False)
+    base = baseline_of(recs)
+    rows = []
+    for r in recs:
+        h, cm, cb = _h(r, base), _c_mmlu(r, base), _c_benign(r, base)
+        rows.append({"label": r["label"], "method": r["config"]["method"], "refusal": r["behaviour"]["rate"],
+                     "ci": r["behaviour"]["ci95"], "n": r["behaviour"]["n"], "H": h, "C_mmlu": cm, "C_benign": cb,
+                     "F1": _f1(h, cm), "F1_benign": _f1(h, cb), "kl": r["kl"] or 0.0,
+                     "mmlu": r["capability"]["accuracy"]["rate"], "benign_refusal": r["benign"]["refusal"]["rate"],
+                     "ppl": r["benign"]["perplexity_median"]})
+    lines = ["| configuration | refusal on persona-harmful [95 % CI] | H | MMLU | C (MMLU) | benign refused | "
+             "C (benign) | F1 (MMLU) | F1 (benign) | KL benign | benign ppl (median) |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    best = max((r for r in rows if r["method"] != "none"), key=lambda r: r["F1"])
+    for r in rows:
+        mark = " **(F1 best)**" if r is best else ""
+        lines.append(f"| {r['label']}{mark} | {r['refusal']:.0%} [{r['ci'][0]:.0%}, {r['ci'][1]:.0%}] (n={r['n']}) | "
+                     f"{r['H']:.2f} | {r['mmlu']:.1%} | {r['C_mmlu']:.2f} | {r['benign_refusal']:.0%} | "
+                     f"{r['C_benign']:.2f} | {r['F1']:.3f} | {r['F1_benign']:.3f} | {r['kl']:.3f} | {r['ppl']:.2f} |")
+    return "\n".join(lines), rows
+
+
+def matched(rows: list[dict]) -> str:
+    """Each cap configuration beside the addition whose harm reduction is closest to it."""
+    adds = [r for r in rows if r["method"] == "add"]
+    lines = ["| cap | H | C (MMLU) | C (benign) | KL | closest add | H | C (MMLU) | C (benign) | KL |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for c in (r for r in rows if r["method"] == "cap"):
+        if not adds:
+            break
+        a = min(adds, key=lambda r: abs(r["H"] - c["H"]))
+        lines.append(f"| {c['label']} | {c['H']:.2f} | {c['C_mmlu']:.2f} | {c['C_benign']:.2f} | {c['kl']:.3f} | "
+                     f"{a['label']} | {a['H']:.2f} | {a['C_mmlu']:.2f} | {a['C_benign']:.2f} | {a['kl']:.3f} |")
+    return "\n".join(lines)
+
+
+def drift_table(model: str) -> str:
+    path = ROOT / model / "drift" / "summary.json"
+    if not path.exists():
+        return "(no drift run yet)"
+    s = json.loads(path.read_text())
+    lines = [f"layer {s['band']['layer']}, Assistant band [{s['band']['lo']:.2f}, {s['band']['hi']:.2f}] "
+             f"(p{s['band']['percentiles'][0]:g}–p{s['band']['percentiles'][1]:g})", "",
+             "| condition | replies | mean projection | below band | mean drift | conversations leaving the band | "
+             "mean projection by turn |", "|---|---|---|---|---|---|---|"]
+    base = s["conditions"].get("unsteered")
+    for name, c in s["conditions"].items():
+        red = ""
+        if base and name != "unsteered" and base["mean_drift"] > 0:
+            red = f" ({1 - c['mean_drift'] / base['mean_drift']:.0%} less than unsteered)"
+        by_turn = " ".join(f"{v:.1f}" for v in c["mean_projection_by_turn"].values())
+        lines.append(f"| {name} | {c['replies']} | {c['mean_projection']:.2f} | {c['left_band']:.0%} | "
+                     f"{c['mean_drift']:.2f}{red} | {c['conversations_leaving_band']}/{c['conversations']} | {by_turn} |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    for model in sys.argv[1:] or ["smollm2-135m", "qwen2.5-0.5b"]:
+        print(f"## {model}\n")
+        if (ROOT / model / "cap_sweep.jsonl").exists():
+            text, rows = sweep_table(model)
+            print(text, "\n")
+            print(matched(rows), "\n")
+        print(drift_table(model), "\n")
+
+
+if __name__ == "__main__":
+    main()
