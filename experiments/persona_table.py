@@ -90,9 +90,34 @@ def drift_table(model: str) -> str:
         if base and name != "unsteered" and base["mean_drift"] > 0:
             red = f" ({1 - c['mean_drift'] / base['mean_drift']:.0%} less than unsteered)"
         by_turn = " ".join(f"{v:.1f}" for v in c["mean_projection_by_turn"].values())
+        leaving = f"{c['conversations_leaving_band']}/{c['conversations']}"
         lines.append(f"| {name} | {c['replies']} | {c['mean_projection']:.2f} | {c['left_band']:.0%} | "
-                     f"{c['mean_drift']:.2f}{red} | {c['conversations_leaving_band']}/{c['conversations']} | {by_turn} |")
+                     f"{c['mean_drift']:.2f}{red} | {leaving} | {by_turn} |")
     return "\n".join(lines)
+
+
+def f1_plot(model: str, rows: list[dict]) -> Path:
+    """Seed 000's Figure 2 on a real model: H, C and F1 against the floor percentile."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    floors = sorted((float(r["label"].split("floor=p")[1]), r) for r in rows if "floor=p" in r["label"])
+    fig, ax = plt.subplots(figsize=(6.4, 3.8))
+    xs = [x for x, _ in floors]
+    for key, style in (("H", "r-o"), ("C_mmlu", "b-s"), ("C_benign", "c--^"), ("F1", "k-D")):
+        ax.plot(xs, [r[key] for _, r in floors], style, label=key.replace("_", " "))
+    ax.set_xlabel("cap floor: percentile of the Assistant's own projections")
+    ax.set_ylabel("rate")
+    ax.set_ylim(-0.03, 1.03)
+    ax.set_title(f"{model}: floor capping on persona-framed harmful requests")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    out = ROOT / model / "f1.png"
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out
 
 
 def main() -> None:
@@ -102,6 +127,7 @@ def main() -> None:
             text, rows = sweep_table(model)
             print(text, "\n")
             print(matched(rows), "\n")
+            print(f"(figure: {f1_plot(model, rows)})\n")
         print(drift_table(model), "\n")
 
 

@@ -147,6 +147,8 @@ def test_drift_rows_are_independent_of_other_conditions(llama, tmp_path):
         [r["projection"] for r in alone], abs=1e-4)
     capped = [r for r in both if r["condition"] == "cap"]
     assert all(r["projection"] >= 30 - 1e-3 for r in capped if r["projection"] is not None)
+    # the same replies re-read by the unsteered model are not lifted by the cap
+    assert all(r["text_projection"] < 30 for r in capped if r["text_projection"] is not None)
     assert [r["turn"] for r in alone] == [1, 2, 3, 1, 2]
 
 

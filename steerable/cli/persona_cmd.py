@@ -45,6 +45,8 @@ def add_persona_parsers(sub: Any) -> None:
     s.add_argument("--max-turns", type=int, help="at most N turns per conversation")
     s.add_argument("--max-new-tokens", type=int, default=64)
     s.add_argument("--batch-size", type=int, default=16)
+    s.add_argument("--no-rescore", action="store_true",
+                   help="skip text_projection (each reply re-read by the unsteered model: one prefill per reply)")
     s.set_defaults(fn=cmd_drift)
 
     s = sub.add_parser("sim", help="synthetic lab: estimator alignment vs noise and sample size, capping trade-off")
@@ -158,7 +160,7 @@ def cmd_drift(args: argparse.Namespace) -> int:
     if not conditions or args.baseline:
         conditions.insert(0, Condition("unsteered"))
     records = run_conversations(handle, convs, axis, conditions, band=band, max_new_tokens=args.max_new_tokens,
-                                batch_size=args.batch_size)
+                                batch_size=args.batch_size, rescore=not args.no_rescore)
     info = {"model": handle.name, "axis": str(args.axis), "conversations": args.conversations,
             "band": band.to_json(), "max_new_tokens": args.max_new_tokens,
             "plans": {c.name: c.plan for c in conditions}}
@@ -166,11 +168,13 @@ def cmd_drift(args: argparse.Namespace) -> int:
     rows = []
     for name, s in summary["conditions"].items():
         by_turn = s["mean_projection_by_turn"]
+        text = [s["mean_text_projection"], f"{s['text_below_band']:.1%}"] if "mean_text_projection" in s else ["-", "-"]
         rows.append([name, s["replies"], s["mean_projection"], f"{s['left_band']:.1%}", s["mean_drift"],
-                     f"{s['conversations_leaving_band']}/{s['conversations']}",
-                     " ".join(f"{v:.2f}" for v in by_turn.values())])
-    print(f"layer {band.layer}, Assistant band [{band.lo:.3f}, {band.hi:.3f}] (p{lo:g}-p{hi:g})")
-    print(table(["condition", "replies", "mean proj", "below band", "mean drift", "convs leaving",
-                 "mean projection by turn"], rows))
+                     f"{s['conversations_leaving_band']}/{s['conversations']}", *text,
+                     " ".join(f"{v:.1f}" for v in by_turn.values())])
+    print(f"layer {band.layer}, Assistant band [{band.lo:.3f}, {band.hi:.3f}] (p{lo:g}-p{hi:g}); "
+          "text = the replies re-read by the unsteered model")
+    print(table(["condition", "replies", "mean proj", "below band", "mean drift", "convs leaving", "text proj",
+                 "text below", "mean projection by turn"], rows))
     print(f"wrote {args.out}/drift.jsonl, drift.png, summary.json, index.html")
     return 0

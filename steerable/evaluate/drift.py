@@ -17,6 +17,7 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
+from steerable.capture.features import response_means
 from steerable.data.roles import Conversation
 from steerable.directions.artifact import DirectionSet
 from steerable.errors import SteerableError
@@ -69,9 +70,16 @@ def run_conversations(
     band: Band | None = None,
     max_new_tokens: int = 64,
     batch_size: int = 16,
+    rescore: bool = True,
     progress: bool = True,
 ) -> list[dict[str, Any]]:
-    """One record per (condition, conversation, assistant turn), in that order."""
+    """One record per (condition, conversation, assistant turn), in that order.
+
+    `projection` is read while the reply is generated, under the condition's plan: a cap on layers up to
+    the monitored one raises it mechanically. With `rescore`, `text_projection` is the same reply re-read
+    by the *unsteered* model (one forward pass over the conversation so far): how Assistant-like the text
+    itself is, whatever steering produced it.
+    """
     axis.check_model(handle)
     band = band or assistant_band(axis)
     if len({c.name for c in conditions}) != len(conditions):
@@ -89,6 +97,7 @@ def run_conversations(
         monitor = AxisMonitor(axis.direction(band.layer), band.layer, str(axis.meta.get("site", "resid_post")))
         replies = generate(handle, prompts, plans=plans if any(p is not None for p in plans) else None,
                            max_new_tokens=max_new_tokens, batch_size=batch_size, monitor=monitor)
+        texts = _rescore(handle, axis, band.layer, prompts, replies, batch_size) if rescore else [None] * len(active)
         for j, i in enumerate(active):
             cond, conv = runs[i]
             p = monitor.projection(j)
@@ -99,10 +108,25 @@ def run_conversations(
                 "tokens": monitor.tokens(j), "layer": band.layer, "band": [round(band.lo, 5), round(band.hi, 5)],
                 "drift": None if math.isnan(p) else round(band.drift(p), 5),
                 "left_band": bool(math.isfinite(p) and p < band.lo),
+                "text_projection": None if texts[j] is None else round(texts[j], 5),
             })
             bar.update()
     bar.close()
     return [r for rows in out for r in rows]
+
+
+def _rescore(handle: ModelHandle, axis: DirectionSet, layer: int, prompts: Sequence[Messages],
+             replies: Sequence[str], batch_size: int) -> list[float | None]:
+    """Each reply's response-mean projection under the unsteered model (None for an empty reply)."""
+    keep = [j for j, r in enumerate(replies) if r.strip()]
+    out: list[float | None] = [None] * len(replies)
+    if keep:
+        site = str(axis.meta.get("site", "resid_post"))
+        feats = response_means(handle, [prompts[j] for j in keep], [replies[j] for j in keep], [layer], site=site,
+                               batch_size=batch_size, progress=False)[0]
+        for j, v in zip(keep, (feats.double() @ axis.direction(layer).double()).tolist(), strict=True):
+            out[j] = v
+    return out
 
 
 def summarise(records: Sequence[dict[str, Any]]) -> dict[str, Any]:
@@ -125,7 +149,24 @@ def summarise(records: Sequence[dict[str, Any]]) -> dict[str, Any]:
             "left_band": sum(r["left_band"] for r in rows) / max(len(rows), 1),
             "mean_drift": sum(r["drift"] for r in rows) / max(len(rows), 1),
             "conversations_leaving_band": sum(v is not None for v in first.values()),
+            **_text_summary(rows),
             "conversations": len(first),
             "first_turn_below_band": first,
         }
     return out
+
+
+def _text_summary(rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    scored = [r for r in rows if r.get("text_projection") is not None]
+    if not scored:
+        return {}
+    lo = scored[0]["band"][0]
+    turns = sorted({r["turn"] for r in scored})
+    return {
+        "mean_text_projection": sum(r["text_projection"] for r in scored) / len(scored),
+        "text_below_band": sum(r["text_projection"] < lo for r in scored) / len(scored),
+        "mean_text_drift": sum(max(0.0, lo - r["text_projection"]) for r in scored) / len(scored),
+        "mean_text_projection_by_turn": {
+            str(t): sum(r["text_projection"] for r in scored if r["turn"] == t) / sum(r["turn"] == t for r in scored)
+            for t in turns},
+    }

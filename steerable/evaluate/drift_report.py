@@ -37,7 +37,13 @@ def plot_trajectories(records: Sequence[dict[str, Any]], path: Path) -> Path:
                 ax.scatter(*zip(*below, strict=True), color="black", s=10, zorder=3)
         turns = sorted({r["turn"] for r in rows})
         mean = [sum(r["projection"] for r in rows if r["turn"] == t) / sum(r["turn"] == t for r in rows) for t in turns]
-        ax.plot(turns, mean, color=colour, lw=3, label="mean")
+        ax.plot(turns, mean, color=colour, lw=3, label="mean (while generating)")
+        scored = [r for r in rows if r.get("text_projection") is not None]
+        if scored:
+            t_turns = sorted({r["turn"] for r in scored})
+            t_mean = [sum(r["text_projection"] for r in scored if r["turn"] == t) / sum(r["turn"] == t for r in scored)
+                      for t in t_turns]
+            ax.plot(t_turns, t_mean, color="black", lw=2, ls="--", label="mean, text re-read unsteered")
         ax.set_title(name)
         ax.set_xlabel("assistant turn")
         ax.legend(loc="lower left", fontsize=8)
@@ -71,18 +77,25 @@ def _num(x: float | None) -> str:
     return "" if x is None else f"{x:.3f}"
 
 
+def _pct(x: float | None) -> str:
+    return "" if x is None else f"{x:.1%}"
+
+
 def _html(records: Sequence[dict[str, Any]], summary: dict[str, Any], png: Path) -> str:
     img = base64.b64encode(png.read_bytes()).decode()
     conds = summary["conditions"]
     head = "".join(f"<th>{_esc(h)}</th>" for h in ("condition", "replies", "mean projection", "below band",
-                                                  "mean drift", "conversations leaving band"))
+                                                  "mean drift", "conversations leaving band",
+                                                  "text projection (unsteered re-read)", "text below band"))
     rows = "".join(
         f"<tr><td>{_esc(n)}</td><td>{s['replies']}</td><td>{s['mean_projection']:.3f}</td>"
         f"<td>{s['left_band']:.1%}</td><td>{s['mean_drift']:.3f}</td>"
-        f"<td>{s['conversations_leaving_band']}/{s['conversations']}</td></tr>" for n, s in conds.items())
+        f"<td>{s['conversations_leaving_band']}/{s['conversations']}</td>"
+        f"<td>{_num(s.get('mean_text_projection'))}</td><td>{_pct(s.get('text_below_band'))}</td></tr>"
+        for n, s in conds.items())
     turns = "".join(
         f"<tr><td>{_esc(r['condition'])}</td><td>{_esc(r['id'])}</td><td>{r['turn']}</td>"
-        f"<td>{_num(r['projection'])}</td>"
+        f"<td>{_num(r['projection'])}</td><td>{_num(r.get('text_projection'))}</td>"
         f"<td>{'below' if r['left_band'] else ''}</td><td class=text>{_esc(r['user'])}</td>"
         f"<td class=text>{_esc(r['reply'])}</td></tr>" for r in records)
     band = records[0]["band"] if records else ["?", "?"]
@@ -99,6 +112,7 @@ Assistant's calibration projections). Conversations: {_esc(summary.get('conversa
 <table><tr>{head}</tr>{rows}</table>
 <p><img alt="projection trajectories" src="data:image/png;base64,{img}"></p>
 <h2>Every assistant turn</h2>
-<table><tr><th>condition</th><th>conversation</th><th>turn</th><th>projection</th><th>band</th><th>user</th>
+<table><tr><th>condition</th><th>conversation</th><th>turn</th><th>projection</th><th>text projection</th>
+<th>band</th><th>user</th>
 <th>reply</th></tr>{turns}</table></body></html>
 """
