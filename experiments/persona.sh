@@ -24,9 +24,12 @@ steerable sweep --model "$MODEL" --vector "$AXIS" --method cap,add --cap-floors 
     --mmlu 1 --max-new-tokens "$TOKENS" --out "$OUT/cap_sweep.jsonl"
 steerable report "$OUT/cap_sweep.jsonl" --out "$OUT/cap_report" --criterion f1
 
-# drift over the held-out scripts: unsteered, floor cap at p25 (the Assistant Axis paper) and p50, all in one batch
-for q in p25 p50; do
-    echo "{\"vector\": \"$AXIS\", \"method\": \"cap\", \"cap_floor\": \"$q\", \"layers\": \"$CAP\"}" > "runs/$MODEL-cap-$q.json"
-done
-steerable drift --model "$MODEL" --axis "$AXIS" --conversations roles:test --out "$OUT/drift" --baseline \
-    --plan "runs/$MODEL-cap-p25.json" --plan "runs/$MODEL-cap-p50.json" --max-new-tokens 64 | tee "$OUT/drift.txt"
+# drift over the held-out scripts, all conditions in one batch: unsteered, floor caps at p10/p25/p50 (p25 is the
+# Assistant Axis paper's), seed 000's band p5-p95, and plain addition of the axis (alpha 0.5)
+plan() { echo "{\"vector\": \"$AXIS\", \"layers\": \"$CAP\", $2}" > "runs/$MODEL-$1.json"; echo "--plan runs/$MODEL-$1.json"; }
+PLANS="$(plan cap-p10 '"method": "cap", "cap_floor": "p10"') $(plan cap-p25 '"method": "cap", "cap_floor": "p25"')
+ $(plan cap-p50 '"method": "cap", "cap_floor": "p50"') $(plan band-p5-p95 '"method": "cap", "cap_floor": "p5", "cap_ceiling": "p95"')
+ $(plan add-0.5 '"method": "add", "strength": 0.5')"
+# shellcheck disable=SC2086
+steerable drift --model "$MODEL" --axis "$AXIS" --conversations roles:test --out "$OUT/drift" --baseline $PLANS \
+    --max-new-tokens 64 | tee "$OUT/drift.txt"

@@ -24,9 +24,13 @@ COLOURS = ("#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b")
 def plot_trajectories(records: Sequence[dict[str, Any]], path: Path) -> Path:
     """One panel per condition: every conversation's projection per turn (thin), their mean (thick), the band."""
     names = list(dict.fromkeys(r["condition"] for r in records))
-    fig, axes = plt.subplots(1, len(names), figsize=(5.2 * len(names), 4), sharey=True, squeeze=False)
+    cols = min(3, len(names))
+    rows_ = -(-len(names) // cols)
+    fig, axes = plt.subplots(rows_, cols, figsize=(5.2 * cols, 3.8 * rows_), sharey=True, squeeze=False)
+    for ax in axes.flat[len(names):]:
+        ax.set_visible(False)
     lo, hi = records[0]["band"]
-    for ax, name, colour in zip(axes[0], names, COLOURS * 4, strict=False):
+    for ax, name, colour in zip(axes.flat, names, COLOURS * 4, strict=False):
         rows = [r for r in records if r["condition"] == name and r["projection"] is not None]
         ax.axhspan(lo, hi, color="#2ca02c", alpha=0.12, label="Assistant band")
         for conv in dict.fromkeys(r["id"] for r in rows):
@@ -47,7 +51,8 @@ def plot_trajectories(records: Sequence[dict[str, Any]], path: Path) -> Path:
         ax.set_title(name)
         ax.set_xlabel("assistant turn")
         ax.legend(loc="lower left", fontsize=8)
-    axes[0][0].set_ylabel(f"projection on the Assistant Axis (layer {records[0]['layer']})")
+    for row in axes:
+        row[0].set_ylabel(f"projection on the axis (layer {records[0]['layer']})")
     fig.tight_layout()
     fig.savefig(path, dpi=110, format="png")
     plt.close(fig)
