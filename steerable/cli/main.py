@@ -29,6 +29,7 @@ def build_parser() -> argparse.ArgumentParser:
     from steerable.cli import commands as c
     from steerable.cli.bake_cmd import add_bake_parser
     from steerable.cli.persona_cmd import add_persona_parsers
+    from steerable.cli.serve_cmd import add_serve_parser
     from steerable.cli.sweep_cmd import add_sweep_parsers
 
     p = argparse.ArgumentParser(prog="steerable", description="Steer language models by editing activations.")
@@ -97,6 +98,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_bake_parser(sub)
     add_sweep_parsers(sub)
+    add_serve_parser(sub)
     add_persona_parsers(sub)
     return p
 

@@ -1,0 +1,55 @@
+"""`steerable serve`: the OpenAI-compatible server with per-request steering (docs/serving.md)."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any
+
+from steerable.models.builtin import DEFAULT_MODEL
+from steerable.serve.config import Limits, ServeConfig
+
+_D = Limits()
+
+
+def add_serve_parser(sub: Any) -> None:
+    s = sub.add_parser("serve", help="OpenAI-compatible HTTP server with per-request steering")
+    s.add_argument("--model", default=DEFAULT_MODEL, help="built-in name, Hugging Face directory or .gguf")
+    s.add_argument("--vectors", required=True, type=Path,
+                   help="directory of *.safetensors direction files: the only vectors requests may name")
+    s.add_argument("--presets", type=Path, help="directory of plan JSON files (e.g. from `steerable tune --out`)")
+    s.add_argument("--default-plan", help="plan JSON file or preset name applied to requests that send no steering")
+    s.add_argument("--api-keys", type=Path, help='JSON {"KEY": {"vectors": [...], "presets": [...]} | "*"}')
+    s.add_argument("--host", default="127.0.0.1")
+    s.add_argument("--port", type=int, default=8000)
+    s.add_argument("--served-name", help="model id clients send (default: the --model name)")
+    s.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    s.add_argument("--device", help="e.g. cuda (default: CPU)")
+    s.add_argument("--max-tokens", type=int, default=_D.max_tokens,
+                   help="generated tokens per request (also the default)")
+    s.add_argument("--max-prompt-tokens", type=int, default=_D.max_prompt_tokens)
+    s.add_argument("--max-batch", type=int, default=_D.max_batch, help="requests decoded together")
+    s.add_argument("--max-queue", type=int, default=_D.max_queue, help="waiting requests; beyond: 429")
+    s.add_argument("--timeout", type=float, default=_D.timeout, help="seconds per request, queueing included")
+    s.add_argument("--max-body-bytes", type=int, default=_D.max_body_bytes)
+    s.add_argument("--batch-window", type=float, default=_D.batch_window * 1000, metavar="MS",
+                   help="how long a batch waits for more requests after its first one arrives (ms)")
+    s.set_defaults(fn=cmd_serve)
+
+
+def config_from_args(args: argparse.Namespace) -> ServeConfig:
+    limits = Limits(max_tokens=args.max_tokens, max_prompt_tokens=args.max_prompt_tokens, max_batch=args.max_batch,
+                    max_queue=args.max_queue, timeout=args.timeout, max_body_bytes=args.max_body_bytes,
+                    batch_window=args.batch_window / 1000)
+    return ServeConfig(model=args.model, vectors=args.vectors, presets=args.presets, default_plan=args.default_plan,
+                       api_keys=args.api_keys, host=args.host, port=args.port, served_name=args.served_name,
+                       dtype=args.dtype, device=args.device, limits=limits)
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from steerable.serve.server import serve
+
+    config = config_from_args(args)
+    config.limits.check()
+    serve(config)
+    return 0

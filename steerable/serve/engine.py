@@ -1,0 +1,218 @@
+"""One batch of jobs decoded together over a KV cache, each row under its own plan, tokens handed out per step.
+
+Rows are left-padded to the batch's longest prompt and steered with `steer(handle, rows=[...])`: a row's
+plan never changes another row's tokens, and an unsteered row gets zero parameters. When rows finish (EOS,
+a stop string, max_tokens, a cancelled or timed-out request), they leave the batch at once: the KV cache,
+mask and per-row state are cut down to the rows still running and the steering session is rebuilt for
+them (CAST decisions carried over), so a finished row costs nothing afterwards. No row joins a running
+batch — the plan machinery marks one prompt region per batch — so a new batch starts when this one ends.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+import logging
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+from transformers import DynamicCache
+
+from steerable.capture.run import position_ids
+from steerable.evaluate.monitor import AxisMonitor
+from steerable.models.load import ModelHandle
+from steerable.serve.errors import ApiError
+from steerable.serve.jobs import Delta, Done, Event, Failed, Job
+from steerable.serve.metrics import Metrics
+from steerable.serve.sampling import pick
+from steerable.serve.text import TextStream
+from steerable.steering.hooks import steer
+
+log = logging.getLogger("steerable.serve")
+Emit = Callable[[list[tuple[Job, Event]]], None]
+
+
+@dataclass(eq=False)
+class Row:
+    index: int  # position in the batch as it started: the monitors' key
+    job: Job
+    text: TextStream
+    generator: torch.Generator | None
+    tokens: int = 0
+    last: float | None = None  # when the previous token came
+    finish: str | None = None  # "stop" / "length" once finished normally
+    done: bool = False
+    failure: ApiError | None = None
+    ttft: list[float] = field(default_factory=list)
+
+
+def eos_ids(handle: ModelHandle) -> set[int]:
+    tok = handle.tokenizer
+    ids = {tok.eos_token_id} if tok.eos_token_id is not None else set()
+    gen = getattr(handle.model.generation_config, "eos_token_id", None)
+    ids |= set(gen if isinstance(gen, list) else [gen] if gen is not None else [])
+    return ids
+
+
+class Engine:
+    """Owns nothing but the handle; only the scheduler's single worker thread calls `run`."""
+
+    def __init__(self, handle: ModelHandle, metrics: Metrics) -> None:
+        self.handle = handle
+        self.metrics = metrics
+        self.eos = eos_ids(handle)
+        tok = handle.tokenizer
+        self.pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+        # the prefill needs only the last position's logits (what generate() asks for too, where supported)
+        accepts = "logits_to_keep" in inspect.signature(handle.model.forward).parameters
+        self._last_only = {"logits_to_keep": 1} if accepts else {}
+
+    @torch.inference_mode()
+    def run(self, jobs: Sequence[Job], emit: Emit) -> None:
+        tok = self.handle.tokenizer
+        rows = [Row(i, j, TextStream(tok, j.stop), j.sampling.generator()) for i, j in enumerate(jobs)]
+        self.metrics.batch_started(len(rows))
+        try:
+            self._decode(rows, emit)
+        except Exception:
+            log.exception("batch of %d rows failed", len(rows))
+            err = ApiError(500, "internal error while generating", code="internal_error", kind="internal")
+            emit([(r.job, Failed(err)) for r in rows if not r.job.finished])
+            for r in rows:
+                r.job.finished = True
+        finally:
+            self.metrics.idle()
+
+    def _prompt(self, rows: list[Row]) -> tuple[torch.Tensor, torch.Tensor, tuple[torch.Tensor, ...] | None]:
+        dev = self.handle.device
+        width = max(len(r.job.prompt_ids) for r in rows)
+        ids = torch.full((len(rows), width), self.pad, dtype=torch.long)
+        mask = torch.zeros((len(rows), width), dtype=torch.long)
+        for i, r in enumerate(rows):
+            n = len(r.job.prompt_ids)
+            ids[i, width - n :] = torch.tensor(r.job.prompt_ids, dtype=torch.long)
+            mask[i, width - n :] = 1
+        turns = None
+        if any(r.job.turns is not None for r in rows):
+            turn = torch.zeros((len(rows), width), dtype=torch.long)
+            asst = torch.zeros((len(rows), width), dtype=torch.bool)
+            reply = torch.zeros(len(rows), dtype=torch.long)
+            for i, r in enumerate(rows):
+                if r.job.turns is not None:
+                    t, a, rt = r.job.turns
+                    n = min(len(t), width)
+                    turn[i, width - n :] = torch.tensor(t[-n:])
+                    asst[i, width - n :] = torch.tensor(a[-n:])
+                    reply[i] = rt
+            turns = (turn, asst, reply)
+        return ids.to(dev), mask.to(dev), turns
+
+    def _decode(self, rows: list[Row], emit: Emit) -> None:
+        model = self.handle.model
+        step_ids, mask, turns = self._prompt(rows)
+        width = int(step_ids.shape[1])
+        positions = position_ids(mask)
+        cache = DynamicCache(config=model.config)
+        monitors = {r.job.monitor.key: AxisMonitor(r.job.monitor.vectors.direction(r.job.monitor.layer),
+                                                   r.job.monitor.layer, r.job.monitor.site)
+                    for r in rows if r.job.monitor is not None}
+        decisions: dict = {}
+        while rows:
+            with contextlib.ExitStack() as stack:
+                session = stack.enter_context(steer(self.handle, rows=[r.job.plan for r in rows]))
+                if turns is not None:
+                    session.begin(width, *turns)
+                else:
+                    session.begin(width)
+                session.decisions = decisions
+                for m in monitors.values():  # after steering's hooks: they read what steering left
+                    stack.enter_context(m.watch(self.handle, [r.index for r in rows]))
+                while True:
+                    out = model(input_ids=step_ids, attention_mask=mask, position_ids=positions,
+                                past_key_values=cache, use_cache=True, **self._last_only)
+                    tokens = pick(out.logits[:, -1, :], [r.job.sampling for r in rows], [r.generator for r in rows])
+                    if self._advance(rows, tokens, emit):
+                        break
+                    step_ids = torch.tensor(tokens, device=mask.device)[:, None]
+                    mask = torch.cat([mask, mask.new_ones((len(rows), 1))], dim=1)
+                    positions = positions[:, -1:] + 1
+                decisions = dict(session.decisions)
+            # the monitors' sums are complete only once their hooks have come off
+            self._finish([r for r in rows if r.done], monitors, emit)
+            keep = [i for i, r in enumerate(rows) if not r.done]
+            if not keep:
+                break
+            idx = torch.tensor(keep, device=mask.device)
+            cache.batch_select_indices(idx)
+            step_ids = torch.tensor([tokens[i] for i in keep], device=mask.device)[:, None]
+            mask = torch.cat([mask[idx], mask.new_ones((len(keep), 1))], dim=1)
+            positions = positions[idx][:, -1:] + 1
+            decisions = {c: d[idx] for c, d in decisions.items()}
+            turns = tuple(t[torch.tensor(keep)] for t in turns) if turns is not None else None  # kept on the CPU
+            rows = [rows[i] for i in keep]
+
+    def _advance(self, rows: list[Row], tokens: list[int], emit: Emit) -> bool:
+        """Take one step's tokens; True if any row finished (the batch then shrinks)."""
+        now = time.monotonic()
+        events: list[tuple[Job, Event]] = []
+        ttft, itl = [], []
+        generated = 0
+        changed = False
+        for r, t in zip(rows, tokens, strict=True):
+            job = r.job
+            if job.cancelled:
+                r.done = changed = True
+                continue
+            if now > job.deadline:
+                r.failure = ApiError(504, f"request timed out after {job.timeout:g} s", code="timeout",
+                                     kind="timeout")
+                r.done = changed = True
+                continue
+            generated += 1
+            r.tokens += 1
+            if r.last is None:
+                ttft.append(now - job.created)
+            else:
+                itl.append(now - r.last)
+            r.last = now
+            if t in self.eos:
+                r.finish = "stop"
+            else:
+                delta = r.text.push(t)
+                if delta:
+                    events.append((job, Delta(delta)))
+                if r.text.stopped:
+                    r.finish = "stop"
+                elif r.tokens >= job.max_tokens:
+                    r.finish = "length"
+            if r.finish is not None:
+                r.done = changed = True
+        self.metrics.step(len(rows), generated, ttft, itl)
+        if events:
+            emit(events)
+        return changed
+
+    def _finish(self, rows: list[Row], monitors: dict[tuple[str, int, str], AxisMonitor], emit: Emit) -> None:
+        events: list[tuple[Job, Event]] = []
+        for r in rows:
+            job = r.job
+            if job.finished:
+                continue
+            job.finished = True
+            if r.failure is not None:
+                events.append((job, Failed(r.failure)))
+                continue
+            if job.cancelled:
+                continue  # nobody is listening
+            tail = r.text.finish()
+            if tail:
+                events.append((job, Delta(tail)))
+            report = None
+            if job.monitor is not None:
+                m = monitors[job.monitor.key]
+                report = job.monitor.report(m.projection(r.index), m.tokens(r.index))
+            events.append((job, Done(r.finish or "stop", len(job.prompt_ids), r.tokens, report)))
+        if events:
+            emit(events)
