@@ -39,6 +39,9 @@ bench: fetch
 	$(BIN)/python bench/calibrate.py
 	$(BIN)/python bench/overhead.py
 	$(BIN)/python bench/sweep.py
+	$(BIN)/python bench/cap_overhead.py
+	$(BIN)/python bench/cap_flops.py
+	$(BIN)/python bench/serve.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info
