@@ -19,12 +19,11 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch: spinning Op
 import argparse  # noqa: E402
 import contextlib  # noqa: E402
 import json  # noqa: E402
-import statistics  # noqa: E402
 import time  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import torch  # noqa: E402
-from overhead import hook_cost_us  # noqa: E402
+from overhead import ab_medians, hook_cost_us  # noqa: E402
 
 from steerable.data.loaders import contrastive_examples, load_prompts  # noqa: E402
 from steerable.directions.artifact import layer_ranges, save_directions  # noqa: E402
@@ -61,16 +60,8 @@ def measure(model: str, work: Path, rounds: int, new_tokens: int, batches: list[
                 handle.model.generate(**enc, **kw)
                 return batch * new_tokens / (time.perf_counter() - t)
 
-        def ab(steered, base=contextlib.nullcontext, run=run) -> tuple[float, float, float]:
-            run(steered), run(base)  # warm-up
-            a, b, r = [], [], []
-            for i in range(rounds):
-                if i % 2:  # ABBA order: drift in machine speed cancels out
-                    y, x = run(base), run(steered)
-                else:
-                    x, y = run(steered), run(base)
-                a.append(x), b.append(y), r.append(x / y)
-            return statistics.median(a), statistics.median(b), statistics.median(r)
+        def ab(steered, run=run) -> tuple[float, float, float]:
+            return ab_medians(run, steered, contextlib.nullcontext, rounds)
 
         for name, layers in configs.items():
             plan = {"vector": vec, "method": "cap", "cap_floor": "p25", "cap_ceiling": "p95", "layers": layers}

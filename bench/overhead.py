@@ -75,6 +75,20 @@ def hook_cost_us(handle, plan=None, rows=None, batch: int = 1, reps: int = 2000)
     return statistics.median(times)
 
 
+def ab_medians(run: Callable, steered: Callable, base: Callable, rounds: int) -> tuple[float, float, float]:
+    """Medians of run(steered), run(base) and their per-round ratio, in ABBA order so that drift in the
+    machine's speed cancels out (after one warm-up of each)."""
+    run(steered), run(base)
+    a, b, r = [], [], []
+    for i in range(rounds):
+        if i % 2:
+            y, x = run(base), run(steered)
+        else:
+            x, y = run(steered), run(base)
+        a.append(x), b.append(y), r.append(x / y)
+    return statistics.median(a), statistics.median(b), statistics.median(r)
+
+
 def plans(vec: str, layers: str) -> dict[str, dict]:
     base = {"vector": vec, "layers": layers}
     return {
@@ -131,15 +145,7 @@ def main() -> None:
         return run
 
     def ab(run: Callable, steered: Callable, base: Callable) -> tuple[float, float, float]:
-        run(steered), run(base)  # warm-up
-        a, b, r = [], [], []
-        for i in range(args.rounds):
-            if i % 2:  # ABBA order: drift in machine speed cancels out
-                y, x = run(base), run(steered)
-            else:
-                x, y = run(steered), run(base)
-            a.append(x), b.append(y), r.append(x / y)
-        return statistics.median(a), statistics.median(b), statistics.median(r)
+        return ab_medians(run, steered, base, args.rounds)
 
     chosen = plans(vec, args.layers)
     per_row = [{"vector": vec, "method": "add", "layers": args.layers, "strength": 0.1 + 0.05 * i,

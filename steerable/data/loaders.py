@@ -15,6 +15,7 @@ from pathlib import Path
 
 import yaml
 
+from steerable.data.jsonl import read_jsonl
 from steerable.data.refusal_pairs import refusal_pair
 from steerable.data.roles import harmful_rows
 from steerable.data.sources import DATA_FILES, data_file
@@ -61,22 +62,6 @@ def _keep(items: list, key, split: str) -> list:
     return items if split == "all" else [it for it in items if split_of(key(it)) == split]
 
 
-def _read_jsonl(path: Path) -> list[dict]:
-    rows = []
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise SteerableError(f"{path}:{n}: not valid JSON ({e.msg})") from e
-            if not isinstance(row, dict):
-                raise SteerableError(f"{path}:{n}: each line must be a JSON object")
-            rows.append(row)
-    return rows
-
-
 def _advbench_rows() -> list[dict]:
     """AdvBench prompts with their main harm category (the first listed)."""
     doc = yaml.safe_load(data_file("advbench").read_text(encoding="utf-8"))
@@ -96,7 +81,7 @@ def load_prompts(spec: str, default_split: str = "train") -> list[str]:
     """Prompts of a built-in set (`advbench`, `benign`, with `:split`) or a JSONL of `{"prompt"}` rows."""
     path = Path(spec)
     if path.suffix == ".jsonl" and path.exists():
-        rows = _read_jsonl(path)
+        rows = read_jsonl(path)
         missing = [i for i, r in enumerate(rows, 1) if not isinstance(r.get("prompt"), str)]
         if missing:
             raise SteerableError(f"{path}: rows {missing[:5]} have no string \"prompt\"")
@@ -114,7 +99,7 @@ def load_prompt_rows(spec: str, default_split: str = "test") -> list[dict]:
     "plan", …); a prompt may be a string or a list of chat messages. AdvBench rows carry their category."""
     path = Path(spec)
     if path.suffix == ".jsonl" and path.exists():
-        rows = _read_jsonl(path)
+        rows = read_jsonl(path)
         for i, r in enumerate(rows, 1):
             if not isinstance(r.get("prompt"), str | list):
                 raise SteerableError(f"{path}:{i}: each row needs a \"prompt\" (a string or a list of messages)")
@@ -142,7 +127,7 @@ def load_pairs(spec: str, default_split: str = "train") -> list[Pair]:
     """Pairs of answers to one prompt: `refusal-pairs`, `caa-*`, or a JSONL of {prompt, positive, negative}."""
     path = Path(spec)
     if path.suffix == ".jsonl" and path.exists():
-        rows = _read_jsonl(path)
+        rows = read_jsonl(path)
         for i, r in enumerate(rows, 1):
             if not all(isinstance(r.get(k), str) for k in ("prompt", "positive", "negative")):
                 raise SteerableError(f"{path}:{i}: pair rows need string \"prompt\", \"positive\", \"negative\"")

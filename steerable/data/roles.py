@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from steerable.data.jsonl import read_jsonl
 from steerable.errors import SteerableError
 
 ROLES_DIR = Path(__file__).with_name("roles")
@@ -83,17 +84,7 @@ def load_conversations(spec: str) -> list[Conversation]:
     if path.suffix == ".jsonl":
         if not path.exists():
             raise SteerableError(f"conversations file {spec} does not exist")
-        out = []
-        for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise SteerableError(f"{path}:{n}: not valid JSON ({e.msg})") from e
-            if not isinstance(row, dict):
-                raise SteerableError(f"{path}:{n}: each line must be a JSON object")
-            out.append(_conversation(row, f"{path}:{n}"))
+        out = [_conversation(row, f"{path}: row {n}") for n, row in enumerate(read_jsonl(path), 1)]
     else:
         name, _, split = spec.partition(":")
         if name not in ("roles", "conversations"):
