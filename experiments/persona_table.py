@@ -82,17 +82,20 @@ def drift_table(model: str) -> str:
     s = json.loads(path.read_text())
     lines = [f"layer {s['band']['layer']}, Assistant band [{s['band']['lo']:.2f}, {s['band']['hi']:.2f}] "
              f"(p{s['band']['percentiles'][0]:g}–p{s['band']['percentiles'][1]:g})", "",
-             "| condition | replies | mean projection | below band | mean drift | conversations leaving the band | "
-             "mean projection by turn |", "|---|---|---|---|---|---|---|"]
+             "| condition | replies | projection while generating | below band | text re-read unsteered | "
+             "text below band | text drift (vs unsteered) | conversations leaving the band | projection by turn |",
+             "|---|---|---|---|---|---|---|---|---|"]
     base = s["conditions"].get("unsteered")
     for name, c in s["conditions"].items():
         red = ""
-        if base and name != "unsteered" and base["mean_drift"] > 0:
-            red = f" ({1 - c['mean_drift'] / base['mean_drift']:.0%} less than unsteered)"
+        if base and name != "unsteered" and base.get("mean_text_drift"):
+            red = f" ({1 - c['mean_text_drift'] / base['mean_text_drift']:.0%} reduction)"
         by_turn = " ".join(f"{v:.1f}" for v in c["mean_projection_by_turn"].values())
         leaving = f"{c['conversations_leaving_band']}/{c['conversations']}"
-        lines.append(f"| {name} | {c['replies']} | {c['mean_projection']:.2f} | {c['left_band']:.0%} | "
-                     f"{c['mean_drift']:.2f}{red} | {leaving} | {by_turn} |")
+        text = (f"{c['mean_text_projection']:.2f} | {c['text_below_band']:.0%} | {c['mean_text_drift']:.2f}{red}"
+                if "mean_text_projection" in c else "- | - | -")
+        lines.append(f"| {name} | {c['replies']} | {c['mean_projection']:.2f} | {c['left_band']:.0%} | {text} | "
+                     f"{leaving} | {by_turn} |")
     return "\n".join(lines)
 
 
