@@ -56,8 +56,9 @@ class AxisMonitor:
         stop |= set(gen_eos if isinstance(gen_eos, list) else [gen_eos] if gen_eos is not None else [])
         stop_ids = torch.tensor(sorted(stop), device=handle.device)
         axis = self.axis.to(handle.device)
-        sums = torch.zeros(len(rows), dtype=torch.float64)
-        counts = torch.zeros(len(rows), dtype=torch.long)
+        # accumulated on the model's device: no host sync per decoding step
+        sums = torch.zeros(len(rows), dtype=torch.float64, device=handle.device)
+        counts = torch.zeros(len(rows), dtype=torch.long, device=handle.device)
         keep: list[torch.Tensor | None] = [None]
 
         def on_forward(_m, args, kwargs) -> None:  # noqa: ANN001
@@ -69,9 +70,8 @@ class AxisMonitor:
             if keep[0] is None:
                 return
             h = get_hidden(args, kwargs, output, pre)[:, -1, :]
-            p = (h.float() @ axis.to(h.device)).double().cpu()
-            k = keep[0].cpu()
-            sums.add_(torch.where(k, p, 0.0))
+            k = keep[0].to(sums.device)
+            sums.add_(torch.where(k, (h.float() @ axis).double().to(sums.device), 0.0))
             counts.add_(k.long())
 
         hooks = [handle.model.register_forward_pre_hook(on_forward, with_kwargs=True)]
@@ -82,6 +82,6 @@ class AxisMonitor:
         finally:
             for h in hooks:
                 h.remove()
-            for r, i in enumerate(rows):
-                self.sums[i] = self.sums.get(i, 0.0) + float(sums[r])
-                self.counts[i] = self.counts.get(i, 0) + int(counts[r])
+            for r, (total, n) in enumerate(zip(sums.tolist(), counts.tolist(), strict=True)):
+                self.sums[rows[r]] = self.sums.get(rows[r], 0.0) + total
+                self.counts[rows[r]] = self.counts.get(rows[r], 0) + n
