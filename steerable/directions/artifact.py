@@ -7,6 +7,7 @@ scale, threshold and audit it. Never pickled; written atomically.
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -85,6 +86,14 @@ class DirectionSet:
 
     def direction(self, layer: int) -> torch.Tensor:
         return self.directions[self.row(layer)]
+
+    def percentile(self, layer: int, cls: str, q: float) -> float:
+        """The q-th percentile (0–100) of class `cls`'s ("pos" or "neg") calibration projections h·v̂ at a
+        calibrated layer, linear between the stored integer percentiles. NaN for imported control vectors."""
+        row = self.percentiles[self.row(layer), 0 if cls == "pos" else 1]
+        lo = min(int(math.floor(q)), 99)
+        frac = q - lo
+        return float(row[lo] * (1 - frac) + row[lo + 1] * frac)
 
     def tensors(self) -> dict[str, torch.Tensor]:
         """The tensors a file holds: every required one, and the optional ones that are present."""

@@ -24,7 +24,6 @@ from steerable.errors import SteerableError
 from steerable.evaluate.monitor import AxisMonitor
 from steerable.generation import generate
 from steerable.models.load import Messages, ModelHandle
-from steerable.steering.intervention import percentile
 from steerable.steering.plan import build_row_plans
 
 
@@ -50,7 +49,7 @@ def assistant_band(axis: DirectionSet, layer: int | None = None, lo: float = 5, 
         raise SteerableError(f"layer {layer} is not in the axis file (layers {axis.layers[0]}-{axis.layers[-1]})")
     if not 0 <= lo < hi <= 100:
         raise SteerableError(f"band percentiles must satisfy 0 <= lo < hi <= 100, got {lo}, {hi}")
-    return Band(layer, percentile(axis, layer, "pos", lo), percentile(axis, layer, "pos", hi), (lo, hi))
+    return Band(layer, axis.percentile(layer, "pos", lo), axis.percentile(layer, "pos", hi), (lo, hi))
 
 
 @dataclass(frozen=True)

@@ -13,6 +13,8 @@ from typing import Any
 import torch
 
 Messages = list[dict[str, str]]
+#: one prompt's segmentation: per token (exchange index, is-assistant), and the reply's exchange
+TurnsRow = tuple[list[int], list[bool], int]
 
 
 def _messages(prompt: str | Messages, system: str | None) -> Messages:
@@ -27,7 +29,7 @@ def _prefix_text(handle: Any, msgs: Messages) -> str:
     return "\n\n".join(parts)
 
 
-def segment(handle: Any, prompt: str | Messages, system: str | None = None) -> tuple[list[int], list[bool], int]:
+def segment(handle: Any, prompt: str | Messages, system: str | None = None) -> TurnsRow:
     """Per token of `handle.render(prompt, system)`: (exchange index, is-assistant), and the reply's exchange."""
     msgs = _messages(prompt, system)
     text = handle.render(prompt, system)
@@ -61,6 +63,11 @@ def _common_prefix(a: str, b: str) -> str:
     return a[:n]
 
 
+def align_right(values: list[Any], n: int, fill: Any) -> list[Any]:
+    """The last `n` values, or all of them left-filled to length `n`: a left-padded row's layout."""
+    return values[-n:] if len(values) >= n else [fill] * (n - len(values)) + values
+
+
 def segment_batch(handle: Any, prompts: list[str | Messages], system: str | None,
                   width: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Left-padded [B, width] exchange indices and assistant flags, and the reply exchange [B]."""
@@ -69,8 +76,7 @@ def segment_batch(handle: Any, prompts: list[str | Messages], system: str | None
     reply = torch.zeros(len(prompts), dtype=torch.long)
     for i, p in enumerate(prompts):
         t, a, r = segment(handle, p, system)
-        n = min(len(t), width)
-        turn[i, width - n :] = torch.tensor(t[-n:])
-        asst[i, width - n :] = torch.tensor(a[-n:])
+        turn[i] = torch.tensor(align_right(t, width, 0))
+        asst[i] = torch.tensor(align_right(a, width, False))
         reply[i] = r
     return turn, asst, reply

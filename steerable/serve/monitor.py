@@ -14,7 +14,6 @@ from steerable.directions.artifact import DirectionSet, layer_ranges
 from steerable.serve.auth import Grant
 from steerable.serve.errors import bad_request
 from steerable.serve.library import VectorLibrary, check_name
-from steerable.steering.intervention import percentile
 
 PARAM = "steering_monitor"
 
@@ -31,8 +30,8 @@ class MonitorSpec:
         return self.vector, self.layer, self.site
 
     def report(self, projection: float, tokens: int) -> dict[str, Any]:
-        lo = percentile(self.vectors, self.layer, "pos", 5)
-        hi = percentile(self.vectors, self.layer, "pos", 95)
+        lo = self.vectors.percentile(self.layer, "pos", 5)
+        hi = self.vectors.percentile(self.layer, "pos", 95)
         finite = math.isfinite(projection)
         return {"vector": self.vector, "layer": self.layer, "site": self.site,
                 "projection": round(projection, 6) if finite else None, "tokens": tokens,
