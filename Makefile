@@ -34,6 +34,7 @@ test: fetch chromium
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
+	$(BIN)/mypy
 
 bench: fetch
 	$(BIN)/python bench/calibrate.py

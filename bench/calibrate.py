@@ -10,17 +10,17 @@ import os
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch: spinning OpenMP threads ruin timings
 
-import argparse  # noqa: E402
-import json  # noqa: E402
-import statistics  # noqa: E402
-import time  # noqa: E402
+import argparse
+import json
+import statistics
+import time
 
-import torch  # noqa: E402
+import torch
 
-from steerable.capture.run import capture_stats, encode_examples, plan_batches, position_ids  # noqa: E402
-from steerable.data.loaders import contrastive_examples  # noqa: E402
-from steerable.fsutil import write_text_atomic  # noqa: E402
-from steerable.models.load import load_model  # noqa: E402
+from steerable.capture.run import capture_stats, encode_examples, plan_batches, position_ids
+from steerable.data.loaders import contrastive_examples
+from steerable.fsutil import write_text_atomic
+from steerable.models.load import load_model
 
 
 def main() -> None:

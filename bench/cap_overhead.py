@@ -16,23 +16,23 @@ import os
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch: spinning OpenMP threads ruin timings
 
-import argparse  # noqa: E402
-import contextlib  # noqa: E402
-import json  # noqa: E402
-import time  # noqa: E402
-from pathlib import Path  # noqa: E402
+import argparse
+import contextlib
+import json
+import time
+from pathlib import Path
 
-import torch  # noqa: E402
-from overhead import ab_medians, hook_cost_us  # noqa: E402
+import torch
+from overhead import ab_medians, hook_cost_us
 
-from steerable.data.loaders import contrastive_examples, load_prompts  # noqa: E402
-from steerable.directions.artifact import layer_ranges, save_directions  # noqa: E402
-from steerable.directions.axis import default_cap_layers  # noqa: E402
-from steerable.directions.calibrate import calibrate  # noqa: E402
-from steerable.evaluate.monitor import AxisMonitor  # noqa: E402
-from steerable.fsutil import write_text_atomic  # noqa: E402
-from steerable.models.load import load_model  # noqa: E402
-from steerable.steering.hooks import steer  # noqa: E402
+from steerable.data.loaders import contrastive_examples, load_prompts
+from steerable.directions.artifact import layer_ranges, save_directions
+from steerable.directions.axis import default_cap_layers
+from steerable.directions.calibrate import calibrate
+from steerable.evaluate.monitor import AxisMonitor
+from steerable.fsutil import write_text_atomic
+from steerable.models.load import load_model
+from steerable.steering.hooks import steer
 
 
 def measure(model: str, work: Path, rounds: int, new_tokens: int, batches: list[int]) -> list[dict]:

@@ -19,25 +19,25 @@ import os
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch: spinning OpenMP threads ruin timings
 
-import argparse  # noqa: E402
-import contextlib  # noqa: E402
-import json  # noqa: E402
-import statistics  # noqa: E402
-import time  # noqa: E402
-from collections.abc import Callable  # noqa: E402
-from pathlib import Path  # noqa: E402
+import argparse
+import contextlib
+import json
+import statistics
+import time
+from collections.abc import Callable
+from pathlib import Path
 
-import torch  # noqa: E402
-from tqdm.auto import tqdm  # noqa: E402
+import torch
+from tqdm.auto import tqdm
 
-from steerable.data.loaders import contrastive_examples, load_prompts  # noqa: E402
-from steerable.directions.artifact import save_directions  # noqa: E402
-from steerable.directions.calibrate import calibrate  # noqa: E402
-from steerable.fsutil import write_text_atomic  # noqa: E402
-from steerable.models.load import load_model  # noqa: E402
-from steerable.steering.compile import compile_plans  # noqa: E402
-from steerable.steering.hooks import Session, steer  # noqa: E402
-from steerable.steering.plan import build_plan  # noqa: E402
+from steerable.data.loaders import contrastive_examples, load_prompts
+from steerable.directions.artifact import save_directions
+from steerable.directions.calibrate import calibrate
+from steerable.fsutil import write_text_atomic
+from steerable.models.load import load_model
+from steerable.steering.compile import compile_plans
+from steerable.steering.hooks import Session, steer
+from steerable.steering.plan import build_plan
 
 
 class _Cache:

@@ -20,25 +20,25 @@ import os
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch: spinning OpenMP threads ruin timings
 
-import argparse  # noqa: E402
-import asyncio  # noqa: E402
-import json  # noqa: E402
-import re  # noqa: E402
-import statistics  # noqa: E402
-import subprocess  # noqa: E402
-import sys  # noqa: E402
-import time  # noqa: E402
-import urllib.request  # noqa: E402
-from pathlib import Path  # noqa: E402
+import argparse
+import asyncio
+import json
+import re
+import statistics
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
 
-import torch  # noqa: E402
+import torch
 
-from steerable.data.loaders import contrastive_examples, load_prompts  # noqa: E402
-from steerable.directions.artifact import save_directions  # noqa: E402
-from steerable.directions.calibrate import calibrate  # noqa: E402
-from steerable.fsutil import write_text_atomic  # noqa: E402
-from steerable.generation import generate  # noqa: E402
-from steerable.models.load import load_model  # noqa: E402
+from steerable.data.loaders import contrastive_examples, load_prompts
+from steerable.directions.artifact import save_directions
+from steerable.directions.calibrate import calibrate
+from steerable.fsutil import write_text_atomic
+from steerable.generation import generate
+from steerable.models.load import load_model
 
 
 def start_server(args: argparse.Namespace, vectors: Path, log: Path) -> tuple[subprocess.Popen, int]:
@@ -183,8 +183,8 @@ def main() -> None:
     batch = {k: float(re.search(rf"^steerable_serve_batch_size_{k} (\S+)$", metrics, re.M).group(1))
              for k in ("sum", "count")}
 
-    med = lambda k: round(statistics.median(r[k] for r in rounds), 4)  # noqa: E731
-    spread = lambda k: [round(min(r[k] for r in rounds), 4), round(max(r[k] for r in rounds), 4)]  # noqa: E731
+    med = lambda k: round(statistics.median(r[k] for r in rounds), 4)
+    spread = lambda k: [round(min(r[k] for r in rounds), 4), round(max(r[k] for r in rounds), 4)]
     result = {
         "model": args.model, "clients": args.clients, "max_tokens": args.max_tokens, "rounds": args.rounds,
         "layers": args.layers, "ratio_vs_offline": med("ratio_vs_offline"),

@@ -16,22 +16,22 @@ import os
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch: spinning OpenMP threads ruin timings
 
-import argparse  # noqa: E402
-import json  # noqa: E402
-import statistics  # noqa: E402
-import tempfile  # noqa: E402
-import time  # noqa: E402
-from pathlib import Path  # noqa: E402
+import argparse
+import json
+import statistics
+import tempfile
+import time
+from pathlib import Path
 
-import torch  # noqa: E402
+import torch
 
-from steerable.data.loaders import contrastive_examples, load_prompt_rows  # noqa: E402
-from steerable.directions.artifact import save_directions  # noqa: E402
-from steerable.directions.calibrate import calibrate  # noqa: E402
-from steerable.fsutil import write_text_atomic  # noqa: E402
-from steerable.models.load import load_model  # noqa: E402
-from steerable.sweeps.grid import Config  # noqa: E402
-from steerable.sweeps.run import SweepSpec, run_sweep  # noqa: E402
+from steerable.data.loaders import contrastive_examples, load_prompt_rows
+from steerable.directions.artifact import save_directions
+from steerable.directions.calibrate import calibrate
+from steerable.fsutil import write_text_atomic
+from steerable.models.load import load_model
+from steerable.sweeps.grid import Config
+from steerable.sweeps.run import SweepSpec, run_sweep
 
 STRENGTHS = (0.25, 0.5, 0.75, 1.0, 1.25, 1.5, 1.75, 2.0)
 

@@ -12,17 +12,17 @@ import os
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-import argparse  # noqa: E402
-import json  # noqa: E402
-import statistics  # noqa: E402
+import argparse
+import json
+import statistics
 
-from steerable.data.loaders import load_prompts  # noqa: E402
-from steerable.evaluate.coherence import compression_ratio, language_consistency, rep_n  # noqa: E402
-from steerable.evaluate.refusal import is_refusal  # noqa: E402
-from steerable.fsutil import write_text_atomic  # noqa: E402
-from steerable.generation import generate  # noqa: E402
-from steerable.models.load import load_model  # noqa: E402
-from steerable.steering.plan import build_plan  # noqa: E402
+from steerable.data.loaders import load_prompts
+from steerable.evaluate.coherence import compression_ratio, language_consistency, rep_n
+from steerable.evaluate.refusal import is_refusal
+from steerable.fsutil import write_text_atomic
+from steerable.generation import generate
+from steerable.models.load import load_model
+from steerable.steering.plan import build_plan
 
 
 def main() -> None:

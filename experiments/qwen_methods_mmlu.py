@@ -14,18 +14,18 @@ import os
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-import argparse  # noqa: E402
+import argparse
 import contextlib
-import json  # noqa: E402
-from pathlib import Path  # noqa: E402
+import json
+from pathlib import Path
 
-from steerable.errors import SteerableError  # noqa: E402
-from steerable.evaluate.capability import load_mmlu, mc_correct, paired_change, stratified  # noqa: E402
-from steerable.evaluate.refusal import rate  # noqa: E402
-from steerable.fsutil import write_text_atomic  # noqa: E402
-from steerable.models.load import load_model  # noqa: E402
-from steerable.sweeps.records import baseline_of, read_records  # noqa: E402
-from steerable.sweeps.select import Budget, median_ppl, select  # noqa: E402
+from steerable.errors import SteerableError
+from steerable.evaluate.capability import load_mmlu, mc_correct, paired_change, stratified
+from steerable.evaluate.refusal import rate
+from steerable.fsutil import write_text_atomic
+from steerable.models.load import load_model
+from steerable.sweeps.records import baseline_of, read_records
+from steerable.sweeps.select import Budget, median_ppl, select
 
 
 def operating_points(records: list[dict]) -> list[dict]:

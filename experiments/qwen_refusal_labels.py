@@ -16,11 +16,11 @@ import os
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-from steerable.data.loaders import load_prompts  # noqa: E402
-from steerable.evaluate.refusal import is_refusal  # noqa: E402
-from steerable.fsutil import write_text_atomic  # noqa: E402
-from steerable.generation import generate  # noqa: E402
-from steerable.models.load import load_model  # noqa: E402
+from steerable.data.loaders import load_prompts
+from steerable.evaluate.refusal import is_refusal
+from steerable.fsutil import write_text_atomic
+from steerable.generation import generate
+from steerable.models.load import load_model
 
 N = 120  # advbench:train[:120] and benign:train[:120]; refusal_qwen.py selects on advbench:train[120:]
 

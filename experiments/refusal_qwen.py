@@ -19,17 +19,17 @@ import os
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-import argparse  # noqa: E402
-import json  # noqa: E402
-from typing import Any  # noqa: E402
+import argparse
+import json
+from typing import Any
 
-from steerable.data.loaders import load_prompts  # noqa: E402
-from steerable.directions.artifact import load_directions  # noqa: E402
-from steerable.evaluate.refusal import refusal_rate  # noqa: E402
-from steerable.fsutil import write_text_atomic  # noqa: E402
-from steerable.generation import generate  # noqa: E402
-from steerable.models.load import load_model  # noqa: E402
-from steerable.steering.plan import build_plan  # noqa: E402
+from steerable.data.loaders import load_prompts
+from steerable.directions.artifact import load_directions
+from steerable.evaluate.refusal import refusal_rate
+from steerable.fsutil import write_text_atomic
+from steerable.generation import generate
+from steerable.models.load import load_model
+from steerable.steering.plan import build_plan
 
 
 def pick(handle: Any, prompts: list[str], candidates: dict[str, Any], tokens: int) -> tuple[str, dict[str, float]]:

@@ -14,7 +14,7 @@ from steerable.sweeps.records import baseline_of, ppl_violations, read_records
 from steerable.sweeps.select import median_ppl
 
 sys.path.insert(0, str(Path(__file__).parent))
-from qwen_methods_mmlu import operating_points  # noqa: E402
+from qwen_methods_mmlu import operating_points
 
 
 def _pct(r: dict) -> str:

@@ -16,15 +16,15 @@ from pathlib import Path
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-from steerable.cli.commands import inspect_table  # noqa: E402
-from steerable.cli.table import table  # noqa: E402
-from steerable.data.loaders import contrastive_examples, load_prompts  # noqa: E402
-from steerable.directions.artifact import save_directions  # noqa: E402
-from steerable.directions.calibrate import calibrate  # noqa: E402
-from steerable.evaluate.refusal import is_refusal, refusal_rate  # noqa: E402
-from steerable.fsutil import write_text_atomic  # noqa: E402
-from steerable.generation import generate  # noqa: E402
-from steerable.models.load import load_model  # noqa: E402
+from steerable.cli.commands import inspect_table
+from steerable.cli.table import table
+from steerable.data.loaders import contrastive_examples, load_prompts
+from steerable.directions.artifact import save_directions
+from steerable.directions.calibrate import calibrate
+from steerable.evaluate.refusal import is_refusal, refusal_rate
+from steerable.fsutil import write_text_atomic
+from steerable.generation import generate
+from steerable.models.load import load_model
 
 
 def _clip(text: str, width: int = 58) -> str:

@@ -58,7 +58,7 @@ def test_capture_matches_reference(handle):
             for got, want in ((got_pos, ref[1]), (got_neg, ref[0])):
                 assert got.shape == want.shape, (site, position)
                 # rows may come in another order (batches are grouped by length): compare sorted sums
-                key = lambda t: t.sum(1)  # noqa: E731
+                key = lambda t: t.sum(1)
                 torch.testing.assert_close(got[key(got).argsort()], want[key(want).argsort()], atol=1e-5, rtol=1e-5)
 
 

@@ -44,7 +44,7 @@ def test_conditional_refuses_harmful_and_keeps_answering_benign(smol, smol_vecto
     cond = {"method": "conditional", "vector": cond_vec, "layer": "auto", "threshold": "auto", "then": add}
     hits = condition_hits(smol, cond, harmful + benign)
     assert sum(hits[:30]) >= 24 and sum(hits[30:]) <= 3, hits  # the condition itself, on unseen prompts
-    run = lambda plan, prompts: refusal_rate(generate(smol, prompts, plan, max_new_tokens=32, batch_size=15))  # noqa: E731
+    run = lambda plan, prompts: refusal_rate(generate(smol, prompts, plan, max_new_tokens=32, batch_size=15))
     c_harm, c_ben = run(cond, harmful), run(cond, benign)
     a_ben = run(add, benign)
     assert c_harm.value >= 0.6, c_harm

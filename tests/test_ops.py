@@ -135,7 +135,7 @@ def test_cap_lands_in_band_and_leaves_inside_tokens(shape, seed, scale, lo, widt
 def test_projection_steer_touches_only_tokens_below_threshold(shape, seed, tau, lift, bias, factor):
     h = _h(shape, seed, 1.0)
     u = _unit(shape[-1], seed)
-    t = lambda x: torch.tensor([x], dtype=torch.float64)  # noqa: E731
+    t = lambda x: torch.tensor([x], dtype=torch.float64)
     target = tau + lift
     out = ops.project_steer(h, u, t(bias), t(tau), t(target), factor)
     s = h @ u + bias

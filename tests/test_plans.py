@@ -130,7 +130,7 @@ def test_gates_prompt_and_generated(handle, vec):
     assert first0 == plain  # touches no token at all
     # the first token comes from the prefill: steered by "prompt", untouched by "generated"
     tok = handle.tokenizer
-    first = lambda outs: [tok(o, add_special_tokens=False)["input_ids"][:1] for o in outs]  # noqa: E731
+    first = lambda outs: [tok(o, add_special_tokens=False)["input_ids"][:1] for o in outs]
     assert first(gen_only) == first(plain)
     assert first(prompt_only) == first(full)
     # on a plain forward every position is a prompt position
@@ -154,7 +154,7 @@ def test_turn_segmentation(llama):
     text = llama.render(conv, "be nice")
     ids = llama.tokenizer(text, add_special_tokens=False)["input_ids"]
     assert len(turns) == len(ids) and reply == 1
-    decoded = lambda mask: llama.tokenizer.decode([i for i, m in zip(ids, mask, strict=True) if m])  # noqa: E731
+    decoded = lambda mask: llama.tokenizer.decode([i for i, m in zip(ids, mask, strict=True) if m])
     assert "hi there" in decoded(asst) and "hello" not in decoded(asst) and "bye" not in decoded(asst)
     assert "bye" in decoded([t >= 1 for t in turns]) and "hello" not in decoded([t >= 1 for t in turns])
     assert "be nice" in decoded([t == 0 for t in turns])

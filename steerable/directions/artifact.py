@@ -174,7 +174,7 @@ def load_directions(path: str | Path, model: Any | None = None) -> DirectionSet:
     try:
         with safe_open(str(path), framework="pt") as f:
             raw_meta = (f.metadata() or {}).get("steerable")
-            tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 - safe_open has no __iter__
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
     except (SafetensorError, OSError, ValueError) as e:
         raise SteerableError(f"{path}: not a readable safetensors file ({e})") from e
     if raw_meta is None:

@@ -13,10 +13,10 @@ from typing import Any
 import matplotlib
 
 matplotlib.use("Agg")  # files only: never open a window
-import matplotlib.pyplot as plt  # noqa: E402
+import matplotlib.pyplot as plt
 
-from steerable.evaluate.drift import summarise  # noqa: E402
-from steerable.fsutil import atomic_path, write_text_atomic  # noqa: E402
+from steerable.evaluate.drift import summarise
+from steerable.fsutil import atomic_path, write_text_atomic
 
 COLOURS = ("#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b")
 

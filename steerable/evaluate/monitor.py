@@ -44,7 +44,7 @@ class AxisMonitor:
         return self.counts.get(row, 0)
 
     @contextlib.contextmanager
-    def watch(self, handle, rows: list[int]) -> Iterator[None]:  # noqa: ANN001 - a ModelHandle
+    def watch(self, handle, rows: list[int]) -> Iterator[None]:
         """Hooks for one batch of `generate`; batch row r is input row rows[r]."""
         if self.axis.shape[0] != handle.hidden_size:
             raise SteerableError(f"monitor axis has size {self.axis.shape[0]}, the model's hidden size is "
@@ -61,12 +61,12 @@ class AxisMonitor:
         counts = torch.zeros(len(rows), dtype=torch.long, device=handle.device)
         keep: list[torch.Tensor | None] = [None]
 
-        def on_forward(_m, args, kwargs) -> None:  # noqa: ANN001
+        def on_forward(_m, args, kwargs) -> None:
             ids = kwargs.get("input_ids", args[0] if args else None)
             # prefill (and any condition pre-pass) covers prompt tokens only: decoding steps feed one token
             keep[0] = None if ids is None or ids.shape[1] != 1 else ~torch.isin(ids[:, 0], stop_ids)
 
-        def on_layer(_m, args, kwargs, output=None) -> None:  # noqa: ANN001
+        def on_layer(_m, args, kwargs, output=None) -> None:
             if keep[0] is None:
                 return
             h = get_hidden(args, kwargs, output, pre)[:, -1, :]

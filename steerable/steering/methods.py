@@ -123,7 +123,7 @@ class StTP(Method):
     def prepare(self, iv: Intervention, layer: int) -> Params:
         u = iv.unit_direction(layer)
         bias, threshold, target = iv.score_thresholds(layer)
-        num = lambda x: torch.tensor([x], dtype=torch.float32)  # noqa: E731
+        num = lambda x: torch.tensor([x], dtype=torch.float32)
         return {"unit": u[None], "write": iv.strength * u[None], "bias": num(bias),
                 "threshold": num(threshold), "target": num(target)}
 

@@ -9,9 +9,9 @@ from typing import Any
 import matplotlib
 
 matplotlib.use("Agg")  # files only: never open a window, work without a display
-import matplotlib.pyplot as plt  # noqa: E402
+import matplotlib.pyplot as plt
 
-from steerable.sweeps.select import median_ppl  # noqa: E402
+from steerable.sweeps.select import median_ppl
 
 Record = dict[str, Any]
 

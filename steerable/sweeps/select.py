@@ -119,16 +119,16 @@ def select(records: Sequence[dict[str, Any]], criterion: str = "budget", budget:
     score: Callable[[dict[str, Any]], float]
     if criterion == "budget":
         pool = [r for r in candidates if not violations(r, base, budget, threshold)]
-        score = lambda r: r["behaviour"]["rate"]  # noqa: E731
+        score = lambda r: r["behaviour"]["rate"]
     elif criterion == "angle":
         pool = [r for r in candidates if ppl_violations(r, threshold) == 0]
-        score = lambda r: r["behaviour"]["rate"]  # noqa: E731
+        score = lambda r: r["behaviour"]["rate"]
     elif criterion == "f1":
         pool = candidates
-        score = lambda r: f1_score(r, base)[0]  # noqa: E731
+        score = lambda r: f1_score(r, base)[0]
     else:
         pool = candidates
-        score = lambda r: -(1 - r["behaviour"]["rate"])  # noqa: E731
+        score = lambda r: -(1 - r["behaviour"]["rate"])
     if not pool and criterion == "angle":
         raise SteerableError(f"every configuration has completions above perplexity {threshold:.2f} (twice the "
                              "unsteered median unless --ppl-threshold is given); sweep weaker settings")
