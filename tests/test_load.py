@@ -79,10 +79,16 @@ def test_load_model_does_not_set_hf_hub_offline(model_dir: str, monkeypatch: pyt
 @pytest.mark.usefixtures("loud_transformers")
 def test_quiet_transformers_is_quiet_inside_and_restores_on_error() -> None:
     before = _settings()
-    with pytest.raises(RuntimeError, match="boom"), quiet_transformers():
-        assert hf_logging.get_verbosity() == logging.ERROR
-        assert not hf_logging.is_progress_bar_enabled()
-        raise RuntimeError("boom")
+    inside: list[tuple[int, bool]] = []
+
+    def load() -> None:
+        with quiet_transformers():
+            inside.append((hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()))
+            raise RuntimeError("boom")
+
+    with pytest.raises(RuntimeError, match="boom"):
+        load()
+    assert inside == [(logging.ERROR, False)]
     assert _settings() == before
 
 
