@@ -17,9 +17,10 @@ import time
 
 import torch
 
-from steerable.capture.run import capture_stats, encode_examples, plan_batches, position_ids
+from steerable.capture.run import batch_examples, capture_stats, encode_examples
 from steerable.data.loaders import contrastive_examples
 from steerable.fsutil import write_text_atomic
+from steerable.models.batch import position_ids
 from steerable.models.load import load_model
 
 
@@ -34,7 +35,7 @@ def main() -> None:
 
     handle = load_model(args.model)
     examples = contrastive_examples(pairs="refusal-pairs", limit=args.n)
-    batches = plan_batches(examples, args.batch_size)
+    batches = batch_examples(examples, args.batch_size)
     encoded = [encode_examples(handle, b.examples)[0] for b in batches]
     n_tokens = sum(int(e["attention_mask"].sum()) for e in encoded)
 

@@ -43,7 +43,7 @@ _OUTPUT_NORMS = ("post_feedforward_layernorm", "pre_feedforward_layernorm")
 class ResidualWriters:
     """The modules whose outputs are added to the residual stream, in forward order per block."""
 
-    embed: nn.Module
+    embed: nn.Embedding
     attn: tuple[nn.Module, ...]
     mlp: tuple[nn.Module, ...]
     attn_out: tuple[nn.Linear, ...]
@@ -70,7 +70,8 @@ def find_writers(model: nn.Module) -> ResidualWriters:
     mlp = tuple(getattr(b, "mlp", None) for b in layout.layers)
     attn_out = tuple(getattr(m, "o_proj", None) for m in attn)
     mlp_out = tuple(getattr(m, "down_proj", None) for m in mlp)
-    embed = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    hf: Any = model  # a transformers PreTrainedModel
+    embed = hf.get_input_embeddings() if hasattr(hf, "get_input_embeddings") else None
     if not isinstance(embed, nn.Embedding) or not all(
         isinstance(m, nn.Linear) for m in (*attn_out, *mlp_out)
     ):
@@ -100,20 +101,22 @@ def _unit(unit: torch.Tensor, d: int) -> torch.Tensor:
     return u / norm
 
 
-def _is_tied(model: nn.Module, embed: nn.Module) -> bool:
-    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+def _is_tied(model: nn.Module, embed: nn.Embedding) -> bool:
+    hf: Any = model
+    head = hf.get_output_embeddings() if hasattr(hf, "get_output_embeddings") else None
     w = getattr(head, "weight", None)
     return w is not None and (w is embed.weight or w.data_ptr() == embed.weight.data_ptr())
 
 
-def _untie(model: nn.Module, embed: nn.Module) -> None:
+def _untie(model: nn.Module, embed: nn.Embedding) -> None:
     """Give the LM head its own copy of the (still original) embedding, so unembedding is unchanged."""
-    head = model.get_output_embeddings()
+    hf: Any = model
+    head = hf.get_output_embeddings()
     head.weight = nn.Parameter(embed.weight.detach().clone(), requires_grad=embed.weight.requires_grad)
-    model.config.tie_word_embeddings = False
+    hf.config.tie_word_embeddings = False
     # transformers caches the tie mapping at init; a stale one would re-tie on tie_weights()/load.
-    if hasattr(model, "all_tied_weights_keys"):
-        model.all_tied_weights_keys = {}
+    if hasattr(hf, "all_tied_weights_keys"):
+        hf.all_tied_weights_keys = {}
 
 
 @torch.no_grad()
@@ -146,7 +149,7 @@ def runtime_ablation(handle: Any, unit: torch.Tensor) -> Iterator[None]:
     w = find_writers(handle.model)
     r = _unit(unit, handle.hidden_size).to(handle.device)
 
-    def hook(module: nn.Module, args: tuple, output: Any) -> Any:
+    def hook(_module: nn.Module, args: tuple[Any, ...], output: Any) -> Any:
         h = get_hidden(args, {}, output, False)
         return replace_hidden(args, {}, output, False, _ablate(h, r.to(h.device)))
 

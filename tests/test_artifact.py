@@ -34,7 +34,8 @@ def test_round_trip(ds, llama, tmp_path):
     for name, t in ds.tensors().items():
         torch.testing.assert_close(getattr(back, name), t, rtol=0, atol=0, equal_nan=True)
     assert back.meta["model"]["config_hash"] == llama.config_hash
-    assert back.meta["estimator"] == "mean-diff" and back.meta["site"] == "resid_post"
+    assert back.meta["estimator"] == "mean-diff"
+    assert back.meta["site"] == "resid_post"
     assert back.meta["format_version"] == 2
     assert {"mean_unit_pos", "mean_unit_neg", "cast_percentiles"} <= set(ds.tensors())
 
@@ -73,12 +74,15 @@ def _v1_file(ds, path):
 def test_reads_version_1(ds, llama, tmp_path):
     old = load_directions(_v1_file(ds, tmp_path / "v1.safetensors"), llama)
     assert old.meta["format_version"] == 1
-    assert old.mean_unit_pos is None and old.mean_unit_neg is None and old.cast_percentiles is None
+    assert old.mean_unit_pos is None
+    assert old.mean_unit_neg is None
+    assert old.cast_percentiles is None
     torch.testing.assert_close(old.directions, ds.directions)
     with pytest.raises(SteerableError, match="recalibrate"):
         discriminative_layers(old)
     resaved = load_directions(save_directions(old, tmp_path / "v2.safetensors"))  # still no optional tensors
-    assert resaved.cast_percentiles is None and resaved.meta["format_version"] == 2
+    assert resaved.cast_percentiles is None
+    assert resaved.meta["format_version"] == 2
 
 
 def test_rejects_bad_optional_tensors(ds, tmp_path):
@@ -110,7 +114,7 @@ def test_rejects_other_hidden_size(ds, llama, tmp_path):
         load_directions(path, llama)
 
 
-def test_rejects_layer_count_and_hash(ds, llama, tmp_path):
+def test_rejects_layer_count_and_hash(ds, llama):
     ds.meta["model"]["n_layers"] = 12
     with pytest.raises(SteerableError, match="layer count mismatch"):
         ds.check_model(llama)
@@ -142,10 +146,10 @@ def test_failed_write_leaves_old_file(ds, tmp_path, monkeypatch):
     before = path.read_bytes()
     import steerable.directions.artifact as art
 
-    def boom(*a, **k):
+    def boom(*_a, **_k):
         raise OSError("disk full")
     monkeypatch.setattr(art, "save_file", boom)
-    with pytest.raises(OSError):
+    with pytest.raises(OSError, match="disk full"):
         save_directions(ds, path)
     assert path.read_bytes() == before
     assert [p.name for p in tmp_path.iterdir()] == ["v.safetensors"]  # no temp file left behind

@@ -115,8 +115,11 @@ def test_baked_matches_runtime_ablation(kind, tmp_path):
             assert b is None or abs(float(b @ r)) < 1e-5
 
     rec = json.loads((out / BAKE_RECORD).read_text())
-    assert rec["layer"] == 2 and rec["untied_lm_head"] == tied and rec["config_hash"] == h.config_hash
-    assert "model.embed_tokens.weight" in rec["parameters"] and "lm_head.weight" not in rec["parameters"]
+    assert rec["layer"] == 2
+    assert rec["untied_lm_head"] == tied
+    assert rec["config_hash"] == h.config_hash
+    assert "model.embed_tokens.weight" in rec["parameters"]
+    assert "lm_head.weight" not in rec["parameters"]
     assert from_model(baked, h.tokenizer, "baked").config_hash == h.config_hash  # direction files still fit
 
 
@@ -135,7 +138,8 @@ def test_bf16_keeps_dtype_and_is_orthogonal():
 def test_gemma3_refused(fn, tmp_path):
     h = build("gemma3")
     ds = directions_for(h)
-    with pytest.raises(SteerableError, match="normalises its attention/MLP output"):
+
+    def run() -> None:
         if fn == "bake":
             bake(h, ds, 0, tmp_path / "out")
         elif fn == "orthogonalize":
@@ -143,6 +147,9 @@ def test_gemma3_refused(fn, tmp_path):
         else:
             with runtime_ablation(h, ds.direction(0)):
                 pass
+
+    with pytest.raises(SteerableError, match="normalises its attention/MLP output"):
+        run()
     assert not (tmp_path / "out").exists()
 
 
@@ -193,4 +200,5 @@ def test_cli(tmp_path, capsys):
     assert args.fn(args) == 0
     assert f"wrote {tmp_path / 'baked'}" in capsys.readouterr().out
     rec = json.loads((tmp_path / "baked" / BAKE_RECORD).read_text())
-    assert rec["direction_file"] == str(vec) and rec["layer"] == 3
+    assert rec["direction_file"] == str(vec)
+    assert rec["layer"] == 3

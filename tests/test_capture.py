@@ -29,7 +29,7 @@ def _reference(handle, site: str, layer: int, position: str) -> dict[int, torch.
         n_prefix = len(handle.tokenizer(prefix, add_special_tokens=special).input_ids)
         seen: dict[str, torch.Tensor] = {}
 
-        def grab(m, a, o, seen=seen):
+        def grab(_m, _a, o, seen=seen):
             seen["h"] = o[0] if isinstance(o, tuple) else o
         hook = module.register_forward_hook(grab)
         with torch.no_grad():
@@ -58,8 +58,8 @@ def test_capture_matches_reference(handle):
             for got, want in ((got_pos, ref[1]), (got_neg, ref[0])):
                 assert got.shape == want.shape, (site, position)
                 # rows may come in another order (batches are grouped by length): compare sorted sums
-                key = lambda t: t.sum(1)
-                torch.testing.assert_close(got[key(got).argsort()], want[key(want).argsort()], atol=1e-5, rtol=1e-5)
+                torch.testing.assert_close(got[got.sum(1).argsort()], want[want.sum(1).argsort()],
+                                           atol=1e-5, rtol=1e-5)
 
 
 def test_streaming_means_match_reference(llama):
@@ -77,9 +77,9 @@ def test_streaming_means_match_reference(llama):
 def test_capture_stops_after_last_layer(llama):
     """Layers after the last one read (and the LM head) never run."""
     ran = []
-    hooks = [layer.register_forward_hook(lambda m, a, o, i=i: ran.append(i))
+    hooks = [layer.register_forward_hook(lambda _m, _a, _o, i=i: ran.append(i))
              for i, layer in enumerate(llama.layout.layers)]
-    head = llama.model.lm_head.register_forward_hook(lambda m, a, o: ran.append("head"))
+    head = llama.model.lm_head.register_forward_hook(lambda _m, _a, _o: ran.append("head"))
     capture_stats(llama, EXAMPLES[:2], [1], progress=False)
     for h in [*hooks, head]:
         h.remove()

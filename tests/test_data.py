@@ -6,15 +6,18 @@ import json
 
 import pytest
 
+from steerable.data.jsonl import read_jsonl
 from steerable.data.loaders import (
     PAIR_SETS,
     contrastive_examples,
     load_pairs,
+    load_prompt_rows,
     load_prompts,
     refusal_labels,
     split_of,
 )
-from steerable.errors import SteerableError
+from steerable.data.roles import load_conversations
+from steerable.errors import ArtifactError, DataError, SteerableError
 
 
 def test_builtin_sizes_and_disjoint_stable_splits():
@@ -31,23 +34,28 @@ def test_builtin_sizes_and_disjoint_stable_splits():
 def test_refusal_pairs_use_only_advbench_train_prompts():
     pairs = load_pairs("refusal-pairs")
     train = set(load_prompts("advbench:train"))
-    assert pairs and all(p.prompt in train for p in pairs)
-    assert len({p.positive for p in pairs}) > 4 and len({p.negative for p in pairs}) > 4
+    assert pairs
+    assert all(p.prompt in train for p in pairs)
+    assert len({p.positive for p in pairs}) > 4
+    assert len({p.negative for p in pairs}) > 4
     test_pairs = load_pairs("refusal-pairs:test")
     assert not {p.prompt for p in test_pairs} & train
 
 
-@pytest.mark.parametrize("name", [n for n in PAIR_SETS if n.startswith("caa-")][:4] + ["caa-sycophancy"])
+@pytest.mark.parametrize("name", [*[n for n in PAIR_SETS if n.startswith("caa-")][:4], "caa-sycophancy"])
 def test_caa_sets_split_into_prompt_and_answers(name):
     pairs = load_pairs(f"{name}:all")
     assert len(pairs) > 50
     for p in pairs[:20]:
-        assert p.positive != p.negative and p.prompt
+        assert p.positive != p.negative
+        assert p.prompt
 
 
 def test_caa_refusal_answers_are_letters():
     p = load_pairs("caa-refusal:all")[0]
-    assert p.positive in ("(A)", "(B)") and p.negative in ("(A)", "(B)") and "Choices" in p.prompt
+    assert p.positive in ("(A)", "(B)")
+    assert p.negative in ("(A)", "(B)")
+    assert "Choices" in p.prompt
 
 
 def test_jsonl_rows_and_errors(tmp_path):
@@ -60,11 +68,11 @@ def test_jsonl_rows_and_errors(tmp_path):
     assert [(e.response, e.label, e.pair) for e in ex] == [("yes", 1, 0), ("no", 0, 0)]
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"prompt": "a"}\n{oops\n')
-    with pytest.raises(SteerableError, match="bad.jsonl:2: not valid JSON"):
+    with pytest.raises(DataError, match=r"bad\.jsonl:2: not valid JSON"):
         load_prompts(str(bad))
-    with pytest.raises(SteerableError, match="unknown prompt set"):
+    with pytest.raises(DataError, match="unknown prompt set"):
         load_prompts("nonsense")
-    with pytest.raises(SteerableError, match="either --pairs or"):
+    with pytest.raises(DataError, match="either --pairs or"):
         contrastive_examples(pairs=str(pairs), positive="advbench")
 
 
@@ -79,7 +87,8 @@ def test_unpaired_classes_are_interleaved_and_paired_by_index(tmp_path):
 
 def test_refusal_labels_load():
     rows = refusal_labels()
-    assert len(rows) == 169 and {y for _, y in rows} == {0, 1}
+    assert len(rows) == 169
+    assert {y for _, y in rows} == {0, 1}
 
 
 def test_coherence_metrics():
@@ -91,4 +100,80 @@ def test_coherence_metrics():
     assert rep_n("a b c d e f") == 0.0
     assert rep_n("the cat sat " * 10) > 0.8
     assert compression_ratio("abc " * 200) < compression_ratio("The quick brown fox jumps over the lazy dog.")
-    assert rep_n("") == 0.0 and compression_ratio("") == 0.0 and language_consistency("  ") == 1.0
+    assert rep_n("") == 0.0
+    assert compression_ratio("") == 0.0
+    assert language_consistency("  ") == 1.0
+
+
+def test_data_problems_raise_data_error(tmp_path):
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text('{"prompt": "a"}\n{"text": "no prompt"}\n')
+    with pytest.raises(DataError, match=r"rows \[2\] have no string \"prompt\""):
+        load_prompts(str(rows))
+    with pytest.raises(DataError, match=r"rows\.jsonl:2: each row needs a \"prompt\""):
+        load_prompt_rows(str(rows))
+    with pytest.raises(DataError, match=r"rows\.jsonl:1: pair rows need string"):
+        load_pairs(str(rows))
+    arr = tmp_path / "arr.jsonl"
+    arr.write_text("[1, 2]\n")
+    with pytest.raises(DataError, match="each line must be a JSON object"):
+        read_jsonl(arr)
+    with pytest.raises(DataError, match="unknown split 'dev'"):
+        load_prompts("advbench:dev")
+    with pytest.raises(DataError, match="unknown pair set"):
+        load_pairs("nonsense")
+    with pytest.raises(DataError, match="give --pairs, or both"):
+        contrastive_examples(positive="advbench")
+    assert issubclass(DataError, SteerableError)
+
+
+def test_conversation_problems_raise_data_error(tmp_path):
+    conv = tmp_path / "conv.jsonl"
+    conv.write_text('{"id": "a", "turns": []}\n')
+    with pytest.raises(DataError, match=r"row 1: a conversation needs an \"id\" and \"turns\""):
+        load_conversations(str(conv))
+    with pytest.raises(DataError, match="does not exist"):
+        load_conversations(str(tmp_path / "missing.jsonl"))
+    with pytest.raises(DataError, match="unknown conversation set"):
+        load_conversations("nonsense")
+
+
+def _wheel(root, member, data):
+    import zipfile
+
+    wheels = root / "wheels"
+    wheels.mkdir(parents=True)
+    with zipfile.ZipFile(wheels / "fakepkg-1.0-py3-none-any.whl", "w") as zf:
+        zf.writestr(member, data)
+
+
+def test_wheel_files_are_checked_and_logged_not_printed(tmp_path, monkeypatch, caplog, capsys):
+    import hashlib
+    import logging
+
+    from steerable.sources import wheels
+
+    monkeypatch.setenv("STEERABLE_CACHE", str(tmp_path))
+    _wheel(tmp_path, "fakepkg/data.txt", b"hello")
+    part = wheels.WheelFile("fakepkg", "1.0", "fakepkg/data.txt")
+    with pytest.raises(ArtifactError, match=r"sha256 mismatch for bad\.txt"):
+        wheels.fetch_files([part], tmp_path / "out" / "bad.txt", "0" * 64)
+    assert not (tmp_path / "out" / "bad.txt").exists()
+    missing = wheels.WheelFile("fakepkg", "1.0", "fakepkg/nope.txt")
+    with pytest.raises(ArtifactError, match=r"has no member fakepkg/nope\.txt"):
+        wheels.fetch_files([missing], tmp_path / "out" / "nope.txt", None)
+    out = wheels.fetch_files([part], tmp_path / "out" / "ok.txt", hashlib.sha256(b"hello").hexdigest())
+    assert out.read_bytes() == b"hello"
+
+    # a wheel not in the cache is downloaded: announced on the steerable logger, not printed
+    def fail(*_a, **_k):
+        raise RuntimeError("no network in tests")
+
+    monkeypatch.setattr(wheels.subprocess, "run", fail)
+    other = wheels.WheelFile("otherpkg", "2.0", "x")
+    with caplog.at_level(logging.INFO, logger="steerable"), pytest.raises(RuntimeError, match="no network"):
+        wheels.fetch_files([other], tmp_path / "out" / "x", None)
+    assert [r.getMessage() for r in caplog.records if r.name == "steerable.sources.wheels"] == [
+        "downloading otherpkg==2.0 …"
+    ]
+    assert capsys.readouterr().err == ""

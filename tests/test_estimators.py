@@ -44,7 +44,7 @@ def test_estimator_recovers_planted_direction(name):
 
 
 def test_logistic_keeps_intercept_as_boundary():
-    st, u = planted()
+    st, _u = planted()
     est = get_estimator("logistic").fn(st)
     s_pos = st.pos.sample.rows @ est.direction + est.bias
     s_neg = st.neg.sample.rows @ est.direction + est.bias
@@ -69,7 +69,9 @@ def test_auroc_and_cohens_d_by_hand():
     # pooled sd of [0,2] and [4,6] is sqrt(2); means differ by 4
     assert cohens_d(torch.tensor([4.0, 6.0]), torch.tensor([0.0, 2.0])) == pytest.approx(4 / math.sqrt(2))
     p = percentiles(torch.arange(101, dtype=torch.float32))
-    assert p[25] == 25 and p[50] == 50 and p[100] == 100
+    assert p[25] == 25
+    assert p[50] == 50
+    assert p[100] == 100
 
 
 def test_class_stats_mean_unit_streams():

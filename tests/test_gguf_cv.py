@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import gguf
+import numpy as np
 import pytest
 import torch
 
 from steerable.data.loaders import Example
 from steerable.directions.calibrate import calibrate
 from steerable.directions.gguf_cv import export_control_vector, import_control_vector
-from steerable.errors import SteerableError
+from steerable.errors import ArtifactError, SteerableError
 
 EX = [Example(p, None, i % 2, i // 2) for i, p in enumerate(["a b c", "d e", "f g h i", "j", "k l", "m n o"])]
 
@@ -41,5 +42,27 @@ def test_export_refuses_layer_zero_and_other_sites(llama, tmp_path):
 
 def test_import_rejects_non_control_vectors(tmp_path):
     (tmp_path / "x.gguf").write_bytes(b"not a gguf at all")
-    with pytest.raises(SteerableError):
+    with pytest.raises(ArtifactError, match="not a readable GGUF file"):
         import_control_vector(tmp_path / "x.gguf")
+
+
+def _gguf(path, tensors):
+    w = gguf.GGUFWriter(str(path), "controlvector")
+    for name, vec in tensors.items():
+        w.add_tensor(name, vec)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
+
+
+def test_import_errors_are_artifact_errors(tmp_path):
+    other = _gguf(tmp_path / "other.gguf", {"token_embd.weight": np.ones(4, dtype=np.float32)})
+    with pytest.raises(ArtifactError, match=r"no direction\.N tensors"):
+        import_control_vector(other)
+    bad = np.ones(4, dtype=np.float32)
+    bad[1] = np.nan
+    nan = _gguf(tmp_path / "nan.gguf", {"direction.1": bad})
+    with pytest.raises(ArtifactError, match=r"direction\.1 contains NaN or Inf"):
+        import_control_vector(nan)

@@ -12,9 +12,9 @@ from steerable.models.layout import find_layout
 from tests.conftest import tiny_model
 
 
-@pytest.mark.parametrize("family, mlp_norm", [("llama", "post_attention_layernorm"),
-                                              ("qwen2", "post_attention_layernorm"),
-                                              ("gemma3", "pre_feedforward_layernorm")])
+@pytest.mark.parametrize(("family", "mlp_norm"), [("llama", "post_attention_layernorm"),
+                                                  ("qwen2", "post_attention_layernorm"),
+                                                  ("gemma3", "pre_feedforward_layernorm")])
 def test_families(family, mlp_norm):
     model = tiny_model(family)
     layout = find_layout(model)
@@ -26,7 +26,8 @@ def test_families(family, mlp_norm):
 def test_structural_fallback_gpt2():
     model = GPT2LMHeadModel(GPT2Config(n_layer=3, n_embd=16, n_head=2, vocab_size=50))
     layout = find_layout(model)
-    assert layout.n_layers == 3 and layout.attn_in[0] is model.transformer.h[0].ln_1
+    assert layout.n_layers == 3
+    assert layout.attn_in[0] is model.transformer.h[0].ln_1
 
 
 def test_unsupported_model_error():

@@ -11,9 +11,10 @@ import torch
 from tqdm.auto import tqdm
 
 from steerable.capture.positions import select
-from steerable.capture.run import StopForward, position_ids, reading_hooks
+from steerable.capture.run import StopForward, reading_hooks
 from steerable.capture.sites import check_site, site_module
-from steerable.errors import SteerableError
+from steerable.errors import DataError
+from steerable.models.batch import position_ids
 from steerable.models.load import Messages, ModelHandle
 
 
@@ -32,10 +33,10 @@ def response_means(
     with the chat template (a prompt may be a message list with a system prompt)."""
     check_site(site)
     if len(prompts) != len(responses):
-        raise SteerableError(f"{len(prompts)} prompts for {len(responses)} responses")
+        raise DataError(f"{len(prompts)} prompts for {len(responses)} responses")
     empty = [i for i, r in enumerate(responses) if not r.strip()]
     if empty:
-        raise SteerableError(f"responses {empty[:5]} are empty: a response-mean needs at least one token")
+        raise DataError(f"responses {empty[:5]} are empty: a response-mean needs at least one token")
     layers = list(layers)
     for layer in layers:
         site_module(handle.layout, site, layer)
@@ -51,7 +52,7 @@ def response_means(
             # the response's tokens: the full text's tokens beyond its rendered prompt's
             n_resp = (enc["attention_mask"].sum(1) - handle.encode(prefixes)["attention_mask"].sum(1)).cpu()
             if bool((n_resp <= 0).any()):
-                raise SteerableError("a response tokenised to nothing after its prompt")
+                raise DataError("a response tokenised to nothing after its prompt")
             with contextlib.suppress(StopForward):
                 handle.model(**enc, position_ids=position_ids(enc["attention_mask"]), use_cache=False)
             mask = enc["attention_mask"].cpu()

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from steerable.errors import SteerableError
+from steerable.errors import DataError, SteerableError
 
 POSITIONS = ("last", "response-mean", "all", "answer-token")
 
@@ -31,7 +31,7 @@ def select(
         return h[:, -2, :], rows
     if position == "response-mean":
         if bool((response_len <= 0).any()):
-            raise SteerableError("position response-mean needs a response for every example (use pairs data)")
+            raise DataError("position response-mean needs a response for every example (use pairs data)")
         idx = torch.arange(T, device=h.device)
         w = (idx[None, :] >= (T - response_len)[:, None]).to(h.dtype)
         return (h * w[..., None]).sum(1) / response_len[:, None].to(h.dtype), rows

@@ -5,14 +5,17 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
+from torch import nn
 from tqdm.auto import tqdm
 
 from steerable.capture.positions import check_position, select
 from steerable.capture.sites import SITES, check_site, get_hidden, site_module
 from steerable.capture.stats import LayerStats
 from steerable.data.loaders import Example
+from steerable.models.batch import position_ids  # re-exported for callers not yet moved to models.batch
 from steerable.models.load import ModelHandle
 
 HELDOUT_EVERY = 5  # pair/example k is held out when k % 5 == 4: a fixed 20 % for quality statistics
@@ -37,7 +40,7 @@ class Batch:
     ids: list[int]  # index of each example in the input list
 
 
-def plan_batches(examples: Sequence[Example], batch_size: int) -> list[Batch]:
+def batch_examples(examples: Sequence[Example], batch_size: int) -> list[Batch]:
     """Group pairs together and batch units of similar length, to keep pairs in one batch and padding low."""
     units: dict[object, list[int]] = {}
     for i, ex in enumerate(examples):
@@ -67,11 +70,6 @@ def encode_examples(handle: ModelHandle, examples: Sequence[Example]) -> tuple[d
     return enc, (lengths - prefix_lengths).cpu()
 
 
-def position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
-    """Positions that ignore left padding, as generate() computes them."""
-    return (attention_mask.long().cumsum(-1) - 1).clamp_min(0)
-
-
 @contextlib.contextmanager
 def reading_hooks(
     handle: ModelHandle, layers: Sequence[int], site: str, sink: dict[int, torch.Tensor]
@@ -81,7 +79,8 @@ def reading_hooks(
     for layer in layers:
         module, pre = site_module(handle.layout, site, layer)
 
-        def hook(mod, args, kwargs, output=None, *, _layer=layer, _pre=pre):
+        def hook(_mod: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any = None, *,
+                 _layer: int = layer, _pre: bool = pre) -> None:
             sink[_layer] = get_hidden(args, kwargs, output, _pre)
             if _layer == last:
                 raise StopForward
@@ -118,7 +117,7 @@ def capture_stats(
     stats = {
         layer: LayerStats(handle.hidden_size, second_moments, reservoir_cap, seed=layer) for layer in layers
     }
-    batches = plan_batches(examples, batch_size)
+    batches = batch_examples(examples, batch_size)
     n_tokens = 0
     sink: dict[int, torch.Tensor] = {}
     bar = tqdm(total=len(examples), desc=f"capture {site}", unit="ex", disable=not progress, leave=False)
@@ -156,4 +155,4 @@ def _add_pair_diffs(stats: LayerStats, feats: torch.Tensor, examples: list[Examp
         stats.add_pair_diffs(feats[pos_rows] - feats[neg_rows])
 
 
-__all__ = ["SITES", "CaptureResult", "capture_stats", "encode_examples"]
+__all__ = ["SITES", "CaptureResult", "batch_examples", "capture_stats", "encode_examples", "position_ids"]

@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from steerable.errors import SteerableError
+from steerable.errors import DataError
 
 
 def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
@@ -19,8 +19,8 @@ def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
             try:
                 row = json.loads(line)
             except json.JSONDecodeError as e:
-                raise SteerableError(f"{path}:{n}: not valid JSON ({e.msg})") from e
+                raise DataError(f"{path}:{n}: not valid JSON ({e.msg})") from e
             if not isinstance(row, dict):
-                raise SteerableError(f"{path}:{n}: each line must be a JSON object")
+                raise DataError(f"{path}:{n}: each line must be a JSON object")
             rows.append(row)
     return rows

@@ -10,8 +10,10 @@ from __future__ import annotations
 import csv
 import hashlib
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 import yaml
 
@@ -19,13 +21,15 @@ from steerable.data.jsonl import read_jsonl
 from steerable.data.refusal_pairs import refusal_pair
 from steerable.data.roles import harmful_rows
 from steerable.data.sources import DATA_FILES, data_file
-from steerable.errors import SteerableError
+from steerable.errors import DataError
 
 SPLIT_SEED = "steerable-split-v1"
 TEST_PERCENT = 30
 PROMPT_SETS = ("advbench", "benign")
 ROW_SETS = (*PROMPT_SETS, "persona-harmful")  # sets load_prompt_rows also knows
 PAIR_SETS = ("refusal-pairs", *sorted(k for k in DATA_FILES if k.startswith("caa-")))
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -54,11 +58,11 @@ def _parse_name(spec: str, default_split: str) -> tuple[str, str]:
     name, _, split = spec.partition(":")
     split = split or default_split
     if split not in ("train", "test", "all"):
-        raise SteerableError(f"unknown split {split!r} in {spec!r}: use train, test or all")
+        raise DataError(f"unknown split {split!r} in {spec!r}: use train, test or all")
     return name, split
 
 
-def _keep(items: list, key, split: str) -> list:
+def _keep(items: list[T], key: Callable[[T], str], split: str) -> list[T]:
     return items if split == "all" else [it for it in items if split_of(key(it)) == split]
 
 
@@ -84,14 +88,14 @@ def load_prompts(spec: str, default_split: str = "train") -> list[str]:
         rows = read_jsonl(path)
         missing = [i for i, r in enumerate(rows, 1) if not isinstance(r.get("prompt"), str)]
         if missing:
-            raise SteerableError(f"{path}: rows {missing[:5]} have no string \"prompt\"")
+            raise DataError(f"{path}: rows {missing[:5]} have no string \"prompt\"")
         return [r["prompt"] for r in rows]
     name, split = _parse_name(spec, default_split)
     if name == "advbench":
         return _keep(_advbench(), lambda p: p, split)
     if name == "benign":
         return _keep(_benign(), lambda p: p, split)
-    raise SteerableError(f"unknown prompt set {spec!r}: use {', '.join(PROMPT_SETS)} or a .jsonl file")
+    raise DataError(f"unknown prompt set {spec!r}: use {', '.join(PROMPT_SETS)} or a .jsonl file")
 
 
 def load_prompt_rows(spec: str, default_split: str = "test") -> list[dict]:
@@ -102,7 +106,7 @@ def load_prompt_rows(spec: str, default_split: str = "test") -> list[dict]:
         rows = read_jsonl(path)
         for i, r in enumerate(rows, 1):
             if not isinstance(r.get("prompt"), str | list):
-                raise SteerableError(f"{path}:{i}: each row needs a \"prompt\" (a string or a list of messages)")
+                raise DataError(f"{path}:{i}: each row needs a \"prompt\" (a string or a list of messages)")
         return rows
     name, split = _parse_name(spec, default_split)
     if name == "advbench":
@@ -130,7 +134,7 @@ def load_pairs(spec: str, default_split: str = "train") -> list[Pair]:
         rows = read_jsonl(path)
         for i, r in enumerate(rows, 1):
             if not all(isinstance(r.get(k), str) for k in ("prompt", "positive", "negative")):
-                raise SteerableError(f"{path}:{i}: pair rows need string \"prompt\", \"positive\", \"negative\"")
+                raise DataError(f"{path}:{i}: pair rows need string \"prompt\", \"positive\", \"negative\"")
         return [Pair(r["prompt"], r["positive"], r["negative"]) for r in rows]
     name, split = _parse_name(spec, default_split)
     if name == "refusal-pairs":
@@ -140,7 +144,7 @@ def load_pairs(spec: str, default_split: str = "train") -> list[Pair]:
         rows = json.loads(data_file(name).read_text(encoding="utf-8"))
         pairs = [_split_caa(r["positive"], r["negative"]) for r in rows]
         return _keep(pairs, lambda p: p.prompt, split)
-    raise SteerableError(f"unknown pair set {spec!r}: use {', '.join(PAIR_SETS)} or a .jsonl file")
+    raise DataError(f"unknown pair set {spec!r}: use {', '.join(PAIR_SETS)} or a .jsonl file")
 
 
 def contrastive_examples(
@@ -153,14 +157,14 @@ def contrastive_examples(
     """
     if pairs is not None:
         if positive is not None or negative is not None:
-            raise SteerableError("give either --pairs or --positive/--negative, not both")
+            raise DataError("give either --pairs or --positive/--negative, not both")
         ps = load_pairs(pairs, default_split)[:limit]
         out: list[Example] = []
         for i, p in enumerate(ps):
             out += [Example(p.prompt, p.positive, 1, i), Example(p.prompt, p.negative, 0, i)]
         return out
     if positive is None or negative is None:
-        raise SteerableError("give --pairs, or both --positive and --negative")
+        raise DataError("give --pairs, or both --positive and --negative")
     pos = load_prompts(positive, default_split)[:limit]
     neg = load_prompts(negative, default_split)[:limit]
     out = []

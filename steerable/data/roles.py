@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from steerable.data.jsonl import read_jsonl
-from steerable.errors import SteerableError
+from steerable.errors import DataError
 
 ROLES_DIR = Path(__file__).with_name("roles")
 ROLE_FILES = ("personas", "questions", "harmful", "conversations")
@@ -46,7 +46,7 @@ class Conversation:
 
 def _rows(name: str, split: str) -> list[dict[str, Any]]:
     if split not in SPLITS:
-        raise SteerableError(f"unknown split {split!r}: use {', '.join(SPLITS)}")
+        raise DataError(f"unknown split {split!r}: use {', '.join(SPLITS)}")
     path = ROLES_DIR / f"{name}.jsonl"
     rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
     return rows if split == "all" else [r for r in rows if r["split"] == split]
@@ -70,10 +70,10 @@ def _conversation(row: dict[str, Any], where: str) -> Conversation:
     turns = row.get("turns")
     if not isinstance(row.get("id"), str | int) or not isinstance(turns, list) or not turns \
             or not all(isinstance(t, str) and t.strip() for t in turns):
-        raise SteerableError(f"{where}: a conversation needs an \"id\" and \"turns\" (non-empty user messages)")
+        raise DataError(f"{where}: a conversation needs an \"id\" and \"turns\" (non-empty user messages)")
     system = row.get("system")
     if system is not None and not isinstance(system, str):
-        raise SteerableError(f"{where}: \"system\" must be a string")
+        raise DataError(f"{where}: \"system\" must be a string")
     return Conversation(str(row["id"]), tuple(turns), system, str(row.get("kind", "")))
 
 
@@ -83,16 +83,16 @@ def load_conversations(spec: str) -> list[Conversation]:
     path = Path(spec)
     if path.suffix == ".jsonl":
         if not path.exists():
-            raise SteerableError(f"conversations file {spec} does not exist")
+            raise DataError(f"conversations file {spec} does not exist")
         out = [_conversation(row, f"{path}: row {n}") for n, row in enumerate(read_jsonl(path), 1)]
     else:
         name, _, split = spec.partition(":")
         if name not in ("roles", "conversations"):
-            raise SteerableError(f"unknown conversation set {spec!r}: use roles[:train|test|all] or a .jsonl file")
+            raise DataError(f"unknown conversation set {spec!r}: use roles[:train|test|all] or a .jsonl file")
         out = [_conversation(r, f"roles/{r.get('id')}") for r in _rows("conversations", split or "test")]
     ids = [c.id for c in out]
     if len(set(ids)) != len(ids):
-        raise SteerableError(f"conversation ids must be unique in {spec}")
+        raise DataError(f"conversation ids must be unique in {spec}")
     if not out:
-        raise SteerableError(f"no conversations in {spec}")
+        raise DataError(f"no conversations in {spec}")
     return out

@@ -22,7 +22,10 @@ from steerable.models.load import ModelHandle
 def _layer_entry(stats: LayerStats, est: Estimate) -> dict[str, Any]:
     v = est.direction.double()
     diff = stats.pos.mean - stats.neg.mean
-    proj = lambda x: (x.double() @ v).float()
+
+    def proj(x: torch.Tensor) -> torch.Tensor:
+        return (x.double() @ v).float()
+
     pos_all = torch.cat([stats.pos.sample.rows, stats.heldout_pos.rows])
     neg_all = torch.cat([stats.neg.sample.rows, stats.heldout_neg.rows])
     hp, hn = proj(stats.heldout_pos.rows), proj(stats.heldout_neg.rows)

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from steerable.directions.artifact import DirectionSet
-from steerable.errors import SteerableError
+from steerable.errors import ArtifactError, SteerableError
 from steerable.fsutil import atomic_path
 
 _ARCH_HINT = {"llama": "llama", "qwen2": "qwen2", "gemma3_text": "gemma3", "gemma3": "gemma3"}
@@ -60,7 +60,7 @@ def import_control_vector(path: str | Path, *, model_meta: dict | None = None) -
     try:
         reader = gguf.GGUFReader(str(path))
     except (OSError, ValueError) as e:
-        raise SteerableError(f"{path}: not a readable GGUF file ({e})") from e
+        raise ArtifactError(f"{path}: not a readable GGUF file ({e})") from e
     rows: dict[int, torch.Tensor] = {}
     for t in reader.tensors:
         m = re.fullmatch(r"direction\.(\d+)", t.name)
@@ -68,10 +68,10 @@ def import_control_vector(path: str | Path, *, model_meta: dict | None = None) -
             continue
         vec = torch.from_numpy(np.array(t.data, dtype=np.float32).reshape(-1))
         if not bool(torch.isfinite(vec).all()):
-            raise SteerableError(f"{path}: tensor {t.name} contains NaN or Inf")
+            raise ArtifactError(f"{path}: tensor {t.name} contains NaN or Inf")
         rows[int(m.group(1))] = vec
     if not rows:
-        raise SteerableError(f"{path}: no direction.N tensors (not a llama.cpp control vector)")
+        raise ArtifactError(f"{path}: no direction.N tensors (not a llama.cpp control vector)")
     layers = sorted(rows)
     vecs = torch.stack([rows[x] for x in layers])
     norms = vecs.norm(dim=1)

