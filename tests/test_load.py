@@ -144,3 +144,43 @@ def test_dequantising_is_logged_not_printed(
     captured = capsys.readouterr()
     assert captured.err == ""
     assert captured.out == ""
+
+
+def test_cli_shows_library_info_lines_on_stderr_and_restores_logging(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str],
+) -> None:
+    import argparse
+
+    from steerable.cli import main as cli
+
+    def fake_command(_args: argparse.Namespace) -> int:
+        logging.getLogger("steerable.models.load").info("dequantising %s (once) …", "m.gguf")
+        logging.getLogger("steerable.models.load").debug("not shown")
+        return 0
+
+    def parser() -> argparse.ArgumentParser:
+        ap = argparse.ArgumentParser()
+        ap.set_defaults(fn=fake_command)
+        return ap
+
+    monkeypatch.setattr(cli, "build_parser", parser)
+    lib = logging.getLogger("steerable")
+    handlers, level = list(lib.handlers), lib.level
+    assert cli.main([]) == 0
+    captured = capsys.readouterr()
+    assert captured.err == "steerable: dequantising m.gguf (once) …\n"
+    assert captured.out == ""
+    assert lib.handlers == handlers
+    assert lib.level == level
+
+
+def test_importing_steerable_configures_no_logging() -> None:
+    import subprocess
+    import sys
+
+    code = ("import logging, steerable, steerable.models.load, steerable.cli.main; "
+            "print(len(logging.getLogger('steerable').handlers), len(logging.getLogger().handlers), "
+            "logging.getLogger('steerable').level)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         cwd=Path(__file__).resolve().parents[1])
+    assert out.stdout.split() == ["0", "0", "0"]

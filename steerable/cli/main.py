@@ -104,13 +104,27 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    import logging
+
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     args = build_parser().parse_args(argv)
+    # The library logs (INFO: downloads, dequantising, …); the CLI shows those lines on stderr as
+    # `steerable: …`, for this call only (in-process callers such as tests get their logging back as it was).
+    log = logging.getLogger("steerable")
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("steerable: %(message)s"))
+    level = log.level
+    log.addHandler(handler)
+    log.setLevel(logging.INFO)
     try:
         return int(args.fn(args) or 0)
     except SteerableError as e:
         print(f"steerable: error: {e}", file=sys.stderr)
         return 2
+    finally:
+        log.removeHandler(handler)
+        log.setLevel(level)
+        handler.close()
 
 
 if __name__ == "__main__":
