@@ -13,18 +13,19 @@ import os
 import textwrap
 import time
 from pathlib import Path
+from typing import Any
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-from steerable.cli.commands import inspect_table
-from steerable.cli.table import table
 from steerable.data.loaders import contrastive_examples, load_prompts
 from steerable.directions.artifact import save_directions
 from steerable.directions.calibrate import calibrate
+from steerable.directions.summary import inspect_table
 from steerable.evaluate.refusal import is_refusal, refusal_rate
 from steerable.fsutil import write_text_atomic
 from steerable.generation import generate
 from steerable.models.load import load_model
+from steerable.tables import table
 
 
 def _clip(text: str, width: int = 58) -> str:
@@ -70,7 +71,7 @@ def main(argv: list[str] | None = None) -> int:
                          _clip(results["steered"][i][j])])
     print(table(["", "prompt", "unsteered", "steered"], rows))
 
-    summary = {}
+    summary: dict[str, Any] = {}
     print("\n== refusal rate (substring judge), held-out prompts, bootstrap 95 % CI")
     rate_rows = []
     for name, (h, b) in results.items():

@@ -2,7 +2,8 @@
 
 Experiment 1 (seed Table 1 / Figure 1): how well each estimator recovers the axis as noise σ and the
 calibration size n vary. Experiment 2 (seed Figure 2): harm reduction H, capability preservation C and
-F1 = 2HC/(H+C) over the capping threshold τ. Run `python -m steerable.sim --out DIR [--quick]`.
+F1 = 2HC/(H+C) over the capping threshold τ. `run_lab` runs both and writes the files; `steerable sim --out DIR
+[--quick]` prints `summary_text` of its result (`python -m steerable.sim` logs it).
 
 The generative model (ours; the seed does not specify one). With unit axis a, centre μ, k nuisance
 directions Q ⟂ a and per-role offsets o_r ⟂ a (centred over roles, so balanced roles average them out):
@@ -17,11 +18,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import math
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -31,6 +34,8 @@ from steerable.directions.axis import assistant_axis as axis_estimator
 from steerable.directions.estimators import lda, logistic, mean_diff, pca
 from steerable.fsutil import atomic_path, write_text_atomic
 from steerable.steering import ops
+
+log = logging.getLogger(__name__)
 
 ESTIMATOR_NAMES = ("assistant-axis", "mean-diff", "pca", "lda", "logistic")
 DEFAULT_TAUS = tuple(round(0.1 * i, 1) for i in range(1, 51))  # the seed's sweep, τ ∈ [0.1, 5.0]
@@ -111,7 +116,8 @@ def draw(world: World, n: int, gen: torch.Generator) -> Sample:
     return Sample(asst.float(), roles.float(), ids, world.axis.float())
 
 
-def generate(spec: SimSpec) -> Sample:
+def sample_world(spec: SimSpec) -> Sample:
+    """`spec.n` pairs drawn from the world of `spec.seed` (the world and the draw both fixed by the seed)."""
     gen = torch.Generator().manual_seed(spec.seed)
     return draw(make_world(spec, gen), spec.n, gen)
 
@@ -167,7 +173,7 @@ def alignment_experiment(
         for sigma in sigmas:
             for n in ns:
                 spec = replace(base, d=d, n=n, sigma=sigma, seed=seed * 100_003 + r)
-                sample = generate(spec)
+                sample = sample_world(spec)
                 for name, v in estimate_all(sample).items():
                     rows.append({"estimator": name, "sigma": sigma, "n": n, "repeat": r,
                                  "cosine": float(v @ sample.axis)})
@@ -238,7 +244,7 @@ def capping_experiment(
     lo, hi = float(q[0]), float(q[1])
     t_harm = true_coord(test.roles)
     outside = (t_harm < lo) | (t_harm > hi)
-    rows = []
+    rows: list[dict[str, Any]] = []
     for mode, cap in (("band", cap_band), ("floor", cap_floor)):
         for tau in taus:
             t_capped = true_coord(cap(test.roles, axis_hat, centre, tau))
@@ -292,64 +298,81 @@ def _plot_capping(cap: dict, path: Path) -> None:
     _save(fig, path)
 
 
-def _save(fig, path: Path) -> None:
+def _save(fig: Any, path: Path) -> None:
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=120, bbox_inches="tight")
     fig.clf()
 
 
-def main(argv: Sequence[str] | None = None) -> dict:
-    ap = argparse.ArgumentParser(prog="python -m steerable.sim", description=__doc__.splitlines()[0])
-    ap.add_argument("--out", required=True, type=Path)
-    ap.add_argument("--quick", action="store_true", help="small grid (seconds), for smoke tests")
-    ap.add_argument("--seed", type=int, default=0)
-    args = ap.parse_args(argv)
+def run_lab(out: str | Path, *, quick: bool = False, seed: int = 0) -> dict[str, Any]:
+    """Both experiments on the default spec (seed `seed`); writes sim.json, sim_alignment.png and
+    sim_capping.png to `out` and returns what sim.json holds. `quick`: a small grid (seconds)."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # d×d with d = 64: idle OpenMP threads spinning between calls cost more than they add
     try:
-        return _run(args)
+        return _run(Path(out), quick, seed)
     finally:
         torch.set_num_threads(threads)
 
 
-def _run(args: argparse.Namespace) -> dict:
+def _run(out: Path, quick: bool, seed: int) -> dict[str, Any]:
     t0 = time.perf_counter()
-    if args.quick:
-        grid = {"sigmas": [0.1, 1.0], "ns": [50, 200], "repeats": 3}
+    if quick:
+        grid: dict[str, Any] = {"sigmas": [0.1, 1.0], "ns": [50, 200], "repeats": 3}
     else:
         grid = {"sigmas": [0.05, 0.1, 0.25, 0.5, 1.0, 2.0], "ns": [50, 100, 200, 500, 1000], "repeats": 30}
-    spec = SimSpec(seed=args.seed)
-    align = alignment_experiment(grid["sigmas"], grid["ns"], grid["repeats"], d=spec.d, seed=args.seed, base=spec)
+    spec = SimSpec(seed=seed)
+    align = alignment_experiment(grid["sigmas"], grid["ns"], grid["repeats"], d=spec.d, seed=seed, base=spec)
     cap = capping_experiment(DEFAULT_TAUS, spec)
     result = {"spec": asdict(spec), "grid": grid, "alignment": align, "capping": cap,
               "f1_optimum": cap["best"]["band"], "elapsed_s": round(time.perf_counter() - t0, 2)}
-    args.out.mkdir(parents=True, exist_ok=True)
-    write_text_atomic(args.out / "sim.json", json.dumps(result, indent=1))
-    _plot_alignment(align["summary"], args.out / "sim_alignment.png")
-    _plot_capping(cap, args.out / "sim_capping.png")
-    _print_summary(align["summary"], cap, result["elapsed_s"])
+    out.mkdir(parents=True, exist_ok=True)
+    write_text_atomic(out / "sim.json", json.dumps(result, indent=1))
+    _plot_alignment(align["summary"], out / "sim_alignment.png")
+    _plot_capping(cap, out / "sim_capping.png")
+    log.info("wrote %s, %s, %s (%.1f s)", out / "sim.json", out / "sim_alignment.png", out / "sim_capping.png",
+             result["elapsed_s"])
     return result
 
 
-def _print_summary(summary: list[dict], cap: dict, elapsed: float) -> None:
+def summary_text(result: dict[str, Any]) -> str:
+    """Markdown tables of axis recovery (at σ ≈ 0.1 and 1 over n; at the largest n over σ) and each capping
+    mode's best τ, from `run_lab`'s result."""
+    summary, cap, elapsed = result["alignment"]["summary"], result["capping"], result["elapsed_s"]
     ns, sigmas = sorted({r["n"] for r in summary}), sorted({r["sigma"] for r in summary})
     cell = {(r["estimator"], r["sigma"], r["n"]): r for r in summary}
     fmt = "{0[mean]:.4f} [{0[ci95][0]:.3f}, {0[ci95][1]:.3f}]".format
+    lines: list[str] = []
     for sigma in sorted({min(sigmas, key=lambda s: abs(s - t)) for t in (0.1, 1.0)}):
-        print(f"\nAxis recovery at σ = {sigma}: mean cosine with the true axis [95% bootstrap CI]")
-        print("| estimator | " + " | ".join(f"n={n}" for n in ns) + " |\n|---|" + "---|" * len(ns))
+        lines.append(f"\nAxis recovery at σ = {sigma}: mean cosine with the true axis [95% bootstrap CI]")
+        lines.append("| estimator | " + " | ".join(f"n={n}" for n in ns) + " |\n|---|" + "---|" * len(ns))
         for name in ESTIMATOR_NAMES:
-            print(f"| {name} | " + " | ".join(fmt(cell[name, sigma, n]) for n in ns) + " |")
-    print(f"\nAxis recovery at n = {ns[-1]} per class")
-    print("| estimator | " + " | ".join(f"σ={s}" for s in sigmas) + " |\n|---|" + "---|" * len(sigmas))
+            lines.append(f"| {name} | " + " | ".join(fmt(cell[name, sigma, n]) for n in ns) + " |")
+    lines.append(f"\nAxis recovery at n = {ns[-1]} per class")
+    lines.append("| estimator | " + " | ".join(f"σ={s}" for s in sigmas) + " |\n|---|" + "---|" * len(sigmas))
     for name in ESTIMATOR_NAMES:
-        print(f"| {name} | " + " | ".join(f"{cell[name, s, ns[-1]]['mean']:.4f}" for s in sigmas) + " |")
+        lines.append(f"| {name} | " + " | ".join(f"{cell[name, s, ns[-1]]['mean']:.4f}" for s in sigmas) + " |")
     lo, hi = cap["harmless_region"]
-    print(f"\nCapping ({cap['estimator']} axis, cosine {cap['axis_cosine']:.4f}; harmless region [{lo:.3f}, {hi:.3f}])")
+    lines.append(f"\nCapping ({cap['estimator']} axis, cosine {cap['axis_cosine']:.4f}; "
+                 f"harmless region [{lo:.3f}, {hi:.3f}])")
     for mode, b in cap["best"].items():
-        print(f"  {mode:5s}: best τ = {b['tau']}  H = {b['H']:.4f}  C = {b['C']:.4f}  F1 = {b['F1']:.4f}")
-    print(f"\n({elapsed:.1f} s)")
+        lines.append(f"  {mode:5s}: best τ = {b['tau']}  H = {b['H']:.4f}  C = {b['C']:.4f}  F1 = {b['F1']:.4f}")
+    lines.append(f"\n({elapsed:.1f} s)")
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    """`python -m steerable.sim --out DIR [--quick] [--seed N]`: `run_lab`, its summary logged at INFO."""
+    ap = argparse.ArgumentParser(prog="python -m steerable.sim", description=(__doc__ or "").splitlines()[0])
+    ap.add_argument("--out", required=True, type=Path)
+    ap.add_argument("--quick", action="store_true", help="small grid (seconds), for smoke tests")
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args(argv)
+    result = run_lab(args.out, quick=args.quick, seed=args.seed)
+    log.info("%s", summary_text(result))
+    return result
 
 
 if __name__ == "__main__":
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
     main()

@@ -13,17 +13,20 @@ from steerable.data.loaders import load_prompt_rows
 from steerable.directions.artifact import save_directions
 from steerable.directions.axis import AxisData, RoleRow, assistant_axis, role_rows
 from steerable.directions.calibrate import calibrate
-from steerable.errors import SteerableError
-from steerable.evaluate.drift import Condition, run_conversations
+from steerable.errors import DataError, SteerableError
+from steerable.evaluate.drift import DriftArm, run_conversations
 from steerable.evaluate.monitor import AxisMonitor
 from steerable.generation import generate
+from steerable.recipes.axis import AxisResult, estimate_axis, read_responses
 from tests.test_steering import EX
 
 
 def test_role_data_meets_the_issue_minimums_and_keeps_a_held_out_split():
-    assert len(roles.personas("all")) >= 40 and len(roles.questions("all")) >= 60
+    assert len(roles.personas("all")) >= 40
+    assert len(roles.questions("all")) >= 60
     scripts = roles.load_conversations("roles:all")
-    assert len(scripts) >= 20 and all(len(c.turns) >= 6 for c in scripts)
+    assert len(scripts) >= 20
+    assert all(len(c.turns) >= 6 for c in scripts)
     for name in roles.ROLE_FILES:
         rows = roles._rows(name, "all")
         assert len({r["id"] for r in rows}) == len(rows)
@@ -32,7 +35,8 @@ def test_role_data_meets_the_issue_minimums_and_keeps_a_held_out_split():
     train_ids = {p.id for p in roles.personas("train")}
     assert train_ids.isdisjoint(p.id for p in roles.personas("test"))
     harmful = load_prompt_rows("persona-harmful:test")
-    assert harmful and all(r["prompt"][0]["role"] == "system" and r["prompt"][1]["role"] == "user" for r in harmful)
+    assert harmful
+    assert all(r["prompt"][0]["role"] == "system" and r["prompt"][1]["role"] == "user" for r in harmful)
     assert {r["category"] for r in harmful} >= {"fraud", "violence", "cybercrime"}
 
 
@@ -129,7 +133,8 @@ def test_monitor_reads_after_steering(llama, tmp_path):
     generate(llama, ["hi", "tell me more"], {"vector": str(path), "method": "cap", "cap_floor": 50.0, "layers": [2]},
              max_new_tokens=5, monitor=capped)
     for r in range(2):
-        assert plain.projection(r) < 50 and abs(capped.projection(r) - 50.0) < 1e-3
+        assert plain.projection(r) < 50
+        assert abs(capped.projection(r) - 50.0) < 1e-3
 
 
 def test_drift_rows_are_independent_of_other_conditions(llama, tmp_path):
@@ -139,9 +144,10 @@ def test_drift_rows_are_independent_of_other_conditions(llama, tmp_path):
     convs = [roles.Conversation("a", ("hello", "go on", "and then?")), roles.Conversation("b", ("x", "y"), "pirate")]
     cap = {"vector": str(path), "method": "cap", "cap_floor": 30.0, "layers": [1, 2]}
     alone = run_conversations(llama, convs, ds, max_new_tokens=4, progress=False)
-    both = run_conversations(llama, convs, ds, [Condition("unsteered"), Condition("cap", cap)], max_new_tokens=4,
+    both = run_conversations(llama, convs, ds, [DriftArm("unsteered"), DriftArm("cap", cap)], max_new_tokens=4,
                              progress=False)
-    assert len(alone) == 5 and len(both) == 10
+    assert len(alone) == 5
+    assert len(both) == 10
     assert [r["reply"] for r in both if r["condition"] == "unsteered"] == [r["reply"] for r in alone]
     assert [r["projection"] for r in both if r["condition"] == "unsteered"] == pytest.approx(
         [r["projection"] for r in alone], abs=1e-4)
@@ -152,14 +158,50 @@ def test_drift_rows_are_independent_of_other_conditions(llama, tmp_path):
     assert [r["turn"] for r in alone] == [1, 2, 3, 1, 2]
 
 
+def test_estimate_axis_recipe_answers_fits_and_reports(llama, tmp_path):
+    seen: list[list[RoleRow]] = []
+    res = estimate_axis(llama, personas=3, questions=6, per_persona=2, max_new_tokens=4, batch_size=8, bootstrap=2,
+                        info={"note": "unit"}, on_answers=seen.append, progress=False)
+    assert isinstance(res, AxisResult)
+    assert seen == [res.rows]  # handed out once, before capture
+    assert {r.kind for r in res.rows} == {"assistant", "role"}
+    assert len({r.persona for r in res.rows if r.persona}) == 3
+    assert all(r.response.strip() for r in res.rows)
+    ds = res.directions
+    assert ds.layers == list(range(llama.n_layers))
+    assert ds.meta["estimator"] == "assistant-axis"
+    assert ds.meta["data"]["per_persona"] == 2
+    assert ds.meta["data"]["note"] == "unit"
+    assert res.monitor_layer == ds.meta["axis"]["monitor_layer"]
+    assert res.report["axis"] == ds.meta["axis"]
+    assert [row["layer"] for row in res.report["layers"]] == ds.layers
+    assert res.report["stability"]["bootstrap"]["lda"]["n"] == 2
+    # the same answers, reused from a responses file: no generation, the same axis
+    path = tmp_path / "r.jsonl"
+    path.write_text("".join(json.dumps(r.to_json()) + "\n" for r in res.rows))
+    assert read_responses(path) == res.rows
+    again = estimate_axis(llama, responses=path, bootstrap=0, on_answers=seen.append, progress=False)
+    assert len(seen) == 1
+    assert "stability" not in again.report
+    torch.testing.assert_close(again.directions.directions, ds.directions)
+    path.write_text("{not json\n")
+    with pytest.raises(DataError):
+        read_responses(path)
+    with pytest.raises(SteerableError):
+        estimate_axis(llama, estimator="nope", responses=res.rows, progress=False)
+
+
 def test_axis_and_drift_cli(model_dir, tmp_path, capsys):
     out = tmp_path / "axis.safetensors"
     assert main(["axis", "--model", model_dir, "--out", str(out), "--personas", "4", "--questions", "6",
                  "--per-persona", "2", "--max-new-tokens", "4", "--bootstrap", "3", "--batch-size", "8"]) == 0
     printed = capsys.readouterr().out
-    assert "cos pca" in printed and "monitor layer" in printed and "bootstrap mean" in printed
+    assert "cos pca" in printed
+    assert "monitor layer" in printed
+    assert "bootstrap mean" in printed
     report = json.loads((tmp_path / "axis.report.json").read_text())
-    assert len(report["layers"]) == 4 and "assistant-axis|lda" in report["layers"][0]["cosine"]
+    assert len(report["layers"]) == 4
+    assert "assistant-axis|lda" in report["layers"][0]["cosine"]
     assert set(report["stability"]["bootstrap"]) == {"assistant-axis", "pca", "lda", "logistic"}
     responses = tmp_path / "axis.responses.jsonl"
     assert len(responses.read_text().splitlines()) > 6
@@ -169,7 +211,9 @@ def test_axis_and_drift_cli(model_dir, tmp_path, capsys):
     from steerable.directions.artifact import load_directions
 
     meta = load_directions(again).meta
-    assert meta["estimator"] == "lda" and "monitor_layer" in meta["axis"] and meta["position"] == "response-mean"
+    assert meta["estimator"] == "lda"
+    assert "monitor_layer" in meta["axis"]
+    assert meta["position"] == "response-mean"
 
     convs = tmp_path / "convs.jsonl"
     convs.write_text("".join(json.dumps({"id": f"c{i}", "turns": ["hi", "who are you?", "be a pirate"]}) + "\n"
@@ -180,9 +224,11 @@ def test_axis_and_drift_cli(model_dir, tmp_path, capsys):
     assert main(["drift", "--model", model_dir, "--axis", str(out), "--conversations", str(convs), "--out", str(d),
                  "--plan", str(plan), "--baseline", "--max-new-tokens", "4"]) == 0
     rows = [json.loads(x) for x in (d / "drift.jsonl").read_text().splitlines()]
-    assert len(rows) == 2 * 2 * 3 and {r["condition"] for r in rows} == {"unsteered", "cap25"}
+    assert len(rows) == 2 * 2 * 3
+    assert {r["condition"] for r in rows} == {"unsteered", "cap25"}
     assert all({"id", "turn", "projection", "reply", "user", "left_band", "drift"} <= set(r) for r in rows)
-    assert (d / "drift.png").read_bytes()[:4] == b"\x89PNG" and "<img" in (d / "index.html").read_text()
+    assert (d / "drift.png").read_bytes()[:4] == b"\x89PNG"
+    assert "<img" in (d / "index.html").read_text()
     summary = json.loads((d / "summary.json").read_text())
     assert set(summary["conditions"]) == {"unsteered", "cap25"}
     assert main(["drift", "--model", model_dir, "--axis", str(out), "--conversations", "nope.jsonl",

@@ -8,9 +8,9 @@ import json
 from pathlib import Path
 from typing import Any
 
-from steerable.cli.table import table
-from steerable.errors import SteerableError
+from steerable.errors import PlanError, SteerableError
 from steerable.models.builtin import DEFAULT_MODEL
+from steerable.tables import table
 
 
 def add_persona_parsers(sub: Any) -> None:
@@ -59,7 +59,7 @@ def add_persona_parsers(sub: Any) -> None:
 def cmd_sim(args: argparse.Namespace) -> int:
     from steerable import sim
 
-    sim.main(["--out", args.out, "--seed", str(args.seed), *(["--quick"] if args.quick else [])])
+    print(sim.summary_text(sim.run_lab(args.out, quick=args.quick, seed=args.seed)))
     return 0
 
 
@@ -70,44 +70,27 @@ def _write_jsonl(path: Path, rows: list[dict[str, Any]]) -> None:
 
 
 def cmd_axis(args: argparse.Namespace) -> int:
-    from steerable.data import roles
     from steerable.directions.artifact import save_directions
-    from steerable.directions.axis import RoleRow, answer, capture_axis_data, fit_axis, role_rows
-    from steerable.directions.axis_report import layer_agreement, stability
     from steerable.fsutil import write_text_atomic
     from steerable.models.load import load_model
+    from steerable.recipes.axis import estimate_axis
 
     out = Path(args.out)
     stem = out.with_suffix("")
     handle = load_model(args.model)
-    if args.responses:
-        try:
-            rows = [RoleRow(**json.loads(line)) for line in Path(args.responses).read_text("utf-8").splitlines()
-                    if line.strip()]
-        except (OSError, TypeError, json.JSONDecodeError) as e:
-            raise SteerableError(f"{args.responses}: not a responses file written by `steerable axis` ({e})") from e
-    else:
-        personas = roles.personas("train")[: args.personas]
-        questions = roles.questions("train")[: args.questions]
-        rows = answer(handle, role_rows(personas, questions, args.per_persona),
-                      max_new_tokens=args.max_new_tokens, batch_size=args.batch_size)
-        _write_jsonl(Path(f"{stem}.responses.jsonl"), [r.to_json() for r in rows])
-    data = capture_axis_data(handle, rows, batch_size=args.batch_size)
-    info = {"per_persona": args.per_persona, "max_new_tokens": args.max_new_tokens,
-            "responses": args.responses or f"{stem.name}.responses.jsonl"}
-    ds = fit_axis(handle, data, args.estimator, info)
+    result = estimate_axis(
+        handle, estimator=args.estimator, personas=args.personas, questions=args.questions,
+        per_persona=args.per_persona, responses=args.responses, max_new_tokens=args.max_new_tokens,
+        batch_size=args.batch_size, bootstrap=args.bootstrap,
+        info={"responses": args.responses or f"{stem.name}.responses.jsonl"},
+        on_answers=lambda rows: _write_jsonl(Path(f"{stem}.responses.jsonl"), [r.to_json() for r in rows]))
+    ds, report = result.directions, result.report
     save_directions(ds, out)
-    agreement = layer_agreement(data)
-    mon = ds.meta["axis"]["monitor_layer"]
-    report: dict[str, Any] = {"model": handle.name, "estimator": args.estimator, "axis": ds.meta["axis"],
-                              "layers": agreement}
-    if args.bootstrap > 0:
-        report["stability"] = stability(data, mon, bootstrap=args.bootstrap)
     write_text_atomic(Path(f"{stem}.report.json"), json.dumps(report, indent=1) + "\n")
-    print(_axis_table(ds, agreement))
+    print(_axis_table(ds, report["layers"]))
     if "stability" in report:
         print(_stability_table(report["stability"]))
-    print(f"\nmonitor layer {mon}; suggested cap layers {ds.meta['axis']['cap_layers']} "
+    print(f"\nmonitor layer {result.monitor_layer}; suggested cap layers {ds.meta['axis']['cap_layers']} "
           f"(e.g. {{\"vector\": \"{out}\", \"method\": \"cap\", \"cap_floor\": \"p25\", "
           f"\"layers\": \"{ds.meta['axis']['cap_layers']}\"}})")
     print(f"wrote {out}, {stem}.report.json" + ("" if args.responses else f", {stem}.responses.jsonl"))
@@ -138,7 +121,7 @@ def _stability_table(st: dict[str, Any]) -> str:
 def cmd_drift(args: argparse.Namespace) -> int:
     from steerable.data.roles import load_conversations
     from steerable.directions.artifact import load_directions
-    from steerable.evaluate.drift import Condition, assistant_band, run_conversations
+    from steerable.evaluate.drift import DriftArm, assistant_band, run_conversations
     from steerable.evaluate.drift_report import write_drift
     from steerable.models.load import load_model
     from steerable.steering.plan import read_plan_file
@@ -154,16 +137,16 @@ def cmd_drift(args: argparse.Namespace) -> int:
     handle = load_model(args.model)
     axis = load_directions(args.axis, handle)
     band = assistant_band(axis, args.layer, lo, hi)
-    conditions = [Condition(Path(p).stem, read_plan_file(p)) for p in args.plan]
-    if len({c.name for c in conditions}) != len(conditions):
-        raise SteerableError("plan files must have different names (each names a condition)")
-    if not conditions or args.baseline:
-        conditions.insert(0, Condition("unsteered"))
-    records = run_conversations(handle, convs, axis, conditions, band=band, max_new_tokens=args.max_new_tokens,
+    arms = [DriftArm(Path(p).stem, read_plan_file(p)) for p in args.plan]
+    if len({a.name for a in arms}) != len(arms):
+        raise PlanError("plan files must have different names (each names a condition)")
+    if not arms or args.baseline:
+        arms.insert(0, DriftArm("unsteered"))
+    records = run_conversations(handle, convs, axis, arms, band=band, max_new_tokens=args.max_new_tokens,
                                 batch_size=args.batch_size, rescore=not args.no_rescore)
     info = {"model": handle.name, "axis": str(args.axis), "conversations": args.conversations,
             "band": band.to_json(), "max_new_tokens": args.max_new_tokens,
-            "plans": {c.name: c.plan for c in conditions}}
+            "plans": {a.name: a.plan for a in arms}}
     summary = write_drift(args.out, records, info)
     rows = []
     for name, s in summary["conditions"].items():

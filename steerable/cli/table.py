@@ -1,21 +1,7 @@
-"""Plain aligned tables for the terminal (no dependency, copy-pasteable)."""
+"""Terminal tables for the CLI: re-exported from the library module `steerable.tables`."""
 
 from __future__ import annotations
 
-import math
-from collections.abc import Sequence
+from steerable.tables import fmt, table
 
-
-def fmt(x: object, digits: int = 3) -> str:
-    if isinstance(x, float):
-        return "—" if math.isnan(x) else f"{x:.{digits}f}"
-    return str(x)
-
-
-def table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
-    cells = [[fmt(c) for c in row] for row in rows]
-    widths = [max(len(h), *(len(r[i]) for r in cells)) if cells else len(h) for i, h in enumerate(headers)]
-    line = "  ".join(h.rjust(w) for h, w in zip(headers, widths, strict=True))
-    sep = "  ".join("─" * w for w in widths)
-    body = ["  ".join(c.rjust(w) for c, w in zip(r, widths, strict=True)) for r in cells]
-    return "\n".join([line, sep, *body])
+__all__ = ["fmt", "table"]

@@ -1,6 +1,7 @@
 """The Assistant Axis (methods.md §3), estimated on a real model from the project's role data.
 
-Recipe: the model answers neutral questions as its default Assistant and while playing each persona
+Recipe (`steerable.recipes.axis.estimate_axis` runs it end to end, generating the answers; this module only
+estimates): the model answers neutral questions as its default Assistant and while playing each persona
 (greedy); a response's activation is its `response-mean` at every layer; a role vector is the mean over
 one persona's responses; axis = mean(Assistant responses) − mean(role vectors), pointing toward the
 Assistant. Seed 000's three estimators (pairwise PCA of Assistant − role differences on the same
@@ -28,7 +29,6 @@ from steerable.directions.artifact import DirectionSet, layer_ranges
 from steerable.directions.calibrate import artifact_meta, directions_from_capture
 from steerable.directions.estimators import Estimate, get_estimator
 from steerable.errors import SteerableError
-from steerable.generation import generate
 from steerable.models.load import Messages, ModelHandle
 
 AXIS_ESTIMATORS = ("assistant-axis", "pca", "lda", "logistic")
@@ -65,14 +65,6 @@ def role_rows(personas: Sequence[Persona], questions: Sequence[Question], per_pe
             q = questions[(i * per_persona + j) % len(questions)]
             rows.append(RoleRow("role", q.id, q.question, p.id, p.system))
     return rows
-
-
-def answer(handle: ModelHandle, rows: Sequence[RoleRow], *, max_new_tokens: int = 48, batch_size: int = 16,
-           progress: bool = True) -> list[RoleRow]:
-    """Greedy answers; rows whose answer is empty are dropped (they have no response-mean)."""
-    texts = generate(handle, [r.messages() for r in rows], max_new_tokens=max_new_tokens, batch_size=batch_size,
-                     progress=progress)
-    return [dataclasses.replace(r, response=t) for r, t in zip(rows, texts, strict=True) if t.strip()]
 
 
 @dataclass

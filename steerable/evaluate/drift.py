@@ -4,7 +4,7 @@ that fall below the Assistant band.
 
 The band is a percentile range of the axis artifact's own Assistant projections at the monitored layer
 (default 5th–95th); a reply's drift is its distance below the band's floor (0 inside or above it).
-Every conversation under every condition (unsteered, or a plan) is one row of the same batched
+Every conversation under every arm (`DriftArm`: unsteered, or a plan) is one row of the same batched
 generation at each turn.
 """
 
@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 from steerable.capture.features import response_means
 from steerable.data.roles import Conversation
 from steerable.directions.artifact import DirectionSet
-from steerable.errors import SteerableError
+from steerable.errors import PlanError, SteerableError
 from steerable.evaluate.monitor import AxisMonitor
 from steerable.generation import generate
 from steerable.models.load import Messages, ModelHandle
@@ -53,8 +53,9 @@ def assistant_band(axis: DirectionSet, layer: int | None = None, lo: float = 5, 
 
 
 @dataclass(frozen=True)
-class Condition:
-    """A way of running the conversations: unsteered (plan None) or under a plan."""
+class DriftArm:
+    """One arm of a drift run: a way of running the conversations, unsteered (plan None) or under a plan.
+    Its name is the records' `condition` field."""
 
     name: str
     plan: Any = None
@@ -64,7 +65,7 @@ def run_conversations(
     handle: ModelHandle,
     conversations: Sequence[Conversation],
     axis: DirectionSet,
-    conditions: Sequence[Condition] = (Condition("unsteered"),),
+    arms: Sequence[DriftArm] = (DriftArm("unsteered"),),
     *,
     band: Band | None = None,
     max_new_tokens: int = 64,
@@ -72,7 +73,7 @@ def run_conversations(
     rescore: bool = True,
     progress: bool = True,
 ) -> list[dict[str, Any]]:
-    """One record per (condition, conversation, assistant turn), in that order.
+    """One record per (arm, conversation, assistant turn), in that order; a record's `condition` is its arm's name.
 
     `projection` is read while the reply is generated, under the condition's plan: a cap on layers up to
     the monitored one raises it mechanically. With `rescore`, `text_projection` is the same reply re-read
@@ -81,10 +82,10 @@ def run_conversations(
     """
     axis.check_model(handle)
     band = band or assistant_band(axis)
-    if len({c.name for c in conditions}) != len(conditions):
-        raise SteerableError("condition names must be unique")
-    build_row_plans(handle, [c.plan for c in conditions])  # every plan is checked before anything runs
-    runs = [(c, conv) for c in conditions for conv in conversations]
+    if len({a.name for a in arms}) != len(arms):
+        raise PlanError("drift arm names must be unique")
+    build_row_plans(handle, [a.plan for a in arms])  # every plan is checked before anything runs
+    runs = [(a, conv) for a in arms for conv in conversations]
     history: list[Messages] = [[{"role": "system", "content": conv.system}] if conv.system else [] for _, conv in runs]
     out: list[list[dict[str, Any]]] = [[] for _ in runs]
     n_turns = max(len(conv.turns) for conv in conversations)
@@ -96,27 +97,31 @@ def run_conversations(
         monitor = AxisMonitor(axis.direction(band.layer), band.layer, str(axis.meta.get("site", "resid_post")))
         replies = generate(handle, prompts, plans=plans if any(p is not None for p in plans) else None,
                            max_new_tokens=max_new_tokens, batch_size=batch_size, monitor=monitor)
-        texts = _rescore(handle, axis, band.layer, prompts, replies, batch_size) if rescore else [None] * len(active)
+        texts = (text_projections(handle, axis, band.layer, prompts, replies, batch_size=batch_size) if rescore
+                 else [None] * len(active))
         for j, i in enumerate(active):
-            cond, conv = runs[i]
+            arm, conv = runs[i]
             p = monitor.projection(j)
+            text_p = texts[j]
             history[i] = [*prompts[j], {"role": "assistant", "content": replies[j]}]
             out[i].append({
-                "id": conv.id, "kind": conv.kind, "condition": cond.name, "turn": turn + 1,
+                "id": conv.id, "kind": conv.kind, "condition": arm.name, "turn": turn + 1,
                 "user": conv.turns[turn], "reply": replies[j], "projection": None if math.isnan(p) else round(p, 5),
                 "tokens": monitor.tokens(j), "layer": band.layer, "band": [round(band.lo, 5), round(band.hi, 5)],
                 "drift": None if math.isnan(p) else round(band.drift(p), 5),
                 "left_band": bool(math.isfinite(p) and p < band.lo),
-                "text_projection": None if texts[j] is None else round(texts[j], 5),
+                "text_projection": None if text_p is None else round(text_p, 5),
             })
             bar.update()
     bar.close()
     return [r for rows in out for r in rows]
 
 
-def _rescore(handle: ModelHandle, axis: DirectionSet, layer: int, prompts: Sequence[Messages],
-             replies: Sequence[str], batch_size: int) -> list[float | None]:
-    """Each reply's response-mean projection under the unsteered model (None for an empty reply)."""
+def text_projections(handle: ModelHandle, axis: DirectionSet, layer: int, prompts: Sequence[Messages | str],
+                     replies: Sequence[str], *, batch_size: int = 16) -> list[float | None]:
+    """Each reply's response-mean projection on the axis at `layer`, read by the *unsteered* model from the
+    prompt and reply as text (one prefill per reply; None for an empty reply): how Assistant-like the text
+    itself is, whatever steering wrote it. Drift records it as `text_projection`."""
     keep = [j for j, r in enumerate(replies) if r.strip()]
     out: list[float | None] = [None] * len(replies)
     if keep:

@@ -1,0 +1,79 @@
+"""What a direction file holds, as text: the per-layer table `steerable inspect` prints and the layer selection
+and CAST condition its criteria would choose (library code: the CLI and the demo print what it returns)."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from typing import Any
+
+from steerable.directions.artifact import DirectionSet, layer_ranges
+from steerable.directions.condition import choose_condition
+from steerable.directions.layers import cosine_matrix, discriminative_layers, global_direction, top_layers
+from steerable.errors import SteerableError
+from steerable.tables import fmt, table
+
+
+def inspect_table(ds: DirectionSet) -> str:
+    """Per-layer quality, norms, cosines and class percentiles, then what each layer criterion selects and the
+    automatic CAST condition (`steerable inspect` and `calibrate` print it)."""
+    cos = cosine_matrix(ds)
+    _, b1_layer = global_direction(ds)
+    b1 = ds.direction(b1_layer)
+    rows = []
+    for i, layer in enumerate(ds.layers):
+        p = ds.percentiles[i]
+        rows.append([
+            layer, float(ds.auroc[i]), float(ds.cohens_d[i]), float(ds.raw_norms[i]), float(ds.scales[i]),
+            float(cos[i, i - 1]) if i > 0 else float("nan"), float(ds.directions[i] @ b1),
+            f"{p[0, 25]:.2f}/{p[0, 50]:.2f}/{p[0, 75]:.2f}", f"{p[1, 25]:.2f}/{p[1, 50]:.2f}/{p[1, 75]:.2f}",
+        ])
+    m = ds.meta
+    head = (f"model {m.get('model', {}).get('name')}  site {m.get('site')}  position {m.get('position')}  "
+            f"estimator {m.get('estimator')}  counts {m.get('counts')}\n"
+            f"global direction b1 = layer {b1_layer}; AUROC and Cohen's d on the held-out 20 %\n")
+    sel, cond = selection_summary(ds)
+
+    def show(layers: list[int] | None, unavailable: str) -> str:
+        if layers is None:
+            return f"— ({unavailable})"
+        return layer_ranges(layers) if layers else "none"
+    no_stat = "no finite held-out statistic below the skip cutoff"
+    lines = [
+        "layer selection:",
+        f"  discriminative (μP·μN < 0 along b1): {show(sel['discriminative'], 'no mean_unit_*: recalibrate')}",
+        f"  top-5 by AUROC (last 20 % skipped):  {show(sel['top_auroc'], no_stat)}",
+        f"  top-5 by Cohen's d (same skip):      {show(sel['top_cohens_d'], no_stat)}",
+        f"  plane: b1 = layer {sel['plane_b1_layer']} (global direction), b2 = PC1 of the directions ⟂ b1",
+    ]
+    if cond is not None:
+        lines.append(
+            f"CAST condition (auto): layer {cond['layer']}, steer when score {cond['compare']} "
+            f"{cond['threshold']:.4f}; held-out precision {fmt(cond['precision'])} recall {fmt(cond['recall'])} "
+            f"FPR {fmt(cond['fpr'])} (train recall {fmt(cond['train_recall'])} FPR {fmt(cond['train_fpr'])})"
+        )
+    return head + table(
+        ["layer", "AUROC", "cohen_d", "‖μP−μN‖", "scale", "cos(prev)", "cos(b1)", "pos p25/50/75",
+         "neg p25/50/75"], rows) + "\n\n" + "\n".join(lines)
+
+
+def selection_summary(ds: DirectionSet) -> tuple[dict[str, Any], dict[str, Any] | None]:
+    """What each layer criterion picks; None where the artifact lacks what a criterion needs."""
+    def attempt(fn: Callable[[], Any]) -> Any:
+        try:
+            return fn()
+        except SteerableError:  # an older or imported artifact: report the criterion as unavailable
+            return None
+
+    sel = {
+        "discriminative": attempt(lambda: discriminative_layers(ds)),
+        "top_auroc": attempt(lambda: top_layers(ds, 5, "auroc")),
+        "top_cohens_d": attempt(lambda: top_layers(ds, 5, "cohens_d")),
+        "plane_b1_layer": global_direction(ds)[1],
+        "skip_last": 0.2,
+    }
+    choice = attempt(lambda: choose_condition(ds)) if ds.cast_percentiles is not None else None
+    return sel, dataclasses.asdict(choice) if choice is not None else None
+
+
+__all__ = ["inspect_table", "selection_summary"]
