@@ -146,6 +146,7 @@ def test_dequantising_is_logged_not_printed(
     assert captured.out == ""
 
 
+@pytest.mark.usefixtures("loud_transformers")
 def test_cli_shows_library_info_lines_on_stderr_and_restores_logging(
     monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str],
 ) -> None:
@@ -153,7 +154,10 @@ def test_cli_shows_library_info_lines_on_stderr_and_restores_logging(
 
     from steerable.cli import main as cli
 
+    inside: list[tuple[int, bool]] = []
+
     def fake_command(_args: argparse.Namespace) -> int:
+        inside.append((hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()))
         logging.getLogger("steerable.models.load").info("dequantising %s (once) …", "m.gguf")
         logging.getLogger("steerable.models.load").debug("not shown")
         return 0
@@ -166,12 +170,16 @@ def test_cli_shows_library_info_lines_on_stderr_and_restores_logging(
     monkeypatch.setattr(cli, "build_parser", parser)
     lib = logging.getLogger("steerable")
     handlers, level = list(lib.handlers), lib.level
+    before = _settings()
     assert cli.main([]) == 0
     captured = capsys.readouterr()
     assert captured.err == "steerable: dequantising m.gguf (once) …\n"
     assert captured.out == ""
     assert lib.handlers == handlers
     assert lib.level == level
+    # the CLI keeps transformers quiet while a command runs (as loading a model used to for the whole process)
+    assert inside == [(logging.ERROR, False)]
+    assert _settings() == before
 
 
 def test_importing_steerable_configures_no_logging() -> None:

@@ -106,6 +106,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     import logging
 
+    from steerable.models.load import quiet_transformers
+
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     args = build_parser().parse_args(argv)
     # The library logs (INFO: downloads, dequantising, …); the CLI shows those lines on stderr as
@@ -117,7 +119,8 @@ def main(argv: list[str] | None = None) -> int:
     log.addHandler(handler)
     log.setLevel(logging.INFO)
     try:
-        return int(args.fn(args) or 0)
+        with quiet_transformers():  # transformers' warnings and progress bars stay off in the CLI, as always
+            return int(args.fn(args) or 0)
     except SteerableError as e:
         print(f"steerable: error: {e}", file=sys.stderr)
         return 2
