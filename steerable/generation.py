@@ -11,8 +11,8 @@ from tqdm.auto import tqdm
 from transformers import LogitsProcessor, LogitsProcessorList
 
 from steerable.errors import SteerableError
+from steerable.models.batch import PromptBatch
 from steerable.models.load import Messages, ModelHandle
-from steerable.models.turns import segment_batch
 from steerable.steering.hooks import steer
 from steerable.steering.plan import build_plan, build_row_plans
 
@@ -73,23 +73,18 @@ def generate(
     bar = tqdm(total=len(texts), desc="generate", unit="prompt", disable=not progress, leave=False)
     for start in range(0, len(order), batch_size):
         idx = order[start : start + batch_size]
-        enc = handle.encode([texts[i] for i in idx])
-        width = int(enc["input_ids"].shape[1])
-        ctx = steer(handle, shared) if row_plans is None else steer(handle, rows=[row_plans[i] for i in idx])
-        with ctx as session:
-            if session.needs_turns:
-                turn, asst, reply = segment_batch(handle, [prompts[i] for i in idx], system, width)
-                session.begin(width, turn, asst, reply)
-            else:
-                session.begin(width)
+        batch = PromptBatch.encode(handle, [prompts[i] for i in idx], system, rendered=[texts[i] for i in idx])
+        ctx = (steer(handle, shared, batch=batch) if row_plans is None
+               else steer(handle, rows=[row_plans[i] for i in idx], batch=batch))
+        with ctx:
             first = _FirstStep()
             extra = {"logits_processor": LogitsProcessorList([first])} if on_first_step else {}
             # attached after the steering hooks, so the monitor reads the activations steering left
             with monitor.watch(handle, list(idx)) if monitor is not None else contextlib.nullcontext():
-                gen = handle.model.generate(**enc, **kwargs, **extra)
+                gen = handle.model.generate(input_ids=batch.ids, attention_mask=batch.mask, **kwargs, **extra)
         if on_first_step is not None and first.logprobs is not None:
             on_first_step(list(idx), first.logprobs)
-        new = gen[:, width:]
+        new = gen[:, batch.width:]
         for i, ids in zip(idx, new, strict=True):
             out[i] = tok.decode(ids, skip_special_tokens=True)
         bar.update(len(idx))

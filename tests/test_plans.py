@@ -82,7 +82,8 @@ def test_plan_with_every_key_round_trips(handle, vec):
     ({"method": "conditional"}, "needs \"then\""),
     ({"method": "conditional", "then": {}, "layer": "deep"}, "condition layer"),
     ({"method": "add", "site": "nowhere"}, "unknown site"),
-    ({"method": "add", "angle": float("inf")}, "angle must be finite"),
+    ({"method": "rotate", "angle": float("inf")}, "angle must be finite"),
+    ({"method": "add", "angle": 90}, r"unknown plan key\(s\) \['angle'\] for method add \(angle belong"),
 ])
 def test_validation_names_the_fault(handle, vec, spec, message):
     with pytest.raises(SteerableError, match=message):
@@ -267,7 +268,7 @@ def test_multi_direction_cap_bounds_every_axis_inside_the_model(llama, tmp_path)
     a = str(save_directions(calibrate(llama, EX, position="last", progress=False), tmp_path / "a.safetensors"))
     b = str(save_directions(calibrate(llama, other, position="all", progress=False), tmp_path / "b.safetensors"))
     plan = build_plan({"vector": [a, b], "method": "cap", "cap_floor": [1.0, 0.5], "layers": [1]}, llama)
-    axes, lo, _ = plan.interventions[0].cap_axes(1)
+    axes, lo, _ = plan.interventions[0].axes(1)
     torch.testing.assert_close(axes @ axes.T, torch.eye(2), atol=1e-5, rtol=0)
     seen = {}
     with steer(llama, plan):

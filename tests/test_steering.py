@@ -73,8 +73,7 @@ def test_ablate_zeroes_projection_inside_model(handle, vec_path):
 def test_add_strength_one_moves_negative_mean_onto_positive(handle, vec_path):
     plan = build_plan({"vector": vec_path, "strength": 1.0, "layers": [1]}, handle)
     ds = plan.interventions[0].vectors
-    from steerable.steering.methods import METHODS
-    vec = METHODS["add"].prepare(plan.interventions[0], 1)["vector"][0]
+    vec = plan.interventions[0].prepare(1)["vector"][0]
     r = ds.row(1)
     torch.testing.assert_close(ds.mean_neg[r] + vec, ds.mean_pos[r], atol=1e-4, rtol=1e-4)
 

@@ -6,8 +6,11 @@ scale, threshold and audit it. Never pickled; written atomically.
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import json
 import math
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -16,7 +19,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from steerable.errors import SteerableError
+from steerable.errors import ArtifactError, ModelMismatchError, PlanError, SteerableError
 from steerable.fsutil import atomic_path
 
 FORMAT = "steerable.directions"
@@ -71,6 +74,58 @@ class DirectionSet:
     mean_unit_pos: torch.Tensor | None = None
     mean_unit_neg: torch.Tensor | None = None
     cast_percentiles: torch.Tensor | None = None
+    path: str | None = field(default=None, compare=False)  # the file it was loaded from or last saved to
+
+    @property
+    def label(self) -> str:
+        """How plans and reports name this set: its file path, or a fingerprint of an in-memory set."""
+        if self.path is not None:
+            return self.path
+        digest = hashlib.sha256(self.directions.detach().float().cpu().numpy().tobytes()).hexdigest()[:10]
+        return f"<in-memory DirectionSet {digest}>"
+
+    @contextlib.contextmanager
+    def steer(self, handle: Any, method: str = "add", **keys: Any) -> Iterator[Any]:
+        """`with ds.steer(handle, method="add", strength=0.8, layers="9-11"):` — steer with this set in
+        memory (no file needed); keys are the method's plan keys (docs/plans.md). Yields the Session."""
+        # a thin convenience: the steering stage does the work (tests/test_imports.py lists this exception)
+        from steerable.steering.hooks import steer
+
+        with steer(handle, {"vector": self, "method": method, **keys}) as session:
+            yield session
+
+    @staticmethod
+    def combine(weighted: Sequence[tuple[DirectionSet, float]], *, name: str = "combined") -> DirectionSet:
+        """The linear combination Σ w_i·(μP_i − μN_i) per layer shared by every set, as an add-only set.
+
+        Only the raw vectors survive a linear combination: the result keeps them (`scales` = the combined
+        vector's norm, so `add` with α = 1 adds it exactly) and drops every statistic of the classes —
+        percentiles, AUROC, Cohen's d, the probe bias, CAST percentiles and mean unit activations become
+        NaN / absent, so percentile caps and "auto" conditions refuse it with a clear error.
+        """
+        if not weighted:
+            raise ArtifactError("combine needs at least one (DirectionSet, weight)")
+        d = weighted[0][0].hidden_size
+        if any(ds.hidden_size != d for ds, _ in weighted):
+            raise ArtifactError("combine: the direction sets have different hidden sizes")
+        layers = sorted(set.intersection(*(set(ds.layers) for ds, _ in weighted)))
+        if not layers:
+            raise ArtifactError("combine: the direction sets share no calibrated layer")
+        raw = torch.stack([sum((float(w) * (ds.mean_pos[ds.row(x)] - ds.mean_neg[ds.row(x)]).double()
+                                for ds, w in weighted), torch.zeros(d, dtype=torch.float64)) for x in layers])
+        norms = raw.norm(dim=1)
+        if bool((norms == 0).any()) or not bool(torch.isfinite(norms).all()):
+            raise ArtifactError("combine: the weighted sum is zero or not finite at some layer")
+        n = len(layers)
+        nan = torch.full((n,), math.nan)
+        meta = {k: v for k, v in weighted[0][0].meta.items() if k in ("model", "site", "position")}
+        meta.update(estimator="combination", combined=[{"vector": ds.label, "weight": float(w)} for ds, w in weighted],
+                    dropped=["percentiles", "auroc", "cohens_d", "bias", "cast_percentiles", "mean_unit_pos",
+                             "mean_unit_neg"], name=name)
+        return DirectionSet(
+            layers=layers, directions=(raw / norms[:, None]).float(), raw_norms=norms.float(), scales=norms.float(),
+            bias=nan, mean_pos=raw.float(), mean_neg=torch.zeros(n, d), percentiles=torch.full((n, 2, 101), math.nan),
+            auroc=nan.clone(), cohens_d=nan.clone(), meta=meta)
 
     @property
     def hidden_size(self) -> int:
@@ -80,7 +135,7 @@ class DirectionSet:
         try:
             return self.layers.index(layer)
         except ValueError:
-            raise SteerableError(
+            raise PlanError(
                 f"layer {layer} is not in this direction set (calibrated layers: {layer_ranges(self.layers)})"
             ) from None
 
@@ -107,36 +162,36 @@ class DirectionSet:
             if t is None and name in _OPTIONAL:
                 continue
             if tuple(t.shape) != shape(n, d):
-                raise SteerableError(f"tensor {name!r} has shape {tuple(t.shape)}, expected {shape(n, d)}")
+                raise ArtifactError(f"tensor {name!r} has shape {tuple(t.shape)}, expected {shape(n, d)}")
         if (self.mean_unit_pos is None) != (self.mean_unit_neg is None):
-            raise SteerableError("mean_unit_pos and mean_unit_neg must be present together")
+            raise ArtifactError("mean_unit_pos and mean_unit_neg must be present together")
         for name in ("directions", "raw_norms", "scales", "mean_pos", "mean_neg", "mean_unit_pos", "mean_unit_neg"):
             t = getattr(self, name)
             if t is not None and not bool(torch.isfinite(t).all()):
-                raise SteerableError(f"tensor {name!r} contains NaN or Inf")
+                raise ArtifactError(f"tensor {name!r} contains NaN or Inf")
         norms = self.directions.norm(dim=1)
         if not bool(torch.allclose(norms, torch.ones_like(norms), atol=1e-3)):
-            raise SteerableError("directions are not unit vectors")
+            raise ArtifactError("directions are not unit vectors")
         if len(set(self.layers)) != n or any(layer < 0 for layer in self.layers):
-            raise SteerableError(f"bad layer list {self.layers}")
+            raise ArtifactError(f"bad layer list {self.layers}")
 
     def check_model(self, handle: Any) -> None:
         """Fail, naming the mismatch, if this set was not calibrated on a model like `handle`."""
         m = self.meta.get("model", {})
         if self.hidden_size != handle.hidden_size:
-            raise SteerableError(
+            raise ModelMismatchError(
                 f"hidden size mismatch: direction set has d={self.hidden_size}, model {handle.name} has "
                 f"d={handle.hidden_size}"
             )
         if m.get("n_layers") is not None and m["n_layers"] != handle.n_layers:
-            raise SteerableError(
+            raise ModelMismatchError(
                 f"layer count mismatch: direction set is for {m['n_layers']} layers, model {handle.name} has "
                 f"{handle.n_layers}"
             )
         if max(self.layers) >= handle.n_layers:
-            raise SteerableError(f"layer {max(self.layers)} out of range for model with {handle.n_layers} layers")
+            raise ModelMismatchError(f"layer {max(self.layers)} out of range for model with {handle.n_layers} layers")
         if m.get("config_hash") and m["config_hash"] != handle.config_hash:
-            raise SteerableError(
+            raise ModelMismatchError(
                 f"model mismatch: direction set was calibrated on {m.get('name')!r} (config hash "
                 f"{m['config_hash']}), this model {handle.name!r} has config hash {handle.config_hash}"
             )
@@ -163,6 +218,7 @@ def save_directions(ds: DirectionSet, path: str | Path) -> Path:
     path = Path(path)
     with atomic_path(path) as tmp:
         save_file(ds.tensors(), str(tmp), metadata={"steerable": json.dumps(meta, allow_nan=True)})
+    ds.path = str(path)
     return path
 
 
@@ -170,37 +226,37 @@ def load_directions(path: str | Path, model: Any | None = None) -> DirectionSet:
     """Load and validate an artifact; with `model` (a ModelHandle) also check it fits that model."""
     path = Path(path)
     if not path.is_file():
-        raise SteerableError(f"no such direction file: {path}")
+        raise ArtifactError(f"no such direction file: {path}")
     try:
         with safe_open(str(path), framework="pt") as f:
             raw_meta = (f.metadata() or {}).get("steerable")
             tensors = {k: f.get_tensor(k) for k in f.keys()}
     except (SafetensorError, OSError, ValueError) as e:
-        raise SteerableError(f"{path}: not a readable safetensors file ({e})") from e
+        raise ArtifactError(f"{path}: not a readable safetensors file ({e})") from e
     if raw_meta is None:
-        raise SteerableError(f"{path}: no steerable metadata (not a steerable direction file)")
+        raise ArtifactError(f"{path}: no steerable metadata (not a steerable direction file)")
     try:
         meta = json.loads(raw_meta)
     except json.JSONDecodeError as e:
-        raise SteerableError(f"{path}: metadata is not valid JSON ({e.msg})") from e
+        raise ArtifactError(f"{path}: metadata is not valid JSON ({e.msg})") from e
     if meta.get("format") != FORMAT:
-        raise SteerableError(f"{path}: unknown format {meta.get('format')!r}")
+        raise ArtifactError(f"{path}: unknown format {meta.get('format')!r}")
     if meta.get("format_version", 0) > FORMAT_VERSION:
-        raise SteerableError(
+        raise ArtifactError(
             f"{path}: format version {meta['format_version']} is newer than this steerable ({FORMAT_VERSION})"
         )
     missing = [k for k in _TENSORS if k not in tensors]
     if missing:
-        raise SteerableError(f"{path}: missing tensors {missing}")
+        raise ArtifactError(f"{path}: missing tensors {missing}")
     layers = meta.pop("layers", None)
     if not isinstance(layers, list) or not all(isinstance(x, int) for x in layers):
-        raise SteerableError(f"{path}: metadata has no valid layer list")
+        raise ArtifactError(f"{path}: metadata has no valid layer list")
     present = [k for k in (*_TENSORS, *_OPTIONAL) if k in tensors]
-    ds = DirectionSet(layers=layers, meta=meta, **{k: tensors[k] for k in present})
+    ds = DirectionSet(layers=layers, meta=meta, path=str(path), **{k: tensors[k] for k in present})
     try:
         ds.validate()
     except SteerableError as e:
-        raise SteerableError(f"{path}: {e}") from None
+        raise ArtifactError(f"{path}: {e}") from None
     if model is not None:
         ds.check_model(model)
     return ds

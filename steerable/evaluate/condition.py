@@ -7,7 +7,8 @@ from typing import Any
 
 import torch
 
-from steerable.errors import SteerableError
+from steerable.errors import PlanError
+from steerable.models.batch import PromptBatch
 from steerable.models.load import Messages, ModelHandle
 from steerable.steering.hooks import steer
 from steerable.steering.plan import build_plan
@@ -20,13 +21,12 @@ def condition_hits(handle: ModelHandle, plan: Any, prompts: Sequence[str | Messa
     checked = build_plan(plan, handle)
     conds = [c for iv in checked.interventions for c in iv.conditions]
     if not conds:
-        raise SteerableError("the plan has no condition")
+        raise PlanError("the plan has no condition")
     out: list[bool] = []
     for start in range(0, len(prompts), batch_size):
-        enc = handle.encode([handle.render(p, system) for p in prompts[start : start + batch_size]])
-        with steer(handle, checked) as session:
-            session.begin(int(enc["input_ids"].shape[1]))
-            handle.model(**enc)
+        batch = PromptBatch.encode(handle, prompts[start : start + batch_size], system)
+        with steer(handle, checked, batch=batch) as session:
+            handle.model(input_ids=batch.ids, attention_mask=batch.mask)
             out += session.decisions[conds[0]].flatten().bool().tolist()
     return out
 

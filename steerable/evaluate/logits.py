@@ -17,11 +17,10 @@ from typing import Any
 
 import torch
 
-from steerable.capture.run import position_ids
 from steerable.data.loaders import Pair
 from steerable.errors import SteerableError
+from steerable.models.batch import PromptBatch, pad_token_id, position_ids
 from steerable.models.load import Messages, ModelHandle
-from steerable.models.turns import segment_batch
 from steerable.steering.hooks import steer
 from steerable.steering.plan import SteeringPlan, build_plan, build_row_plans
 
@@ -74,15 +73,11 @@ class ScoreBatch:
 
 @contextlib.contextmanager
 def _steered(handle: ModelHandle, plan: SteeringPlan | None, rows: list[SteeringPlan | None] | None,
-             prompts: list[str | Messages], width: int, system: str | None) -> Iterator[None]:
+             batch: PromptBatch) -> Iterator[None]:
     if not plan and not (rows and any(rows)):
         yield
         return
-    with (steer(handle, plan) if rows is None else steer(handle, rows=rows)) as session:
-        if session.needs_turns:
-            session.begin(width, *segment_batch(handle, prompts, system, width))
-        else:
-            session.begin(width)
+    with steer(handle, plan, batch=batch) if rows is None else steer(handle, rows=rows, batch=batch):
         yield
 
 
@@ -101,26 +96,20 @@ def score_batches(handle: ModelHandle, prompts: Sequence[str | Messages], tails:
     checked = build_plan(plan, handle) if plan is not None else None
     row_plans = build_row_plans(handle, plans) if plans is not None else None
     tok = handle.tokenizer
+    pad = pad_token_id(handle)
     texts = [handle.render(p, system) for p in prompts]
     tail_ids = [tok.encode(t, add_special_tokens=False) if t else [] for t in tails]
     order = sorted(range(len(texts)), key=lambda i: (len(texts[i]), len(tail_ids[i])))
     for start in range(0, len(order), batch_size):
         rows = order[start : start + batch_size]
-        enc = handle.encode([texts[i] for i in rows])
-        width = int(enc["input_ids"].shape[1])
-        s = max(len(tail_ids[i]) for i in rows)
-        ext = torch.full((len(rows), s), tok.pad_token_id, dtype=torch.long, device=handle.device)
-        ext_mask = torch.zeros_like(ext)
-        for r, i in enumerate(rows):
-            ext[r, : len(tail_ids[i])] = torch.tensor(tail_ids[i], dtype=torch.long)
-            ext_mask[r, : len(tail_ids[i])] = 1
-        ids = torch.cat([enc["input_ids"], ext], 1)
-        mask = torch.cat([enc["attention_mask"].long(), ext_mask], 1)
+        batch = PromptBatch.encode(handle, [prompts[i] for i in rows], system, rendered=[texts[i] for i in rows])
+        ids, mask = batch.with_tails([tail_ids[i] for i in rows], pad)
+        s = ids.shape[1] - batch.width
         batch_plans = None if row_plans is None else [row_plans[i] for i in rows]
-        with torch.inference_mode(), _steered(handle, checked, batch_plans, [prompts[i] for i in rows], width, system):
+        with torch.inference_mode(), _steered(handle, checked, batch_plans, batch):
             logits = handle.model(input_ids=ids, attention_mask=mask, position_ids=position_ids(mask),
                                   use_cache=False, logits_to_keep=0 if all_positions else s + 1).logits
-        yield ScoreBatch(rows, logits.float().log_softmax(-1), ids, mask, width)
+        yield ScoreBatch(rows, logits.float().log_softmax(-1), ids, mask, batch.width)
 
 
 def refusal_score(handle: ModelHandle, prompts: Sequence[str | Messages], plan: Any = None, *,

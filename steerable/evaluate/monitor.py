@@ -17,6 +17,7 @@ import torch
 
 from steerable.capture.sites import get_hidden, site_module
 from steerable.errors import SteerableError
+from steerable.models.batch import pad_token_id, stop_token_ids
 
 
 class AxisMonitor:
@@ -50,11 +51,8 @@ class AxisMonitor:
             raise SteerableError(f"monitor axis has size {self.axis.shape[0]}, the model's hidden size is "
                                  f"{handle.hidden_size}")
         module, pre = site_module(handle.layout, self.site, self.layer)
-        tok = handle.tokenizer
-        gen_eos = getattr(handle.model.generation_config, "eos_token_id", None)
-        stop = {t for t in (tok.eos_token_id, tok.pad_token_id) if t is not None}
-        stop |= set(gen_eos if isinstance(gen_eos, list) else [gen_eos] if gen_eos is not None else [])
-        stop_ids = torch.tensor(sorted(stop), device=handle.device)
+        # a row that finished keeps being fed padding (or its end-of-sequence token): not reply tokens
+        stop_ids = torch.tensor(sorted(stop_token_ids(handle) | {pad_token_id(handle)}), device=handle.device)
         axis = self.axis.to(handle.device)
         # accumulated on the model's device: no host sync per decoding step
         sums = torch.zeros(len(rows), dtype=torch.float64, device=handle.device)

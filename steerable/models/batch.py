@@ -76,9 +76,12 @@ class PromptBatch:
         return {"input_ids": self.ids, "attention_mask": self.mask, "position_ids": self.positions}
 
     @classmethod
-    def encode(cls, handle: ModelHandle, prompts: Sequence[str | Messages], system: str | None = None) -> PromptBatch:
-        """Render (chat template) and tokenise `prompts`, left-padded to the longest."""
-        enc = handle.encode([handle.render(p, system) for p in prompts])
+    def encode(cls, handle: ModelHandle, prompts: Sequence[str | Messages], system: str | None = None, *,
+               rendered: Sequence[str] | None = None) -> PromptBatch:
+        """Render (chat template) and tokenise `prompts`, left-padded to the longest (`rendered`: the texts
+        `handle.render` gives for them, when the caller has them already)."""
+        texts = list(rendered) if rendered is not None else [handle.render(p, system) for p in prompts]
+        enc = handle.encode(texts)
         width = int(enc["input_ids"].shape[1])
         return cls(enc["input_ids"], enc["attention_mask"], lambda: segment_batch(handle, list(prompts), system, width))
 

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from steerable.models.load import Messages, ModelHandle
-from steerable.models.turns import segment
+from steerable.models.turns import align_right, segment
 from steerable.serve.auth import Grant
 from steerable.serve.config import Limits
 from steerable.serve.errors import ApiError, bad_request
@@ -114,10 +114,8 @@ class Admission:
         if messages is None:  # a raw completion prompt: all of it the user's, exchange 0
             return [0] * n, [False] * n, 0
         turn, asst, reply = segment(self.handle, messages)
-        # segment tokenises the same rendered text; align from the right, as segment_batch does
-        turn, asst = (turn[-n:], asst[-n:]) if len(turn) >= n else ([0] * (n - len(turn)) + turn,
-                                                                      [False] * (n - len(asst)) + asst)
-        return turn, asst, reply
+        # segment tokenises the same rendered text; align from the right, as a left-padded batch does
+        return align_right(turn, n, 0), align_right(asst, n, False), reply
 
 
 def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, Any]:

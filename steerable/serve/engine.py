@@ -20,8 +20,8 @@ from dataclasses import dataclass, field
 import torch
 from transformers import DynamicCache
 
-from steerable.capture.run import position_ids
 from steerable.evaluate.monitor import AxisMonitor
+from steerable.models.batch import PromptBatch, pad_token_id, stop_token_ids
 from steerable.models.load import ModelHandle
 from steerable.serve.errors import ApiError
 from steerable.serve.jobs import Delta, Done, Event, Failed, Job
@@ -48,23 +48,14 @@ class Row:
     ttft: list[float] = field(default_factory=list)
 
 
-def eos_ids(handle: ModelHandle) -> set[int]:
-    tok = handle.tokenizer
-    ids = {tok.eos_token_id} if tok.eos_token_id is not None else set()
-    gen = getattr(handle.model.generation_config, "eos_token_id", None)
-    ids |= set(gen if isinstance(gen, list) else [gen] if gen is not None else [])
-    return ids
-
-
 class Engine:
     """Owns nothing but the handle; only the scheduler's single worker thread calls `run`."""
 
     def __init__(self, handle: ModelHandle, metrics: Metrics) -> None:
         self.handle = handle
         self.metrics = metrics
-        self.eos = eos_ids(handle)
-        tok = handle.tokenizer
-        self.pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+        self.eos = stop_token_ids(handle)
+        self.pad = pad_token_id(handle)
         # the prefill needs only the last position's logits (what generate() asks for too, where supported)
         accepts = "logits_to_keep" in inspect.signature(handle.model.forward).parameters
         self._last_only = {"logits_to_keep": 1} if accepts else {}
@@ -85,35 +76,11 @@ class Engine:
         finally:
             self.metrics.idle()
 
-    def _prompt(self, rows: list[Row]) -> tuple[torch.Tensor, torch.Tensor, tuple[torch.Tensor, ...] | None]:
-        dev = self.handle.device
-        width = max(len(r.job.prompt_ids) for r in rows)
-        ids = torch.full((len(rows), width), self.pad, dtype=torch.long)
-        mask = torch.zeros((len(rows), width), dtype=torch.long)
-        for i, r in enumerate(rows):
-            n = len(r.job.prompt_ids)
-            ids[i, width - n :] = torch.tensor(r.job.prompt_ids, dtype=torch.long)
-            mask[i, width - n :] = 1
-        turns = None
-        if any(r.job.turns is not None for r in rows):
-            turn = torch.zeros((len(rows), width), dtype=torch.long)
-            asst = torch.zeros((len(rows), width), dtype=torch.bool)
-            reply = torch.zeros(len(rows), dtype=torch.long)
-            for i, r in enumerate(rows):
-                if r.job.turns is not None:
-                    t, a, rt = r.job.turns
-                    n = min(len(t), width)
-                    turn[i, width - n :] = torch.tensor(t[-n:])
-                    asst[i, width - n :] = torch.tensor(a[-n:])
-                    reply[i] = rt
-            turns = (turn, asst, reply)
-        return ids.to(dev), mask.to(dev), turns
-
     def _decode(self, rows: list[Row], emit: Emit) -> None:
         model = self.handle.model
-        step_ids, mask, turns = self._prompt(rows)
-        width = int(step_ids.shape[1])
-        positions = position_ids(mask)
+        batch = PromptBatch.from_ids(self.handle, [r.job.prompt_ids for r in rows],
+                                     [r.job.turns for r in rows] if any(r.job.turns for r in rows) else None)
+        step_ids, mask, positions = batch.ids, batch.mask, batch.positions
         cache = DynamicCache(config=model.config)
         monitors = {r.job.monitor.key: AxisMonitor(r.job.monitor.vectors.direction(r.job.monitor.layer),
                                                    r.job.monitor.layer, r.job.monitor.site)
@@ -121,11 +88,7 @@ class Engine:
         decisions: dict = {}
         while rows:
             with contextlib.ExitStack() as stack:
-                session = stack.enter_context(steer(self.handle, rows=[r.job.plan for r in rows]))
-                if turns is not None:
-                    session.begin(width, *turns)
-                else:
-                    session.begin(width)
+                session = stack.enter_context(steer(self.handle, rows=[r.job.plan for r in rows], batch=batch))
                 session.decisions = decisions
                 for m in monitors.values():  # after steering's hooks: they read what steering left
                     stack.enter_context(m.watch(self.handle, [r.index for r in rows]))
@@ -150,7 +113,7 @@ class Engine:
             mask = torch.cat([mask[idx], mask.new_ones((len(keep), 1))], dim=1)
             positions = positions[idx][:, -1:] + 1
             decisions = {c: d[idx] for c, d in decisions.items()}
-            turns = tuple(t[torch.tensor(keep)] for t in turns) if turns is not None else None  # kept on the CPU
+            batch = batch.select(idx)
             rows = [rows[i] for i in keep]
 
     def _advance(self, rows: list[Row], tokens: list[int], emit: Emit) -> bool:

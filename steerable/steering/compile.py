@@ -15,10 +15,10 @@ from typing import Any
 import torch
 
 from steerable.capture.sites import SITES
-from steerable.steering.conditions import Condition
+from steerable.steering.cast import CastCondition
 from steerable.steering.gates import NONE, Gate, Mask, TokenView, intersect, union
-from steerable.steering.intervention import Intervention, SteeringPlan
-from steerable.steering.methods import METHODS, Method, Params
+from steerable.steering.plan import SteeringPlan
+from steerable.steering.spec import Intervention, Params
 
 Key = tuple[str, int]  # (site, layer)
 
@@ -26,7 +26,7 @@ Key = tuple[str, int]  # (site, layer)
 @dataclass
 class RowGate:
     gate: Gate
-    conditions: tuple[Condition, ...]
+    conditions: tuple[CastCondition, ...]
     rows: torch.Tensor | None  # [B, 1, 1] 0/1, or None for every row
 
     @property
@@ -36,7 +36,7 @@ class RowGate:
 
 @dataclass
 class Slot:
-    method: Method
+    method: type[Intervention]
     params: Params
     gates: list[RowGate]
     static: bool = field(init=False)
@@ -44,7 +44,7 @@ class Slot:
     def __post_init__(self) -> None:
         self.static = all(g.trivial for g in self.gates)
 
-    def mask(self, view: TokenView, decisions: dict[Condition, torch.Tensor]) -> Mask:
+    def mask(self, view: TokenView, decisions: dict[CastCondition, torch.Tensor]) -> Mask:
         out: Mask = NONE
         for g in self.gates:
             m = g.gate.mask(view)
@@ -59,9 +59,10 @@ class Slot:
 @dataclass
 class Compiled:
     slots: dict[Key, list[Slot]]
-    conditions: dict[Key, list[Condition]]
+    conditions: dict[Key, list[CastCondition]]
     needs_prepass: bool
     needs_turns: bool
+    needs_boundary: bool  # some gate depends on where the prompt ends
     n_rows: int | None
 
 
@@ -70,7 +71,11 @@ def site_order(site: str, layer: int) -> tuple[int, int]:
 
 
 def _to(params: Params, ref: torch.Tensor) -> Params:
-    return {k: v.to(device=ref.device, dtype=ref.dtype) for k, v in params.items()}
+    out = {k: v.to(device=ref.device, dtype=ref.dtype) for k, v in params.items()}
+    if not torch.is_inference_mode_enabled():
+        # artifacts computed under inference_mode hold inference tensors, which autograd cannot save for backward
+        out = {k: v.clone() if v.is_inference() else v for k, v in out.items()}
+    return out
 
 
 def _stack(per_row: list[Params | None]) -> Params:
@@ -90,7 +95,7 @@ def compile_plans(plans: SteeringPlan | Sequence[SteeringPlan | None], ref: torc
     rows: list[SteeringPlan | None] = [plans] if shared else list(plans)  # type: ignore[list-item]
     n = len(rows)
     per_key: dict[Key, list[list[tuple[Intervention, int]]]] = {}
-    conditions: dict[Key, list[Condition]] = {}
+    conditions: dict[Key, list[CastCondition]] = {}
     for r, plan in enumerate(rows):
         for iv in plan.interventions if plan else ():
             for layer in iv.layers:
@@ -104,7 +109,7 @@ def compile_plans(plans: SteeringPlan | Sequence[SteeringPlan | None], ref: torc
     def prepared(iv: Intervention, layer: int) -> Params:
         key = (id(iv), layer)
         if key not in cache:
-            cache[key] = METHODS[iv.method].prepare(iv, layer)
+            cache[key] = iv.prepare(layer)
         return cache[key]
 
     slots: dict[Key, list[Slot]] = {}
@@ -116,7 +121,7 @@ def compile_plans(plans: SteeringPlan | Sequence[SteeringPlan | None], ref: torc
                 if k < len(ops[r]):
                     iv, layer = ops[r][k]
                     shapes = tuple((name, tuple(t.shape)) for name, t in prepared(iv, layer).items())
-                    groups.setdefault((iv.method, shapes), []).append(r)
+                    groups.setdefault((type(iv), shapes), []).append(r)
             for (method, _), members in groups.items():
                 slots.setdefault(key, []).append(_slot(method, [ops[r][k] if r in members else None for r in range(n)],
                                                        shared, prepared, ref))
@@ -127,11 +132,12 @@ def compile_plans(plans: SteeringPlan | Sequence[SteeringPlan | None], ref: torc
         slots=slots, conditions=conditions,
         needs_prepass=earliest_gated is not None and latest_condition is not None and earliest_gated < latest_condition,
         needs_turns=any(p.needs_turns for p in rows if p),
+        needs_boundary=any(not iv.gate.is_all for p in rows if p for iv in p.interventions),
         n_rows=None if shared else n,
     )
 
 
-def _slot(method: str, members: list[tuple[Intervention, int] | None], shared: bool, prepared: Any,
+def _slot(method: type[Intervention], members: list[tuple[Intervention, int] | None], shared: bool, prepared: Any,
           ref: torch.Tensor) -> Slot:
     present = [m for m in members if m is not None]
     same = all(m[0] is present[0][0] and m[1] == present[0][1] for m in present)
@@ -140,7 +146,7 @@ def _slot(method: str, members: list[tuple[Intervention, int] | None], shared: b
     else:
         params = _stack([prepared(*m) if m is not None else None for m in members])
     by_gate: dict[tuple[str, tuple[int, ...]], list[int]] = {}
-    gates: dict[tuple[str, tuple[int, ...]], tuple[Gate, tuple[Condition, ...]]] = {}
+    gates: dict[tuple[str, tuple[int, ...]], tuple[Gate, tuple[CastCondition, ...]]] = {}
     for r, m in enumerate(members):
         if m is not None:
             key = (m[0].gate.spec, tuple(id(c) for c in m[0].conditions))
@@ -154,4 +160,4 @@ def _slot(method: str, members: list[tuple[Intervention, int] | None], shared: b
             rows = torch.zeros(len(members), 1, 1, device=ref.device, dtype=ref.dtype)
             rows[rs] = 1
         row_gates.append(RowGate(gate, conds, rows))
-    return Slot(METHODS[method], _to(params, ref), row_gates)
+    return Slot(method, _to(params, ref), row_gates)

@@ -18,13 +18,17 @@ from typing import Any
 
 import torch
 
-from steerable.errors import SteerableError
+from steerable.errors import PlanError
+from steerable.steering.values import ascii_int
 
 ALL: None = None
 NONE = False
 Mask = torch.Tensor | bool | None
 
-_TERM = re.compile(r"^(all|prompt|generated|assistant|first:(\d+)|turns>=(\d+))$")
+_TERM = re.compile(r"(all|prompt|generated|assistant|first:([0-9]+)|turns>=([0-9]+))", re.ASCII)
+#: K of "first:K" and k of "turns>=k" at most this (a model's context is far shorter)
+MAX_GATE_COUNT = 1 << 20
+MAX_GATE_TERMS = 8
 GATE_HELP = '"all", "prompt", "generated", "first:K", "assistant", "turns>=k", or several joined by "+"'
 
 
@@ -89,16 +93,19 @@ def parse_gate(spec: Any) -> Gate:
     if spec is None:
         return Gate()
     if not isinstance(spec, str):
-        raise SteerableError(f"gate must be a string ({GATE_HELP}), got {spec!r}")
+        raise PlanError(f"gate must be a string ({GATE_HELP}), got {str(spec)[:40]!r}")
+    parts = spec.replace(" ", "").split("+")
+    if len(parts) > MAX_GATE_TERMS:
+        raise PlanError(f"gate joins {len(parts)} terms; at most {MAX_GATE_TERMS}")
     terms = []
-    for part in spec.replace(" ", "").split("+"):
-        m = _TERM.match(part)
+    for part in parts:
+        m = _TERM.fullmatch(part)
         if not m:
-            raise SteerableError(f"unknown gate {part!r}: use {GATE_HELP}")
+            raise PlanError(f"unknown gate {part[:40]!r}: use {GATE_HELP}")
         if m.group(2) is not None:
-            terms.append(("first", int(m.group(2))))
+            terms.append(("first", ascii_int("gate first:K", m.group(2), 0, MAX_GATE_COUNT)))
         elif m.group(3) is not None:
-            terms.append(("turns", int(m.group(3))))
+            terms.append(("turns", ascii_int("gate turns>=k", m.group(3), 0, MAX_GATE_COUNT)))
         else:
             terms.append((part, 0))
     return Gate(spec.replace(" ", ""), tuple(terms))

@@ -1,50 +1,43 @@
 """The one validator: turns user input (Python objects, CLI flags, plan JSON) into a checked plan.
 
 A plan is a JSON object, or a list of them applied in order (docs/plans.md lists every key):
-    {"vector": PATH_OR_NAME | [PATHS], "method": METHOD, "strength": float, "angle": degrees,
-     "cap_floor": float|"pNN", "cap_ceiling": float|"pNN", "threshold": float|"pNN", "target": float|"pNN",
+    {"vector": PATH_OR_NAME | DirectionSet | [PATHS], "method": METHOD, "strength": float, …method keys…,
      "layers": "A-B"|"A,B,C"|"all"|"discriminative"|"top:K"|"top-d:K"|[ints]|int,
-     "gate": GATE, "direction": "per-layer"|"global"|LAYER, "site": SITE}
-    {"method": "conditional", "vector": CONDITION_PATH, "layer": int|"auto", "threshold": float|"auto",
-     "recall": float, "then": PLAN}
+     "gate": GATE, "direction": "per-layer"|"global"|LAYER, "site": SITE | [SITES]}
+    {"method": "conditional", "vector": CONDITION, "layer": int|"auto", "threshold": float|"auto",
+     "recall": float, "compare": ">"|"<", "then": PLAN}
+Each method's own keys (angle, cap_floor, threshold, …) are declared by its spec class (steering/methods/);
+the validator picks the class by "method" and refuses keys it does not take.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
-import math
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from steerable.capture.sites import SITES
 from steerable.directions.artifact import DirectionSet, load_directions
-from steerable.errors import SteerableError
-from steerable.steering.conditions import Condition, build_condition
+from steerable.errors import PlanError, SteerableError
+from steerable.steering.builders import Plan
+from steerable.steering.cast import CONDITIONAL_KEYS, CastCondition, build_condition
 from steerable.steering.gates import parse_gate
-from steerable.steering.intervention import Intervention, SteeringPlan, parse_threshold
-from steerable.steering.layers import parse_layers, resolve_layers
-from steerable.steering.methods import METHOD_NAMES, PLANE_METHODS
+from steerable.steering.layer_spec import parse_layers, resolve_layers
+from steerable.steering.methods import METHOD_NAMES, METHODS, Intervention
+from steerable.steering.values import number
 
-__all__ = ["PLAN_KEYS", "Intervention", "SteeringPlan", "build_plan", "build_row_plans", "parse_layers",
-           "read_plan_file"]
+__all__ = ["CONDITIONAL_KEYS", "PLAN_KEYS", "Intervention", "SteeringPlan", "build_plan", "build_row_plans",
+           "parse_layers", "read_plan_file"]
 
-PLAN_KEYS = {"vector", "method", "strength", "angle", "cap_floor", "cap_ceiling", "threshold", "target",
-             "layers", "gate", "direction", "site"}
-CONDITIONAL_KEYS = {"vector", "method", "layer", "threshold", "recall", "compare", "then"}
+#: every key some method takes (each method takes COMMON_KEYS and its own)
+PLAN_KEYS: frozenset[str] = frozenset(k for cls in METHODS.values() for k in cls.keys())
+MAX_DEPTH = 8  # nesting of lists and conditionals
+MAX_ENTRIES = 256  # interventions one plan may expand to
+MAX_VECTORS = 16
 VectorResolver = Callable[[str], DirectionSet]
-
-
-def number(name: str, value: Any, default: float | None) -> float | None:
-    if value is None:
-        return default
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        raise SteerableError(f"{name} must be a number, got {value!r}")
-    if not math.isfinite(value):
-        raise SteerableError(f"{name} must be finite, got {value!r}")
-    if abs(value) > 1e6:
-        raise SteerableError(f"{name} {value!r} is out of range (|{name}| ≤ 1e6)")
-    return float(value)
 
 
 def load_vector_file(name: str) -> DirectionSet:
@@ -62,60 +55,77 @@ def caching_resolver(resolve: VectorResolver = load_vector_file) -> VectorResolv
     return cached
 
 
-def _vectors(
-    spec: Mapping[str, Any], handle: Any, resolve: VectorResolver
-) -> tuple[tuple[str, ...], list[DirectionSet]]:
-    name = spec.get("vector")
-    names = name if isinstance(name, list) else [name]
-    if not names or not all(isinstance(n, str) and n for n in names):
-        raise SteerableError("plan needs \"vector\": the name or path of a direction file (or a list of them)")
-    sets = [resolve(n) for n in names]
-    for ds in sets:
+def _vectors(spec: Mapping[str, Any], handle: Any, resolve: VectorResolver) -> tuple[list[str], list[DirectionSet]]:
+    given = spec.get("vector")
+    refs = given if isinstance(given, list) else [given]
+    if not refs or len(refs) > MAX_VECTORS:
+        raise PlanError(f"plan \"vector\" lists {len(refs)} vectors; give 1 to {MAX_VECTORS}")
+    names, sets = [], []
+    for ref in refs:
+        if isinstance(ref, DirectionSet):
+            ds, name = ref, ref.label
+        elif isinstance(ref, str) and ref:
+            if ref.startswith("<in-memory"):
+                raise PlanError(f"vector {ref!r} names an in-memory DirectionSet: pass the object itself, or save it "
+                                "(save_directions) and give its path")
+            ds, name = resolve(ref), ref
+        else:
+            raise PlanError("plan needs \"vector\": the name or path of a direction file, a DirectionSet, or a list "
+                            f"of them (got {str(ref)[:40]!r})")
         ds.check_model(handle)
-    return tuple(names), sets
+        names.append(name)
+        sets.append(ds)
+    return names, sets
 
 
-def build_intervention(spec: Mapping[str, Any], handle: Any, resolve: VectorResolver = load_vector_file,
-                       conditions: tuple[Condition, ...] = ()) -> Intervention:
-    if not isinstance(spec, Mapping):
-        raise SteerableError(f"a plan entry must be a JSON object, got {type(spec).__name__}")
-    method = spec.get("method", "add")
-    if method not in METHOD_NAMES:
-        raise SteerableError(f"unknown method {method!r}: use one of {', '.join(METHOD_NAMES)}")
-    unknown = set(spec) - PLAN_KEYS
-    if unknown:
-        raise SteerableError(f"unknown plan key(s) {sorted(unknown)}: allowed keys are {sorted(PLAN_KEYS)}")
-    if isinstance(spec.get("vector"), list) and len(spec["vector"]) > 1 and method != "cap":
-        raise SteerableError(f"several vectors are only supported by method cap, not {method}")
-    names, sets = _vectors(spec, handle, resolve)
-    vectors = sets[0]
-    plane_method = method in PLANE_METHODS
-    direction = spec.get("direction", "global" if plane_method else "per-layer")
+def _direction(spec: Mapping[str, Any], cls: type[Intervention], sets: list[DirectionSet]) -> str | int:
+    direction = spec.get("direction", cls.default_direction)
     is_layer = isinstance(direction, int) and not isinstance(direction, bool)
     if direction not in ("per-layer", "global") and not is_layer:
-        raise SteerableError(f"direction must be \"per-layer\", \"global\" or a layer index, got {direction!r}")
+        raise PlanError(f"direction must be \"per-layer\", \"global\" or a layer index, got {str(direction)[:40]!r}")
     if is_layer:
         for ds in sets:
             ds.row(direction)  # must be a calibrated layer
-    site = spec.get("site", vectors.meta.get("site", "resid_post"))
+    return direction
+
+
+def _method(spec: Mapping[str, Any]) -> type[Intervention]:
+    method = spec.get("method", "add")
+    if not isinstance(method, str) or method not in METHODS:
+        raise PlanError(f"unknown method {str(method)[:40]!r}: use one of {', '.join(METHOD_NAMES)}")
+    return METHODS[method]
+
+
+def _check_keys(spec: Mapping[str, Any], allowed: Sequence[str], what: str) -> None:
+    bad = [k for k in spec if not isinstance(k, str)]
+    if bad:
+        raise PlanError(f"plan keys must be strings, got {bad[0]!r}")
+    unknown = sorted(set(spec) - set(allowed))
+    if unknown:
+        elsewhere = [k for k in unknown if k in PLAN_KEYS or k in CONDITIONAL_KEYS]
+        note = f" ({', '.join(elsewhere)} belong(s) to other methods)" if elsewhere else ""
+        raise PlanError(f"unknown plan key(s) {unknown} for {what}{note}: allowed keys are {sorted(allowed)}")
+
+
+def build_intervention(spec: Mapping[str, Any], handle: Any, resolve: VectorResolver = load_vector_file,
+                       conditions: tuple[CastCondition, ...] = ()) -> Intervention:
+    if not isinstance(spec, Mapping):
+        raise PlanError(f"a plan entry must be a JSON object, got {type(spec).__name__}")
+    cls = _method(spec)
+    _check_keys(spec, cls.keys(), f"method {cls.method}")
+    if isinstance(spec.get("vector"), list) and len(spec["vector"]) > 1 and not cls.multi_vector:
+        raise PlanError(f"several vectors are only supported by method cap, not {cls.method}")
+    names, sets = _vectors(spec, handle, resolve)
+    site = spec.get("site", sets[0].meta.get("site", "resid_post"))
     if site not in SITES:
-        raise SteerableError(f"unknown site {site!r}: use one of {', '.join(SITES)}")
-    angle = number("angle", spec.get("angle"), None)
-    if plane_method and angle is None:
-        raise SteerableError(f"method {method} needs \"angle\" (degrees)")
-    iv = Intervention(
-        method=method, vectors=vectors, layers=(), strength=number("strength", spec.get("strength"), 1.0),
-        direction=direction, vector_name=names[0] if len(names) == 1 else list(names), angle=angle,
-        cap_floor=parse_threshold("cap_floor", spec.get("cap_floor")),
-        cap_ceiling=parse_threshold("cap_ceiling", spec.get("cap_ceiling")),
-        threshold=parse_threshold("threshold", spec.get("threshold")),
-        target=parse_threshold("target", spec.get("target")),
-        gate=parse_gate(spec.get("gate")), site_override=spec.get("site"), more_vectors=tuple(sets[1:]),
-        conditions=conditions,
+        raise PlanError(f"unknown site {str(site)[:40]!r}: use one of {', '.join(SITES)}")
+    iv = cls(
+        vectors=sets[0], more_vectors=tuple(sets[1:]), vector_name=names[0] if len(names) == 1 else names,
+        strength=number("strength", spec.get("strength"), 1.0), direction=_direction(spec, cls, sets),
+        gate=parse_gate(spec.get("gate")), site_override=spec.get("site"), conditions=conditions,
+        **cls.parse_options(spec),
     )
-    default_layers = "discriminative" if method == "rotate" else "all"
-    layers = resolve_layers(spec.get("layers", default_layers), iv, handle.n_layers)
-    iv = iv.with_layers(layers)
+    iv = dataclasses.replace(iv, layers=resolve_layers(spec.get("layers", cls.default_layers), iv, handle.n_layers))
     iv.check()
     return iv
 
@@ -125,41 +135,83 @@ def _entries(spec: Any) -> list[Any]:
         try:
             spec = json.loads(spec)
         except json.JSONDecodeError as e:
-            raise SteerableError(f"plan is not valid JSON: {e.msg}") from e
+            raise PlanError(f"plan is not valid JSON: {e.msg}") from e
+        except (RecursionError, ValueError) as e:
+            raise PlanError(f"plan is not valid JSON: {str(e)[:80] or 'nested too deeply'}") from None
+    if isinstance(spec, Plan):
+        spec = list(spec.entries)
     if isinstance(spec, list):
         if not spec:
-            raise SteerableError("plan is an empty list")
+            raise PlanError("plan is an empty list")
         return spec
     return [spec]
 
 
-def _build(spec: Any, handle: Any, resolve: VectorResolver, conditions: tuple[Condition, ...]) -> list[Intervention]:
+def _build(spec: Any, handle: Any, resolve: VectorResolver, conditions: tuple[CastCondition, ...],
+           depth: int = 0) -> list[Intervention]:
+    if depth > MAX_DEPTH:
+        raise PlanError(f"plan is nested too deeply (lists and conditionals at most {MAX_DEPTH} levels)")
     out: list[Intervention] = []
     for entry in _entries(spec):
-        if isinstance(entry, Mapping) and entry.get("method") == "conditional":
-            unknown = set(entry) - CONDITIONAL_KEYS
-            if unknown:
-                raise SteerableError(
-                    f"unknown conditional key(s) {sorted(unknown)}: allowed keys are {sorted(CONDITIONAL_KEYS)}")
+        if isinstance(entry, list | Plan):
+            out += _build(entry, handle, resolve, conditions, depth + 1)
+        elif isinstance(entry, Mapping) and entry.get("method") == "conditional":
+            _check_keys(entry, list(CONDITIONAL_KEYS), "a conditional")
             if "then" not in entry:
-                raise SteerableError("a conditional plan needs \"then\": the plan to apply when the condition holds")
+                raise PlanError("a conditional plan needs \"then\": the plan to apply when the condition holds")
             names, sets = _vectors(entry, handle, resolve)
             if len(sets) != 1:
-                raise SteerableError("a conditional plan takes one condition vector")
+                raise PlanError("a conditional plan takes one condition vector")
             cond = build_condition(entry, names[0], sets[0], handle)
-            out += _build(entry["then"], handle, resolve, (*conditions, cond))
+            out += _build(entry["then"], handle, resolve, (*conditions, cond), depth + 1)
         elif isinstance(entry, Mapping) and isinstance(entry.get("site"), list):
             # one intervention per site, e.g. ablation at every residual write
-            if not entry["site"]:
-                raise SteerableError("site is an empty list")
-            out += [build_intervention({**entry, "site": s}, handle, resolve, conditions) for s in entry["site"]]
+            sites = entry["site"]
+            if not sites or len(sites) > len(SITES):
+                raise PlanError(f"site lists {len(sites)} sites; give 1 to {len(SITES)}")
+            out += [build_intervention({**entry, "site": s}, handle, resolve, conditions) for s in sites]
         else:
             out.append(build_intervention(entry, handle, resolve, conditions))
+        if len(out) > MAX_ENTRIES:
+            raise PlanError(f"plan expands to more than {MAX_ENTRIES} interventions")
+    return out
+
+
+@dataclass(frozen=True)
+class SteeringPlan:
+    """Checked interventions applied in order. An empty plan steers nothing."""
+
+    interventions: tuple[Intervention, ...] = ()
+
+    def __bool__(self) -> bool:
+        return bool(self.interventions)
+
+    @property
+    def needs_turns(self) -> bool:
+        return any(iv.gate.needs_turns for iv in self.interventions)
+
+    def to_json(self) -> list[dict[str, Any]]:
+        return _nest(list(self.interventions), 0)
+
+
+def _nest(ivs: list[Intervention], depth: int) -> list[dict[str, Any]]:
+    """Interventions back to plan JSON, re-wrapping runs that share a condition."""
+    out, i = [], 0
+    while i < len(ivs):
+        if len(ivs[i].conditions) <= depth:
+            out.append(ivs[i].to_json())
+            i += 1
+            continue
+        cond, j = ivs[i].conditions[depth], i
+        while j < len(ivs) and len(ivs[j].conditions) > depth and ivs[j].conditions[depth] is cond:
+            j += 1
+        out.append({**cond.to_json(), "then": _nest(ivs[i:j], depth + 1)})
+        i = j
     return out
 
 
 def build_plan(spec: Any, handle: Any, resolve: VectorResolver = load_vector_file) -> SteeringPlan:
-    """Validate a plan given as an Intervention, SteeringPlan, dict, list of dicts, JSON text or None."""
+    """Validate a plan given as a Plan, Intervention, SteeringPlan, dict, list of dicts, JSON text or None."""
     if spec is None:
         return SteeringPlan()
     if isinstance(spec, SteeringPlan):
@@ -176,25 +228,42 @@ def build_row_plans(
     handle: Any, rows: Sequence[Any], resolve: VectorResolver | None = None
 ) -> list[SteeringPlan | None]:
     """One checked plan (or None) per batch row; identical specs (the same object) are checked once and
-    artifacts are loaded once."""
+    artifacts are loaded once. A row's error names the row."""
     resolve = resolve or caching_resolver(load_vector_file)
     seen: dict[int, SteeringPlan | None] = {}
     out: list[SteeringPlan | None] = []
-    for spec in rows:
+    for i, spec in enumerate(rows):
         if spec is None:
             out.append(None)
             continue
         if id(spec) not in seen:
-            plan = build_plan(spec, handle, resolve)
+            try:
+                plan = build_plan(spec, handle, resolve)
+            except SteerableError as e:
+                if len(rows) == 1:
+                    raise
+                raise type(e)(f"row {i}: {e}") from None
             seen[id(spec)] = plan if plan else None
         out.append(seen[id(spec)])
     return out
 
 
 def read_plan_file(path: str | Path) -> Any:
+    p = Path(path)
     try:
-        return json.loads(Path(path).read_text(encoding="utf-8"))
+        text = p.read_text(encoding="utf-8")
     except FileNotFoundError:
-        raise SteerableError(f"no such plan file: {path}") from None
+        raise PlanError(f"no such plan file: {path}") from None
+    except IsADirectoryError:
+        raise PlanError(f"{path}: is a directory, not a plan file") from None
+    except UnicodeDecodeError:
+        raise PlanError(f"{path}: plan file is not UTF-8 text") from None
+    except OSError as e:
+        raise PlanError(f"{path}: cannot read plan file ({e.strerror})") from None
+    try:
+        return json.loads(text)
     except json.JSONDecodeError as e:
-        raise SteerableError(f"{path}: plan is not valid JSON ({e.msg})") from e
+        raise PlanError(f"{path}: plan is not valid JSON ({e.msg})") from e
+    except (RecursionError, ValueError) as e:
+        raise PlanError(f"{path}: plan is not valid JSON ({str(e)[:80] or 'nested too deeply'})") from None
+

@@ -16,12 +16,26 @@ import torch
 from steerable.directions.artifact import DirectionSet
 from steerable.directions.condition import ConditionChoice, choose_condition
 from steerable.directions.quality import cast_score
-from steerable.errors import SteerableError
+from steerable.errors import PlanError
 from steerable.steering.gates import TokenView
+from steerable.steering.values import number
+
+#: the keys of a conditional plan entry, with their help text (docs/plans.md is checked against these)
+CONDITIONAL_KEYS: dict[str, str] = {
+    "vector": "the condition's direction file (e.g. harmful vs benign prompts)",
+    "method": '"conditional"',
+    "layer": 'the condition layer, or "auto" (chosen from the artifact\'s CAST statistics)',
+    "threshold": 'the score threshold, or "auto"',
+    "recall": "the recall target \"auto\" aims for on held-out prompts (default 0.95)",
+    "compare": '">" or "<": the side of the threshold on which the condition holds (default: the positive class\'s)',
+    "then": "the plan applied to the rows whose prompt meets the condition",
+}
 
 
 @dataclass(frozen=True, eq=False)
-class Condition:
+class CastCondition:
+    """A checked CAST condition: steer a row's gated plan only if its prompt's score passes the threshold."""
+
     vectors: DirectionSet
     vector_name: str
     layer: int
@@ -66,28 +80,32 @@ class Condition:
         return out
 
 
-def build_condition(entry: Mapping[str, Any], name: str, ds: DirectionSet, handle: Any) -> Condition:
+def build_condition(entry: Mapping[str, Any], name: str, ds: DirectionSet, handle: Any) -> CastCondition:
     layer, threshold = entry.get("layer", "auto"), entry.get("threshold", "auto")
-    recall = entry.get("recall", 0.95)
-    if isinstance(recall, bool) or not isinstance(recall, int | float) or not 0 < recall < 1:
-        raise SteerableError(f"recall must be a number in (0, 1), got {recall!r}")
+    recall = number("recall", entry.get("recall"), 0.95)
+    if recall is None or not 0 < recall < 1:
+        raise PlanError(f"recall must be a number in (0, 1), got {entry.get('recall')!r}")
     if layer != "auto" and (isinstance(layer, bool) or not isinstance(layer, int)):
-        raise SteerableError(f"condition layer must be an int or \"auto\", got {layer!r}")
+        raise PlanError(f"condition layer must be an int or \"auto\", got {layer!r}")
     if layer != "auto":
+        if not 0 <= layer < handle.n_layers:
+            raise PlanError(f"condition layer {layer} out of range: the model has layers 0-{handle.n_layers - 1}")
         ds.row(layer)
-    if threshold != "auto" and (isinstance(threshold, bool) or not isinstance(threshold, int | float)):
-        raise SteerableError(f"condition threshold must be a number or \"auto\", got {threshold!r}")
+    if threshold != "auto":
+        if threshold is None:
+            raise PlanError('condition threshold must be a number or "auto", got null')
+        threshold = number("condition threshold", threshold, None, bound=1e4)
     compare = entry.get("compare")
     if compare not in (None, ">", "<"):
-        raise SteerableError(f"compare must be \">\" or \"<\", got {compare!r}")
+        raise PlanError(f"compare must be \">\" or \"<\", got {compare!r}")
     choice = None
     if getattr(ds, "cast_percentiles", None) is not None:
         choice = choose_condition(ds, layer=None if layer == "auto" else layer,
                                   threshold=None if threshold == "auto" else float(threshold), recall_target=recall)
     elif layer == "auto" or threshold == "auto":
-        raise SteerableError(f"{name} has no CAST statistics to choose layer/threshold \"auto\" from: "
+        raise PlanError(f"{name} has no CAST statistics to choose layer/threshold \"auto\" from: "
                              "recalibrate it with this version of steerable or give numbers")
-    return Condition(
+    return CastCondition(
         vectors=ds, vector_name=name, layer=choice.layer if choice else int(layer),
         threshold=choice.threshold if threshold == "auto" and choice else float(threshold),
         compare=compare or (choice.compare if choice else ">"), recall_target=float(recall), choice=choice,
