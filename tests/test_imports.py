@@ -34,6 +34,9 @@ ALLOWED: set[tuple[str, str]] = {
     # generation.py:20 (under TYPE_CHECKING) imports evaluate.monitor.AxisMonitor for the `monitor=` annotation;
     # fix: a Protocol with `watch(handle, rows)` in steering/ or generation.py itself, not evaluate/.
     ("steerable.generation", "steerable.evaluate.monitor"),
+    # directions/artifact.py:92 (inside DirectionSet.steer) imports steering.hooks.steer: a convenience method on
+    # the artifact that steers with it; fix: a free function in steering/ (e.g. steering.hooks.steer_with(ds, ...)).
+    ("steerable.directions.artifact", "steerable.steering.hooks"),
 }
 
 
