@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
-from steerable.capture.run import capture_stats
+from steerable.capture.features import response_means
+from steerable.capture.run import batch_examples, capture_stats
+from steerable.capture.run import position_ids as run_position_ids
 from steerable.data.loaders import Example
+from steerable.errors import DataError
+from steerable.models.batch import position_ids
 
 EXAMPLES = [
     Example("Tell me a story", " Once upon a time", 1, 0),
@@ -84,3 +89,28 @@ def test_capture_stops_after_last_layer(llama):
     for h in [*hooks, head]:
         h.remove()
     assert set(ran) == {0, 1}
+
+
+def test_batch_examples_keeps_pairs_together_and_covers_every_example():
+    examples = [*EXAMPLES, Example("alone", None, 1)]
+    batches = batch_examples(examples, 3)
+    assert sorted(i for b in batches for i in b.ids) == list(range(len(examples)))
+    for b in batches:
+        assert b.examples == [examples[i] for i in b.ids]
+        assert len(b.examples) <= 3
+        pairs = [ex.pair for ex in b.examples if ex.pair is not None]
+        assert all(pairs.count(p) == 2 for p in pairs)  # both members of a pair in the same batch
+
+
+def test_bad_capture_data_raises_data_error(llama):
+    with pytest.raises(DataError, match="2 prompts for 1 responses"):
+        response_means(llama, ["a", "b"], [" x"], [1], progress=False)
+    with pytest.raises(DataError, match=r"responses \[1\] are empty"):
+        response_means(llama, ["a", "b"], [" x", "  "], [1], progress=False)
+    with pytest.raises(DataError, match="response-mean needs a response for every example"):
+        capture_stats(llama, [Example("a", None, 1, 0), Example("b", None, 0, 0)], [1], position="response-mean",
+                      progress=False)
+
+
+def test_capture_run_reexports_position_ids():
+    assert run_position_ids is position_ids
