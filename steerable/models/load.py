@@ -154,8 +154,9 @@ def _cache_gguf_as_f32(gguf: Path, out: Path) -> Path:
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
-        model.save_pretrained(tmp)
-        tok.save_pretrained(tmp)
+        with quiet_transformers():
+            model.save_pretrained(tmp)
+            tok.save_pretrained(tmp)
         os.replace(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
