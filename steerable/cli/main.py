@@ -12,17 +12,20 @@ from steerable.directions.estimators import ESTIMATORS
 from steerable.errors import SteerableError
 from steerable.models.builtin import DEFAULT_MODEL
 from steerable.steering.methods import METHODS
+from steerable.steering.plan import plan_flags
+from steerable.steering.values import direction_flag
 
 
-def _direction(value: str) -> str | int:
-    return int(value) if value.lstrip("-").isdigit() else value
+_direction = direction_flag  # the sweep commands' --direction
 
 
-def _threshold(value: str) -> float | str:
-    try:
-        return float(value)
-    except ValueError:
-        return value
+def add_plan_flags(s: argparse.ArgumentParser, skip: tuple[str, ...] = ()) -> None:
+    """One flag per plan key, derived from the methods' specs (docs/plans.md describes the same keys)."""
+    for flag in plan_flags():
+        if flag.key in skip:
+            continue
+        only = "" if len(flag.methods) == len(METHODS) else f" ({', '.join(flag.methods)})"
+        s.add_argument(flag.name, type=flag.read, help=flag.help + only)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -69,16 +72,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--steer", help="direction file")
     s.add_argument("--plan", help="plan JSON file (instead of --steer flags); a row's \"plan\" wins over both")
     s.add_argument("--method", default="add", choices=list(METHODS))
-    s.add_argument("--strength", type=float, help="default 1")
-    s.add_argument("--angle", type=float, help="degrees (rotate, angular, angular-adaptive)")
-    s.add_argument("--cap-floor", type=_threshold, help="number or percentile pNN (positive class) / nNN")
-    s.add_argument("--cap-ceiling", type=_threshold, help="number or percentile pNN / nNN")
-    s.add_argument("--threshold", type=_threshold, help="score threshold for sttp/stmp (default p5)")
-    s.add_argument("--target", type=_threshold, help="target score for sttp (default p50) / mirror for stmp")
-    s.add_argument("--layers", help="6-12, 3,5,7, all, discriminative, top:K or top-d:K")
-    s.add_argument("--gate", help="all, prompt, generated, first:K, assistant, turns>=k (join with +)")
-    s.add_argument("--direction", type=_direction, help="per-layer, global or a layer")
-    s.add_argument("--site", choices=list(SITES), help="override the artifact's site")
+    add_plan_flags(s)
     s.add_argument("--max-new-tokens", type=int, default=64)
     s.add_argument("--batch-size", type=int, default=8)
     s.set_defaults(fn=c.cmd_generate)

@@ -27,6 +27,7 @@ from steerable.steering.cast import CONDITIONAL_KEYS, CastCondition, build_condi
 from steerable.steering.gates import parse_gate
 from steerable.steering.layer_spec import parse_layers, resolve_layers
 from steerable.steering.methods import METHOD_NAMES, METHODS, Intervention
+from steerable.steering.spec import COMMON_FLAGS, COMMON_KEYS
 from steerable.steering.values import number
 
 __all__ = ["CONDITIONAL_KEYS", "PLAN_KEYS", "Intervention", "SteeringPlan", "build_plan", "build_row_plans",
@@ -246,6 +247,39 @@ def build_row_plans(
             seen[id(spec)] = plan if plan else None
         out.append(seen[id(spec)])
     return out
+
+
+@dataclass(frozen=True)
+class Flag:
+    """A plan key as a CLI flag: --name (dashes), how its text is read, which methods take it."""
+
+    key: str
+    help: str
+    read: Callable[[str], Any]
+    methods: tuple[str, ...]
+
+    @property
+    def name(self) -> str:
+        return "--" + self.key.replace("_", "-")
+
+
+def plan_flags() -> list[Flag]:
+    """Every plan key but vector and method, as the flags `generate`, `sweep` and friends take (derived from
+    the methods' specs, so a new key is a new flag)."""
+    out = [Flag(k, COMMON_KEYS[k], COMMON_FLAGS[k], tuple(METHODS)) for k in COMMON_KEYS if k in COMMON_FLAGS]
+    seen: dict[str, Flag] = {}
+    for name, cls in METHODS.items():
+        for key, info in cls.options().items():
+            prev = seen.get(key)
+            seen[key] = Flag(key, info.help, info.flag, (*prev.methods, name) if prev else (name,))
+    return out + list(seen.values())
+
+
+def plan_from_flags(values: Mapping[str, Any], vector: Any) -> dict[str, Any]:
+    """The plan entry the steering flags describe: `values` maps each plan_flags() key to its value (None: unset)."""
+    spec = {"vector": vector, "method": values.get("method") or "add"}
+    spec.update({f.key: values[f.key] for f in plan_flags() if values.get(f.key) is not None})
+    return spec
 
 
 def read_plan_file(path: str | Path) -> Any:

@@ -21,7 +21,7 @@ from steerable.directions.artifact import DirectionSet
 from steerable.directions.layers import global_direction
 from steerable.errors import PlanError
 from steerable.steering.gates import Gate
-from steerable.steering.values import Percentile, Thresholds, threshold_json
+from steerable.steering.values import Percentile, Thresholds, direction_flag, threshold_flag, threshold_json
 
 if TYPE_CHECKING:
     from steerable.steering.cast import CastCondition
@@ -48,17 +48,23 @@ class KeyInfo:
     parse: Callable[[str, Any], Any]
     to_json: Callable[[Any], Any] = lambda v: v
     required: bool = False
+    flag: Callable[[str], Any] = float  # reads the value of the CLI flag --key-name
 
 
 def plan_key(default: Any, help: str, parse: Callable[[str, Any], Any], *, to_json: Callable[[Any], Any] | None = None,
-             required: bool = False) -> Any:
+             required: bool = False, flag: Callable[[str], Any] = float) -> Any:
     """A dataclass field that is also a plan key of its method."""
-    info = KeyInfo(help, parse, to_json or (lambda v: v), required)
+    info = KeyInfo(help, parse, to_json or (lambda v: v), required, flag)
     return field(default=default, metadata={"plan_key": info})
 
 
 def threshold_key(help: str, parse: Callable[[str, Any], Any]) -> Any:
-    return plan_key(None, help, parse, to_json=threshold_json)
+    return plan_key(None, help, parse, to_json=threshold_json, flag=threshold_flag)
+
+
+#: how CLI flags of the common keys read their text
+COMMON_FLAGS: dict[str, Callable[[str], Any]] = {"strength": float, "layers": str, "gate": str,
+                                                  "direction": direction_flag, "site": str}
 
 
 @dataclass(frozen=True, eq=False)

@@ -97,3 +97,18 @@ def threshold_json(t: Thresholds | None) -> Any:
     if isinstance(t, Percentile):
         return str(t)
     return [threshold_json(x) for x in t]
+
+
+# -- reading the same values from CLI flags (text) -------------------------------------------------
+
+def threshold_flag(text: str) -> float | str:
+    """A flag value that is a number or a percentile "pNN"/"nNN" (checked by the validator)."""
+    try:
+        return float(text)
+    except ValueError:
+        return text
+
+
+def direction_flag(text: str) -> str | int:
+    """"per-layer", "global" or a layer index."""
+    return int(text) if _DIGITS.fullmatch(text.lstrip("-")) else text

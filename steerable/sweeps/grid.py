@@ -12,8 +12,8 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from steerable.errors import SteerableError
-from steerable.steering.methods import METHODS, PLANE_METHODS
+from steerable.errors import PlanError, SteerableError
+from steerable.steering.methods import METHODS
 
 BASELINE = "none"
 DEFAULT_STRENGTHS = {"add": (0.5, 1.0, 2.0, 4.0)}
@@ -36,12 +36,8 @@ class Config:
 
     @property
     def knob(self) -> str:
-        """The parameter this method's dose-response is drawn against."""
-        if self.method in PLANE_METHODS:
-            return "angle"
-        if self.method == "cap":
-            return "cap_floor"
-        return "strength"
+        """The parameter this method's dose-response is drawn against (declared by the method's spec)."""
+        return "strength" if self.is_baseline else METHODS[self.method].knob
 
     @property
     def value(self) -> float | str | None:
@@ -130,15 +126,16 @@ def expand(methods: Sequence[str], layers: Sequence[str | None], strengths: Sequ
     each angle at each α)."""
     for method in methods:
         if method not in METHODS:
-            raise SteerableError(f"unknown method {method!r}: use one of {', '.join(METHODS)}")
-    cross = list(strengths) if all(m in PLANE_METHODS or m == "cap" for m in methods) else []
+            raise PlanError(f"unknown method {method!r}: use one of {', '.join(METHODS)}")
+    cross = list(strengths) if all(METHODS[m].knob != "strength" for m in methods) else []
     out = [Config(BASELINE)]
     for method in methods:
+        knob = METHODS[method].knob
         for lay in layers:
-            if method in PLANE_METHODS:
+            if knob == "angle":
                 for a in angles or DEFAULT_ANGLES:
                     out += [Config(method, lay, s, a) for s in (cross or [None])]
-            elif method == "cap":
+            elif knob == "cap_floor":
                 pairs = [(f, None) for f in cap_floors] + list(cap_bands)
                 for f, c in pairs or [(f, None) for f in DEFAULT_CAP_FLOORS]:
                     out += [Config(method, lay, s, cap_floor=f, cap_ceiling=c) for s in (cross or [None])]
