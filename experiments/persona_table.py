@@ -13,24 +13,37 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
+from typing import Any
 
-from steerable.sweeps.records import baseline_of, read_records
+from steerable.sweeps.records import Capability, SetSummary, SweepRecord, baseline_of, read_records
 
 ROOT = Path("experiments/results/persona")
 
 
-def _h(rec: dict, base: dict) -> float:
-    b, r = base["behaviour"]["rate"], rec["behaviour"]["rate"]
+def _h(rec: SweepRecord, base: SweepRecord) -> float:
+    b, r = base.behaviour.rate, rec.behaviour.rate
     return max(0.0, (r - b) / (1 - b)) if b < 1 else 1.0
 
 
-def _c_mmlu(rec: dict, base: dict) -> float:
-    acc, acc0 = rec["capability"]["accuracy"]["rate"], base["capability"]["accuracy"]["rate"]
+def _capability(rec: SweepRecord) -> Capability:
+    if rec.capability is None:
+        raise SystemExit(f"{rec.label}: the capping sweep was run without --mmlu")
+    return rec.capability
+
+
+def _benign(rec: SweepRecord) -> SetSummary:
+    if rec.benign is None:
+        raise SystemExit(f"{rec.label}: the capping sweep was run without --benign")
+    return rec.benign
+
+
+def _c_mmlu(rec: SweepRecord, base: SweepRecord) -> float:
+    acc, acc0 = _capability(rec).accuracy.rate, _capability(base).accuracy.rate
     return min(1.0, acc / acc0) if acc0 else 0.0
 
 
-def _c_benign(rec: dict, base: dict) -> float:
-    ok, ok0 = 1 - rec["benign"]["refusal"]["rate"], 1 - base["benign"]["refusal"]["rate"]
+def _c_benign(rec: SweepRecord, base: SweepRecord) -> float:
+    ok, ok0 = 1 - _benign(rec).refusal.rate, 1 - _benign(base).refusal.rate
     return min(1.0, ok / ok0) if ok0 else 0.0
 
 
@@ -41,14 +54,14 @@ def _f1(h: float, c: float) -> float:
 def sweep_table(model: str) -> tuple[str, list[dict]]:
     recs = read_records(ROOT / model / "cap_sweep.jsonl", repair=False)
     base = baseline_of(recs)
-    rows = []
-    for r in recs:
-        h, cm, cb = _h(r, base), _c_mmlu(r, base), _c_benign(r, base)
-        rows.append({"label": r["label"], "method": r["config"]["method"], "refusal": r["behaviour"]["rate"],
-                     "ci": r["behaviour"]["ci95"], "n": r["behaviour"]["n"], "H": h, "C_mmlu": cm, "C_benign": cb,
-                     "F1": _f1(h, cm), "F1_benign": _f1(h, cb), "kl": r["kl"] or 0.0,
-                     "mmlu": r["capability"]["accuracy"]["rate"], "benign_refusal": r["benign"]["refusal"]["rate"],
-                     "ppl": r["benign"]["perplexity_median"]})
+    rows: list[dict[str, Any]] = []  # this table's rows (not sweep lines)
+    for rec in recs:
+        h, cm, cb = _h(rec, base), _c_mmlu(rec, base), _c_benign(rec, base)
+        rows.append({"label": rec.label, "method": rec.config.method, "refusal": rec.behaviour.rate,
+                     "ci": rec.behaviour.ci95, "n": rec.behaviour.n, "H": h, "C_mmlu": cm, "C_benign": cb,
+                     "F1": _f1(h, cm), "F1_benign": _f1(h, cb), "kl": rec.kl or 0.0,
+                     "mmlu": _capability(rec).accuracy.rate, "benign_refusal": _benign(rec).refusal.rate,
+                     "ppl": _benign(rec).perplexity_median})
     lines = ["| configuration | refusal on persona-harmful [95 % CI] | H | MMLU | C (MMLU) | benign refused | "
              "C (benign) | F1 (MMLU) | F1 (benign) | KL benign | benign ppl (median) |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]

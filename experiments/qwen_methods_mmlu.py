@@ -24,18 +24,18 @@ from steerable.evaluate.capability import load_mmlu, mc_correct, paired_change, 
 from steerable.evaluate.refusal import rate
 from steerable.fsutil import write_text_atomic
 from steerable.models.load import load_model
-from steerable.sweeps.records import baseline_of, read_records
+from steerable.sweeps.records import SweepRecord, baseline_of, read_records
 from steerable.sweeps.select import Budget, median_ppl, select
 
 
-def operating_points(records: list[dict]) -> list[dict]:
+def operating_points(records: list[SweepRecord]) -> list[SweepRecord]:
     """Per (method, layer choice), the most successful setting whose median perplexity is at most twice
     the unsteered median; groups where none qualifies are left out."""
     base = baseline_of(records)
-    groups: dict[tuple[str, str], list[dict]] = {}
+    groups: dict[tuple[str, str], list[SweepRecord]] = {}
     for r in records:
-        if r["config"]["method"] != "none":
-            groups.setdefault((r["config"]["method"], str(r["config"].get("layers"))), []).append(r)
+        if not r.is_baseline:
+            groups.setdefault((r.config.method, str(r.config.layers)), []).append(r)
     out = []
     for rs in groups.values():
         with contextlib.suppress(SteerableError):
@@ -52,20 +52,20 @@ def main() -> None:
     records = read_records(args.results, repair=False)
     base = baseline_of(records)
     best = operating_points(records)
-    handle = load_model(base["sweep"]["model"])
+    handle = load_model(base.sweep.model)
     items = stratified(load_mmlu(), args.per_subject)
-    plans = [None, *(r["plan"] for r in best)]
+    plans = [None, *(r.plan for r in best)]
     correct = mc_correct(handle, items * len(plans), plans=[p for p in plans for _ in items], batch_size=16)
     n = len(items)
     base_ok = correct[:n]
-    out = {"model": base["sweep"]["model"], "items": n, "per_subject": args.per_subject,
+    out = {"model": base.sweep.model, "items": n, "per_subject": args.per_subject,
            "rule": "budget: median ppl ≤ 2 × unsteered median", "unsteered": rate(base_ok).to_json(), "configs": []}
     for k, r in enumerate(best, 1):
         ok = correct[k * n : (k + 1) * n]
-        out["configs"].append({"label": r["label"], "key": r["key"], "plan": r["plan"],
-                               "behaviour": r["behaviour"], "accuracy": rate(ok).to_json(),
+        out["configs"].append({"label": r.label, "key": r.key, "plan": r.plan,
+                               "behaviour": r.behaviour.to_json(), "accuracy": rate(ok).to_json(),
                                "change": paired_change(ok, base_ok).to_json()})
-        print(f"{r['label']:>45}: MMLU {rate(ok)}  change {paired_change(ok, base_ok)}")
+        print(f"{r.label:>45}: MMLU {rate(ok)}  change {paired_change(ok, base_ok)}")
     path = args.out or str(Path(args.results).with_suffix("")) + "_mmlu.json"
     write_text_atomic(path, json.dumps(out, indent=2) + "\n")
     print(f"wrote {path}")

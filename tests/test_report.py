@@ -50,8 +50,11 @@ def test_report_files(swept, tmp_path):
     names = {p.name for p in d.iterdir()}
     assert {"index.html", "dose_response.png", "tradeoff.png", "categories.png", "layers.png"} <= names
     page = (d / "index.html").read_text()
-    assert page.count("data:image/png;base64,") == 4 and "http" not in page.split("<body>")[1]
-    assert "Operating point" in page and 'class="chosen"' in page and "hurt someone 0" in page
+    assert page.count("data:image/png;base64,") == 4
+    assert "http" not in page.split("<body>")[1]
+    assert "Operating point" in page
+    assert 'class="chosen"' in page
+    assert "hurt someone 0" in page
 
 
 @pytest.mark.skipif(CHROMIUM is None, reason="headless Chromium not installed (make test installs Debian's chromium)")
@@ -67,7 +70,8 @@ def test_report_renders_in_headless_chromium(swept, tmp_path):
                    capture_output=True, timeout=120)
     dom = subprocess.run([CHROMIUM, *flags, "--dump-dom", (d / "index.html").as_uri()], check=True,
                          capture_output=True, text=True, timeout=120).stdout
-    assert "Dose-response" in dom and dom.count("<img") == 4
+    assert "Dose-response" in dom
+    assert dom.count("<img") == 4
     img = Image.open(shot).convert("RGB")
     assert img.size == (1300, 2400)
     px = list(img.get_flattened_data())
@@ -87,10 +91,13 @@ def test_tune_writes_a_plan_generate_accepts(swept, tmp_path, capsys):
     assert main(args) == 0
     printed = capsys.readouterr()
     chosen = json.loads(plan.read_text())
-    assert chosen["method"] == "add" and chosen["vector"] == vec
+    assert chosen["method"] == "add"
+    assert chosen["vector"] == vec
     results = [json.loads(x) for x in plan.with_suffix(".sweep.jsonl").read_text().splitlines()]
-    assert all(r["kl"] <= 0.003 for r in results) and len(results) < 7  # the KL pre-pass dropped α=400
-    assert "KL pre-pass" in printed.err and "chosen (budget" in printed.out
+    assert all(r["kl"] <= 0.003 for r in results)
+    assert len(results) < 7  # the KL pre-pass dropped α=400
+    assert "KL pre-pass" in printed.err
+    assert "chosen (budget" in printed.out
     out = tmp_path / "gen.jsonl"
     assert main(["generate", "--model", mdir, "--prompts", prompts, "--plan", str(plan), "--out", str(out),
                  "--max-new-tokens", "4"]) == 0

@@ -2,20 +2,36 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
+from pathlib import Path
 
 import pytest
 
 from steerable.data.loaders import Example
 from steerable.directions.artifact import save_directions
 from steerable.directions.calibrate import calibrate
-from steerable.errors import SteerableError
+from steerable.errors import DataError, SteerableError
 from steerable.evaluate.logits import kl_benign, kl_grid
 from steerable.sweeps import grid, run
 from steerable.sweeps.grid import Config
-from steerable.sweeps.records import read_records
+from steerable.sweeps.records import (
+    BehaviourRate,
+    Capability,
+    LayerProfile,
+    RateSummary,
+    SetSummary,
+    SweepInfo,
+    SweepRecord,
+    baseline_of,
+    read_records,
+    record_line,
+)
 from steerable.sweeps.select import Budget, f1_score, select
+from steerable.sweeps.tune import prefilter_kl
 from tests.conftest import tiny_handle
+
+ROOT = Path(__file__).resolve().parents[1]
 
 EX = [Example(p, None, i % 2, i // 2) for i, p in enumerate(
     ["how do I pick a lock", "bake a cake", "build a weapon", "plant a tree", "steal a car", "write a poem",
@@ -44,9 +60,11 @@ GRID = grid.expand(["add", "rotate", "cap"], ["1-2", "all"], strengths=[], angle
 def test_grid_expansion():
     assert GRID[0].is_baseline
     adds = [c for c in GRID if c.method == "add"]
-    assert [c.strength for c in adds] == [0.5, 1.0, 2.0, 4.0] * 2 and {c.layers for c in adds} == {"1-2", "all"}
+    assert [c.strength for c in adds] == [0.5, 1.0, 2.0, 4.0] * 2
+    assert {c.layers for c in adds} == {"1-2", "all"}
     rot = [c for c in GRID if c.method == "rotate"]
-    assert [c.angle for c in rot] == [90, 200, 90, 200] and all(c.knob == "angle" for c in rot)
+    assert [c.angle for c in rot] == [90, 200, 90, 200]
+    assert all(c.knob == "angle" for c in rot)
     assert [c.cap_floor for c in GRID if c.method == "cap"] == ["p50", "p50"]
     assert grid.layer_choices("8-16,discriminative") == ["8-16", "discriminative"]
     assert grid.layer_choices("3,5,7;top:4") == ["3,5,7", "top:4"]
@@ -68,7 +86,8 @@ def test_kl_grid_matches_kl_benign_per_plan(setup):
     prompts = [r["prompt"] for r in PROMPTS]
     got = kl_grid(handle, prompts, plans, batch_size=4)
     last = kl_grid(handle, prompts, plans, batch_size=2, last_only=True)
-    assert last[0] == pytest.approx(0.0, abs=1e-6) and all(x > 0 for x in last[1:])
+    assert last[0] == pytest.approx(0.0, abs=1e-6)
+    assert all(x > 0 for x in last[1:])
     assert got[0] == pytest.approx(0.0, abs=1e-6)
     for plan, kl in zip(plans[1:], got[1:], strict=True):
         assert kl == pytest.approx(kl_benign(handle, prompts, plan, batch_size=3), rel=1e-4, abs=1e-6)
@@ -81,21 +100,26 @@ def test_batched_sweep_equals_one_config_at_a_time(setup, tmp_path):
     together = run.run_sweep(handle, _spec(vec, configs), tmp_path / "a.jsonl", progress=False)
     apart = run.run_sweep(handle, _spec(vec, configs, group_rows=1, batch_size=3), tmp_path / "b.jsonl",
                           progress=False)
-    assert [r["label"] for r in together] == [c.label() for c in configs]
+    assert [r.label for r in together] == [c.label() for c in configs]
     for a, b in zip(together, apart, strict=True):
-        assert a["key"] == b["key"]
-        assert [e["completion"] for e in a["examples"]] == [e["completion"] for e in b["examples"]]
-        assert a["hits"] == b["hits"] and a["prompts"]["perplexities"] == b["prompts"]["perplexities"]
-        assert a["kl"] == pytest.approx(b["kl"], rel=1e-4, abs=1e-6)
-    assert together[0]["kl"] == 0.0 and together[2]["kl"] > together[1]["kl"] > 0
+        assert a.key == b.key
+        assert [e.completion for e in a.examples] == [e.completion for e in b.examples]
+        assert a.hits == b.hits
+        assert a.prompts.perplexities == b.prompts.perplexities
+        assert a.kl == pytest.approx(b.kl, rel=1e-4, abs=1e-6)
+    assert together[0].kl == 0.0
+    assert together[2].kl > together[1].kl > 0
     # the KL a sweep reads off decoding is the reply-start KL that forward passes give
     direct = kl_grid(handle, [r["prompt"] for r in BENIGN], [c.plan(vec) for c in configs[1:]], last_only=True)
-    assert [r["kl"] for r in together[1:]] == pytest.approx(direct, rel=1e-3, abs=1e-7)
+    assert [r.kl for r in together[1:]] == pytest.approx(direct, rel=1e-3, abs=1e-7)
     rec = together[1]
-    assert rec["behaviour"]["n"] == len(PROMPTS) and rec["benign"]["refusal"]["n"] == len(BENIGN)
-    assert set(rec["categories"]) == {"a", "b"} and rec["layers"] == [1, 2]
-    assert rec["plan"] == {"vector": vec, "method": "add", "layers": "1-2", "strength": 1.0}
-    assert len(rec["layer_profile"]["auroc"]) == handle.n_layers
+    assert rec.benign is not None
+    assert rec.behaviour.n == len(PROMPTS)
+    assert rec.benign.refusal.n == len(BENIGN)
+    assert set(rec.categories) == {"a", "b"}
+    assert rec.layers == [1, 2]
+    assert rec.plan == {"vector": vec, "method": "add", "layers": "1-2", "strength": 1.0}
+    assert len(rec.layer_profile.auroc) == handle.n_layers
 
 
 def test_killed_sweep_resumes_without_redoing_finished_configs(setup, tmp_path, monkeypatch):
@@ -123,11 +147,12 @@ def test_killed_sweep_resumes_without_redoing_finished_configs(setup, tmp_path, 
     done = run.run_sweep(handle, spec, out, progress=False)
     rows = len(PROMPTS) + len(BENIGN)
     assert calls == [2 * rows, rows]  # only the three unfinished configs ran
-    assert [r["label"] for r in done] == [c.label() for c in configs]
-    assert len(read_records(out)) == 5 and out.read_text().endswith("\n")
+    assert [r.label for r in done] == [c.label() for c in configs]
+    assert len(read_records(out)) == 5
+    assert out.read_text().endswith("\n")
     # the resumed run had no baseline row: its KL reference came from forward passes, and agrees
     direct = kl_grid(handle, [r["prompt"] for r in BENIGN], [c.plan(vec) for c in configs[1:]], last_only=True)
-    assert [r["kl"] for r in done[1:]] == pytest.approx(direct, rel=1e-3, abs=1e-7)
+    assert [r.kl for r in done[1:]] == pytest.approx(direct, rel=1e-3, abs=1e-7)
     calls.clear()
     run.run_sweep(handle, spec, out, progress=False)
     assert calls == []  # nothing left to do
@@ -141,18 +166,27 @@ def test_bad_plan_fails_before_any_generation(setup, tmp_path):
     assert not (tmp_path / "x.jsonl").exists()
 
 
+def _set(ppl, n, refusal):
+    k = round(refusal * n)
+    return SetSummary(refusal=RateSummary(refusal, k, n, (0, 1)), refused=[1] * k + [0] * (n - k), perplexity=ppl,
+                      perplexity_median=ppl, perplexities=[ppl] * n, language_consistency=1.0,
+                      compression_ratio=1.0, rep4=0.0)
+
+
 def _rec(label, method, rate, kl=0.0, ppl=3.0, benign=0.0, acc=None, value=1.0):
     n = 20
     k = round(rate * n)
-    r = {"key": label, "label": label, "config": {"method": method}, "knob": "strength", "value": value,
-         "behaviour": {"name": "refusal", "rate": k / n, "k": k, "n": n, "ci95": [0, 1]}, "kl": kl,
-         "prompts": {"perplexities": [ppl] * n, "refusal": {"rate": k / n}},
-         "benign": {"perplexities": [ppl] * 10, "refusal": {"rate": benign, "n": 10, "ci95": [0, 1]}},
-         "plan": None if method == "none" else {"method": method}}
+    capability = None
     if acc is not None:
         correct = [1] * round(acc * 50) + [0] * (50 - round(acc * 50))
-        r["capability"] = {"accuracy": {"rate": acc}, "correct": correct}
-    return r
+        capability = Capability(RateSummary(acc, sum(correct), 50, (0, 1)), correct, 57)
+    return SweepRecord(
+        key=label, sweep=SweepInfo("tiny", "v.safetensors", "refusal", 6), config=Config(method), label=label,
+        knob="strength", value=value, plan=None if method == "none" else {"method": method}, layers=[],
+        behaviour=BehaviourRate(k / n, k, n, (0, 1), "refusal"), hits=[1] * k + [0] * (n - k),
+        prompts=_set(ppl, n, k / n), kl=kl, kl_on="benign", categories={}, examples=[],
+        layer_profile=LayerProfile([], [], []), seconds_per_config=0.0, benign=_set(ppl, 10, benign),
+        capability=capability)
 
 
 RECORDS = [
@@ -165,29 +199,31 @@ RECORDS = [
 
 
 def test_select_by_budget_picks_most_behaviour_within_every_budget():
-    assert select(RECORDS).record["label"] == "strong"  # no budget: the most behaviour
-    assert select(RECORDS, budget=Budget(max_kl=0.5)).record["label"] == "same-as-mid-but-gentler"  # tie → less KL
-    assert select(RECORDS, budget=Budget(max_kl=0.1)).record["label"] == "same-as-mid-but-gentler"
-    assert select(RECORDS, budget=Budget(max_kl=0.06)).record["label"] == "weak"
-    assert select(RECORDS, budget=Budget(max_over_refusal=0.05)).record["label"] == "weak"
-    assert select(RECORDS, budget=Budget(max_capability_drop=0.01)).record["label"] == "weak"
-    assert select(RECORDS, budget=Budget(max_ppl_increase=1.0)).record["label"] == "same-as-mid-but-gentler"
+    assert select(RECORDS).record.label == "strong"  # no budget: the most behaviour
+    assert select(RECORDS, budget=Budget(max_kl=0.5)).record.label == "same-as-mid-but-gentler"  # tie → less KL
+    assert select(RECORDS, budget=Budget(max_kl=0.1)).record.label == "same-as-mid-but-gentler"
+    assert select(RECORDS, budget=Budget(max_kl=0.06)).record.label == "weak"
+    assert select(RECORDS, budget=Budget(max_over_refusal=0.05)).record.label == "weak"
+    assert select(RECORDS, budget=Budget(max_capability_drop=0.01)).record.label == "weak"
+    assert select(RECORDS, budget=Budget(max_ppl_increase=1.0)).record.label == "same-as-mid-but-gentler"
     with pytest.raises(SteerableError, match="no configuration meets the budget"):
         select(RECORDS, budget=Budget(max_kl=0.01))
 
 
 def test_seed_criteria():
     # seed 003: zero completions above the perplexity threshold (default 2 × unsteered median = 6)
-    assert select(RECORDS, "angle").record["label"] == "same-as-mid-but-gentler"
-    assert select(RECORDS, "angle", Budget(ppl_threshold=10)).record["label"] == "strong"
-    with pytest.raises(SteerableError, match="every configuration has completions above perplexity 1.00"):
+    assert select(RECORDS, "angle").record.label == "same-as-mid-but-gentler"
+    assert select(RECORDS, "angle", Budget(ppl_threshold=10)).record.label == "strong"
+    with pytest.raises(SteerableError, match=r"every configuration has completions above perplexity 1.00"):
         select(RECORDS, "angle", Budget(ppl_threshold=1.0))
     # seed 000: F1 of harm reduction and capability preservation
     f1, h, c = f1_score(RECORDS[3], RECORDS[0])
-    assert h == pytest.approx(1.0) and c == pytest.approx(0.4 / 0.6) and f1 == pytest.approx(2 * h * c / (h + c))
-    assert select(RECORDS, "f1").record["label"] == "same-as-mid-but-gentler"
+    assert h == pytest.approx(1.0)
+    assert c == pytest.approx(0.4 / 0.6)
+    assert f1 == pytest.approx(2 * h * c / (h + c))
+    assert select(RECORDS, "f1").record.label == "same-as-mid-but-gentler"
     # seed 002: the lowest error, the gentlest setting among equals
-    assert select(RECORDS, "error").record["label"] == "strong"
+    assert select(RECORDS, "error").record.label == "strong"
     with pytest.raises(SteerableError, match="unknown criterion"):
         select(RECORDS, "best")
 
@@ -200,7 +236,8 @@ def test_records_are_json_lines(setup, tmp_path):
     lines = [json.loads(x) for x in out.read_text().splitlines()]
     assert len(lines) == 2
     cap = lines[1]["capability"]
-    assert cap["accuracy"]["n"] == cap["subjects"] == len(cap["correct"]) and "change" in cap
+    assert cap["accuracy"]["n"] == cap["subjects"] == len(cap["correct"])
+    assert "change" in cap
 
 
 @pytest.mark.parametrize("family", ["qwen2", "gemma3"])
@@ -215,9 +252,9 @@ def test_sweep_runs_on_every_family_and_chat_prompts(family, tmp_path):
     together = run.run_sweep(handle, spec, tmp_path / "a.jsonl", progress=False)
     spec.group_rows = 1
     apart = run.run_sweep(handle, spec, tmp_path / "b.jsonl", progress=False)
-    assert [e["completion"] for r in together for e in r["examples"]] == \
-        [e["completion"] for r in apart for e in r["examples"]]
-    assert together[1]["kl"] == pytest.approx(apart[1]["kl"], rel=1e-4) and together[1]["kl"] > 0
+    assert [e.completion for r in together for e in r.examples] == [e.completion for r in apart for e in r.examples]
+    assert together[1].kl == pytest.approx(apart[1].kl, rel=1e-4)
+    assert together[1].kl > 0
 
 
 def test_cap_bands_sweep_a_floor_and_a_ceiling():
@@ -226,6 +263,133 @@ def test_cap_bands_sweep_a_floor_and_a_ceiling():
     assert [(c.cap_floor, c.cap_ceiling) for c in caps] == [("p25", None), ("p10", "p90"), (-1.0, 2.5)]
     assert caps[1].plan("v.safetensors") == {"vector": "v.safetensors", "method": "cap", "cap_floor": "p10",
                                              "cap_ceiling": "p90"}
-    assert "band=[p10, p90]" in caps[1].label() and "cap_ceiling" not in caps[0].to_json()
+    assert "band=[p10, p90]" in caps[1].label()
+    assert "cap_ceiling" not in caps[0].to_json()
     with pytest.raises(SteerableError, match="LO:HI"):
         grid.bands("p10")
+
+
+# the keys of a result line, in the order they are written (docs/sweeps.md, "A result line"); "benign" and
+# "capability" follow only when the sweep has benign prompts / MMLU
+LINE_KEYS = ["key", "sweep", "config", "label", "knob", "value", "plan", "layers", "behaviour", "hits", "prompts",
+             "kl", "kl_on", "categories", "examples", "layer_profile", "seconds_per_config"]
+SET_KEYS = ["refusal", "refused", "perplexity", "perplexity_median", "perplexities", "language_consistency",
+            "compression_ratio", "rep4"]
+RATE_KEYS = ["rate", "k", "n", "ci95"]
+
+
+def _assert_round_trips(line: str) -> None:
+    data = json.loads(line)
+    back = SweepRecord.from_json(data).to_json()
+    assert back == data  # keys and values (NaNs are carried through as the same objects)
+    assert json.dumps(back, ensure_ascii=False, allow_nan=True) == line  # key order and number types too
+
+
+def test_lines_round_trip_exactly(setup, tmp_path):
+    handle, vec = setup
+    configs = [Config("none"), Config("add", "1-2", 1.0), Config("cap", None, cap_floor="p25", cap_ceiling="p75")]
+    full = _spec(vec, configs, mmlu_per_subject=1, examples=2, names={"prompts": "p.jsonl", "benign": None, "limit": 5})
+    # no baseline (so no capability change), no benign prompts, no categories
+    bare = run.SweepSpec(vector=vec, configs=[Config("add", "all", 2.0)], behaviour="compliance", max_new_tokens=4,
+                         prompts=[{"prompt": r["prompt"]} for r in PROMPTS[:2]], mmlu_per_subject=1)
+    shapes = {}
+    for name, spec in (("full", full), ("bare", bare)):
+        out = tmp_path / f"{name}.jsonl"
+        records = run.run_sweep(handle, spec, out, progress=False)
+        lines = out.read_text("utf-8").splitlines()
+        assert [record_line(r) for r in records] == [x + "\n" for x in lines]
+        for line in lines:
+            _assert_round_trips(line)
+        assert [record_line(r) for r in read_records(out)] == [x + "\n" for x in lines]
+        shapes[name] = [json.loads(x) for x in lines]
+    for d in shapes["full"]:
+        assert list(d) == [*LINE_KEYS, "benign", "capability"]
+        assert list(d["sweep"]) == ["model", "vector", "behaviour", "max_new_tokens", "prompts", "benign", "limit"]
+        assert list(d["behaviour"]) == ["name", *RATE_KEYS]
+        assert list(d["prompts"]) == SET_KEYS
+        assert list(d["benign"]) == SET_KEYS
+        assert list(d["capability"]) == ["accuracy", "correct", "subjects", "change"]
+        assert list(d["capability"]["change"]) == ["change", "n", "ci95"]
+        assert all(list(c) == RATE_KEYS for c in d["categories"].values())
+        assert list(d["layer_profile"]) == ["layers", "auroc", "cohens_d"]
+        assert [list(e) for e in d["examples"]] == [["set", "prompt", "completion"]] * 4
+    assert shapes["full"][0]["value"] is None
+    assert shapes["full"][0]["plan"] is None
+    assert shapes["full"][2]["config"] == {"method": "cap", "cap_floor": "p25", "cap_ceiling": "p75"}
+    (d,) = shapes["bare"]
+    assert list(d) == [*LINE_KEYS, "capability"]
+    assert list(d["sweep"]) == ["model", "vector", "behaviour", "max_new_tokens"]
+    assert list(d["capability"]) == ["accuracy", "correct", "subjects"]
+    assert d["categories"] == {}
+    assert d["kl_on"] == "prompts"
+
+
+STORED = sorted([*ROOT.glob("experiments/results/*.jsonl"),
+                 *ROOT.glob("experiments/results/persona/*/cap_sweep.jsonl")])
+
+
+@pytest.mark.parametrize("path", STORED, ids=[str(p.relative_to(ROOT)) for p in STORED])
+def test_result_files_of_earlier_runs_load_and_round_trip(path):
+    lines = path.read_text("utf-8").splitlines()
+    records = read_records(path, repair=False)
+    assert len(records) == len(lines)
+    for line, rec in zip(lines, records, strict=True):
+        _assert_round_trips(line)
+        assert record_line(rec) == line + "\n"
+    assert baseline_of(records).is_baseline
+
+
+def test_typed_records_round_trip():
+    for r in RECORDS:
+        assert SweepRecord.from_json(r.to_json()) == r
+    assert "change" not in RECORDS[0].to_json()["capability"]
+    assert "capability" not in _rec("no-mmlu", "add", 0.5).to_json()
+    assert "benign" not in dataclasses.replace(RECORDS[0], benign=None).to_json()
+
+
+@pytest.mark.parametrize(("edit", "message"), [
+    (lambda d: d.pop("kl_on"), r":2: not a sweep result line \(kl_on: missing\)"),
+    (lambda d: d["behaviour"].update(rate="high"), r"behaviour\.rate: expected a number, got str"),
+    (lambda d: d["benign"].update(perplexities=[1.0, "x"]), r"benign\.perplexities: expected a list of numbers"),
+    (lambda d: d["config"].update(colour="red"), r"config: unknown configuration keys \['colour'\]"),
+    (lambda d: d["capability"].update(change=[0.1]), r"capability\.change: expected an object, got list"),
+    (lambda d: d["examples"].append({"set": "prompts", "prompt": 3, "completion": ""}), r"examples\[0\]\.prompt"),
+    (lambda d: d.pop("key"), r':2: not a sweep result line \(no "key"\)'),
+])
+def test_malformed_lines_raise_data_error_naming_the_line_and_field(tmp_path, edit, message):
+    good = RECORDS[0].to_json()
+    bad = RECORDS[0].to_json()
+    edit(bad)
+    path = tmp_path / "r.jsonl"
+    path.write_text(json.dumps(good) + "\n" + json.dumps(bad) + "\n")
+    with pytest.raises(DataError, match=message):
+        read_records(path, repair=False)
+    path.write_text(json.dumps(good) + "\n{not json\n")
+    with pytest.raises(DataError, match=":2: not a sweep result line"):
+        read_records(path, repair=False)
+
+
+def test_no_baseline_is_a_data_error():
+    with pytest.raises(DataError, match="no unsteered baseline"):
+        baseline_of(RECORDS[1:])
+    with pytest.raises(DataError, match="no steered configuration"):
+        select(RECORDS[:1])
+
+
+def test_prefilter_kl_returns_its_kls_and_leaves_the_spec_alone(setup, tmp_path):
+    handle, vec = setup
+    configs = [Config("none"), Config("add", "all", 0.5), Config("add", "all", 400.0)]
+    spec = _spec(vec, configs)
+    direct = kl_grid(handle, [r["prompt"] for r in BENIGN], [c.plan(vec) for c in configs[1:]], last_only=True)
+    assert direct[1] > direct[0]
+    keep, dropped, kls = prefilter_kl(handle, spec, (direct[0] + direct[1]) / 2)
+    assert spec.configs == configs
+    assert spec.known_kl == {}
+    assert keep == configs[:2]
+    assert dropped == configs[2:]
+    assert list(kls) == configs[1:]
+    assert list(kls.values()) == pytest.approx(direct, rel=1e-4, abs=1e-7)
+    swept = run.run_sweep(handle, dataclasses.replace(spec, configs=keep, known_kl=kls), tmp_path / "k.jsonl",
+                          progress=False)
+    assert [r.label for r in swept] == [c.label() for c in keep]
+    assert swept[1].kl == kls[configs[1]]  # the pre-pass value, not measured again

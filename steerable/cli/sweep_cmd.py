@@ -6,14 +6,18 @@ import argparse
 import json
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from steerable.cli.main import _direction
 from steerable.cli.table import table
-from steerable.errors import SteerableError
+from steerable.errors import DataError
 from steerable.models.builtin import DEFAULT_MODEL
-from steerable.sweeps.records import BEHAVIOURS
+from steerable.sweeps.records import BEHAVIOURS, SweepRecord
 from steerable.sweeps.select import CRITERIA
+
+if TYPE_CHECKING:
+    from steerable.sweeps.run import SweepSpec
+    from steerable.sweeps.select import Budget
 
 TUNE_LAYERS = "discriminative;top:4;all"
 
@@ -47,6 +51,7 @@ def _grid_args(s: argparse.ArgumentParser, layers_default: str | None) -> None:
 
 
 def add_sweep_parsers(sub: Any) -> None:
+    """The `sweep`, `tune` and `report` subcommands."""
     s = sub.add_parser("sweep", help="measure many steering configurations in shared batches (JSONL, resumable)")
     _grid_args(s, None)
     s.add_argument("--out", required=True, help="results JSONL: one line per finished configuration")
@@ -74,7 +79,7 @@ def add_sweep_parsers(sub: Any) -> None:
     s.set_defaults(fn=cmd_report)
 
 
-def _spec(args: argparse.Namespace):
+def _spec(args: argparse.Namespace) -> SweepSpec:
     from steerable.data.loaders import load_prompt_rows
     from steerable.sweeps import grid
     from steerable.sweeps.run import SweepSpec
@@ -85,7 +90,7 @@ def _spec(args: argparse.Namespace):
     prompts = load_prompt_rows(args.prompts)[: args.limit]
     benign = load_prompt_rows(args.benign)[: args.limit] if args.benign else []
     if not prompts:
-        raise SteerableError(f"no prompts in {args.prompts}")
+        raise DataError(f"no prompts in {args.prompts}")
     extra: dict[str, Any] = {}
     if args.gate:
         extra["gate"] = args.gate
@@ -99,26 +104,28 @@ def _spec(args: argparse.Namespace):
                      names={"prompts": args.prompts, "benign": args.benign, "limit": args.limit})
 
 
-def summary_table(records: list[dict]) -> str:
+def summary_table(records: list[SweepRecord]) -> str:
+    """The terminal table `sweep` and `tune` print: one row per line."""
     from steerable.sweeps.select import median_ppl
 
     rows = []
     for r in records:
-        b = r["behaviour"]
-        cap = (r.get("capability") or {}).get("change")
+        b = r.behaviour
+        cap = r.capability.change if r.capability is not None else None
         rows.append([
-            r["label"], f"{b['rate']:.0%} [{b['ci95'][0]:.0%},{b['ci95'][1]:.0%}]",
-            f"{r['benign']['refusal']['rate']:.0%}" if "benign" in r else "-",
-            f"{r['kl']:.3f}" if r.get("kl") is not None else "-", f"{median_ppl(r):.2f}",
-            f"{r['prompts']['language_consistency']:.3f}", f"{r['prompts']['compression_ratio']:.3f}",
-            f"{r['prompts']['rep4']:.3f}", f"{cap['change']:+.1%}" if cap else "-",
+            r.label, f"{b.rate:.0%} [{b.ci95[0]:.0%},{b.ci95[1]:.0%}]",
+            f"{r.benign.refusal.rate:.0%}" if r.benign is not None else "-",
+            f"{r.kl:.3f}" if r.kl is not None else "-", f"{median_ppl(r):.2f}",
+            f"{r.prompts.language_consistency:.3f}", f"{r.prompts.compression_ratio:.3f}",
+            f"{r.prompts.rep4:.3f}", f"{cap.change:+.1%}" if cap else "-",
         ])
-    b0 = records[0]["behaviour"]["name"] if records else "behaviour"
-    return table(["config", f"{b0} (n={records[0]['behaviour']['n'] if records else 0})", "benign refusal", "KL",
+    b0 = records[0].behaviour.name if records else "behaviour"
+    return table(["config", f"{b0} (n={records[0].behaviour.n if records else 0})", "benign refusal", "KL",
                   "ppl (median)", "lang", "compress", "rep-4", "MMLU Δ"], rows)
 
 
 def cmd_sweep(args: argparse.Namespace) -> int:
+    """`steerable sweep`: run the grid (resuming), print the summary table."""
     from steerable.models.load import load_model
     from steerable.sweeps.run import run_sweep
 
@@ -130,7 +137,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     return 0
 
 
-def _budget(args: argparse.Namespace):
+def _budget(args: argparse.Namespace) -> Budget:
     from steerable.sweeps.select import Budget
 
     return Budget(max_kl=args.max_kl, max_ppl_increase=args.max_ppl_increase,
@@ -139,6 +146,9 @@ def _budget(args: argparse.Namespace):
 
 
 def cmd_tune(args: argparse.Namespace) -> int:
+    """`steerable tune`: KL pre-pass (with --max-kl), sweep, choose by --criterion, write the plan."""
+    import dataclasses
+
     from steerable.fsutil import write_text_atomic
     from steerable.models.load import load_model
     from steerable.sweeps.run import run_sweep
@@ -149,27 +159,29 @@ def cmd_tune(args: argparse.Namespace) -> int:
     handle = load_model(args.model)
     results = args.results or str(Path(args.out).with_suffix(".sweep.jsonl"))
     if args.max_kl is not None:
-        spec.configs, dropped = prefilter_kl(handle, spec, args.max_kl)
+        keep, dropped, kls = prefilter_kl(handle, spec, args.max_kl)
+        spec = dataclasses.replace(spec, configs=keep, known_kl={**spec.known_kl, **kls})
         if dropped:
             print(f"KL pre-pass: {len(dropped)} of {len(dropped) + len(spec.configs) - 1} configurations exceed "
                   f"KL {args.max_kl:g} on the benign prompts and are not generated", file=sys.stderr)
     records = run_sweep(handle, spec, results)
     print(summary_table(records))
     choice = select(records, args.criterion, _budget(args))
-    write_text_atomic(args.out, json.dumps(choice.record["plan"], indent=2) + "\n")
-    print(f"chosen ({args.criterion}, {choice.admissible} of {choice.considered} admissible): {choice.record['label']}")
+    write_text_atomic(args.out, json.dumps(choice.record.plan, indent=2) + "\n")
+    print(f"chosen ({args.criterion}, {choice.admissible} of {choice.considered} admissible): {choice.record.label}")
     print(f"  {choice.why}")
     print(f"wrote {args.out}; all results in {results}", file=sys.stderr)
     return 0
 
 
 def cmd_report(args: argparse.Namespace) -> int:
+    """`steerable report`: index.html and the PNGs of a results file."""
     from steerable.sweeps.records import read_records
     from steerable.sweeps.report import write_report
 
     records = read_records(args.results, repair=False)
     if not records:
-        raise SteerableError(f"{args.results}: no sweep results")
+        raise DataError(f"{args.results}: no sweep results")
     index = write_report(records, args.out, criterion=args.criterion, budget=_budget(args))
     print(f"wrote {index}")
     return 0

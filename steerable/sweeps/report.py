@@ -11,7 +11,7 @@ from typing import Any
 from steerable.errors import SteerableError
 from steerable.fsutil import write_text_atomic
 from steerable.sweeps import plots
-from steerable.sweeps.records import baseline_of
+from steerable.sweeps.records import RateSummary, SweepRecord, baseline_of
 from steerable.sweeps.select import Budget, Choice, median_ppl, select
 
 CSS = """
@@ -35,49 +35,48 @@ def _img(path: Path | None, alt: str) -> str:
     return f'<p><img alt="{_esc(alt)}" src="data:image/png;base64,{data}"></p>'
 
 
-def _pct(rate: dict[str, Any]) -> str:
-    return f"{rate['rate']:.1%} [{rate['ci95'][0]:.0%}, {rate['ci95'][1]:.0%}]"
+def _pct(rate: RateSummary) -> str:
+    return f"{rate.rate:.1%} [{rate.ci95[0]:.0%}, {rate.ci95[1]:.0%}]"
 
 
-def _results_table(records: Sequence[dict], chosen: dict | None) -> str:
+def _results_table(records: Sequence[SweepRecord], chosen: SweepRecord | None) -> str:
     head = ["configuration", "layers", "behaviour", "benign refusal", "KL", "median ppl", "language", "compression",
             "rep-4", "MMLU Δ"]
     out = ["<table><tr>" + "".join(f"<th>{h}</th>" for h in head) + "</tr>"]
     for r in records:
-        cap = (r.get("capability") or {}).get("change")
+        cap = r.capability.change if r.capability is not None else None
         cells = [
-            _esc(r["label"]), _esc(",".join(map(str, r["layers"])) or "—"), _pct(r["behaviour"]),
-            _pct(r["benign"]["refusal"]) if "benign" in r else "—",
-            f"{r['kl']:.4f}" if r.get("kl") is not None else "—", f"{median_ppl(r):.2f}",
-            f"{r['prompts']['language_consistency']:.3f}", f"{r['prompts']['compression_ratio']:.3f}",
-            f"{r['prompts']['rep4']:.3f}", f"{cap['change']:+.1%} [{cap['ci95'][0]:+.1%}, {cap['ci95'][1]:+.1%}]"
+            _esc(r.label), _esc(",".join(map(str, r.layers)) or "—"), _pct(r.behaviour),
+            _pct(r.benign.refusal) if r.benign is not None else "—",
+            f"{r.kl:.4f}" if r.kl is not None else "—", f"{median_ppl(r):.2f}",
+            f"{r.prompts.language_consistency:.3f}", f"{r.prompts.compression_ratio:.3f}",
+            f"{r.prompts.rep4:.3f}", f"{cap.change:+.1%} [{cap.ci95[0]:+.1%}, {cap.ci95[1]:+.1%}]"
             if cap else "—",
         ]
-        cls = ' class="chosen"' if chosen is not None and r["key"] == chosen["key"] else ""
+        cls = ' class="chosen"' if chosen is not None and r.key == chosen.key else ""
         out.append(f"<tr{cls}>" + "".join(f'<td class="{"text" if i < 2 else "num"}">{c}</td>'
                                           for i, c in enumerate(cells)) + "</tr>")
     return "\n".join(out) + "</table>"
 
 
-def _strongest(records: Sequence[dict]) -> dict | None:
-    steered = [r for r in records if r["config"]["method"] != "none"]
-    return max(steered, key=lambda r: r["behaviour"]["rate"]) if steered else None
+def _strongest(records: Sequence[SweepRecord]) -> SweepRecord | None:
+    steered = [r for r in records if not r.is_baseline]
+    return max(steered, key=lambda r: r.behaviour.rate) if steered else None
 
 
-def _examples_table(base: dict, columns: Sequence[tuple[str, dict]]) -> str:
+def _examples_table(base: SweepRecord, columns: Sequence[tuple[str, SweepRecord]]) -> str:
     out = ["<table><tr><th>set</th><th>prompt</th><th>unsteered</th>"
            + "".join(f"<th>{_esc(name)}</th>" for name, _ in columns) + "</tr>"]
-    for i, ex in enumerate(base.get("examples", [])):
-        cells = [ex["set"], ex["prompt"] if isinstance(ex["prompt"], str) else ex["prompt"][-1].get("content", ""),
-                 ex["completion"]]
+    for i, ex in enumerate(base.examples):
+        cells = [ex.set, ex.prompt_text, ex.completion]
         for _, rec in columns:
-            exs = rec.get("examples", [])
-            cells.append(exs[i]["completion"] if i < len(exs) else "")
+            exs = rec.examples
+            cells.append(exs[i].completion if i < len(exs) else "")
         out.append("<tr>" + "".join(f'<td class="text">{_esc(c)}</td>' for c in cells) + "</tr>")
     return "\n".join(out) + "</table>"
 
 
-def write_report(records: Sequence[dict], out_dir: str | Path, *, criterion: str = "budget",
+def write_report(records: Sequence[SweepRecord], out_dir: str | Path, *, criterion: str = "budget",
                  budget: Budget | None = None) -> Path:
     """Write OUT/index.html and OUT/*.png for the lines of one sweep; return the page's path."""
     out = Path(out_dir)
@@ -86,7 +85,7 @@ def write_report(records: Sequence[dict], out_dir: str | Path, *, criterion: str
     choice: Choice | None
     try:
         choice = select(records, criterion, budget)
-        chosen, why = choice.record, f"{choice.record['label']} — {choice.why}"
+        chosen, why = choice.record, f"{choice.record.label} — {choice.why}"
     except SteerableError as e:
         choice, chosen, why = None, None, f"no point chosen: {e}"
     figs = {
@@ -95,17 +94,17 @@ def write_report(records: Sequence[dict], out_dir: str | Path, *, criterion: str
         "categories": plots.categories(base, chosen or _strongest(records) or base, out / "categories.png"),
         "layers": plots.layer_profile(base, chosen, out / "layers.png"),
     }
-    sweep = base.get("sweep", {})
+    sweep = base.sweep
     strongest = _strongest(records)
-    columns = [(f"chosen: {chosen['label']}", chosen)] if chosen else []
-    if strongest is not None and (chosen is None or strongest["key"] != chosen["key"]):
-        columns.append((f"most {base['behaviour']['name']}: {strongest['label']}", strongest))
+    columns = [(f"chosen: {chosen.label}", chosen)] if chosen else []
+    if strongest is not None and (chosen is None or strongest.key != chosen.key):
+        columns.append((f"most {base.behaviour.name}: {strongest.label}", strongest))
     body = [
-        f"<h1>Steering sweep — {_esc(sweep.get('model', '?'))}</h1>",
-        f"<p class='note'>vector <code>{_esc(sweep.get('vector', '?'))}</code>; prompts "
-        f"<code>{_esc(sweep.get('prompts', '?'))}</code> (n={base['behaviour']['n']}), benign "
-        f"<code>{_esc(sweep.get('benign') or '—')}</code>; success = {_esc(base['behaviour']['name'])}; "
-        f"{len(records)} configurations; {sweep.get('max_new_tokens', '?')} new tokens, greedy. "
+        f"<h1>Steering sweep — {_esc(sweep.model)}</h1>",
+        f"<p class='note'>vector <code>{_esc(sweep.vector)}</code>; prompts "
+        f"<code>{_esc(sweep.name('prompts', '?'))}</code> (n={base.behaviour.n}), benign "
+        f"<code>{_esc(sweep.name('benign') or '—')}</code>; success = {_esc(base.behaviour.name)}; "
+        f"{len(records)} configurations; {sweep.max_new_tokens} new tokens, greedy. "
         "Intervals are bootstrap 95 %.</p>",
         f"<h2>Operating point ({_esc(criterion)})</h2><p>{_esc(why)}</p>",
         "<h2>Dose-response</h2>", _img(figs["dose_response"], "dose-response"),

@@ -8,6 +8,7 @@ restarted sweep with the same settings reads the file and runs only the configur
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 from collections.abc import Sequence
@@ -23,10 +24,17 @@ from steerable.evaluate.capability import MCItem, load_mmlu, mc_correct, stratif
 from steerable.evaluate.logits import kl_rows, perplexity, score_batches
 from steerable.evaluate.refusal import rate
 from steerable.generation import generate
-from steerable.models.load import ModelHandle
-from steerable.steering.plan import build_row_plans
+from steerable.models.load import Messages, ModelHandle
+from steerable.steering.plan import SteeringPlan, build_row_plans
 from steerable.sweeps.grid import Config, config_key
 from steerable.sweeps.records import (
+    BehaviourRate,
+    Capability,
+    Example,
+    LayerProfile,
+    RateSummary,
+    SweepInfo,
+    SweepRecord,
     append_record,
     behaviour_hits,
     capability_change,
@@ -62,13 +70,14 @@ class SweepSpec:
                 "mmlu_per_subject": self.mmlu_per_subject, "plan_extra": self.plan_extra}
 
 
-def layer_profile(vector: str) -> dict[str, Any]:
+def layer_profile(vector: str) -> LayerProfile:
+    """The vector file's per-layer AUROC and Cohen's d, rounded as a line keeps them."""
     ds = load_directions(vector)
-    return {"layers": list(ds.layers), "auroc": [round(float(x), 4) for x in ds.auroc],
-            "cohens_d": [round(float(x), 4) for x in ds.cohens_d]}
+    return LayerProfile(list(ds.layers), [round(float(x), 4) for x in ds.auroc],
+                        [round(float(x), 4) for x in ds.cohens_d])
 
 
-def first_token_logprobs(handle: ModelHandle, prompts: list, batch_size: int) -> torch.Tensor:
+def first_token_logprobs(handle: ModelHandle, prompts: Sequence[str | Messages], batch_size: int) -> torch.Tensor:
     """Unsteered log-probabilities of each prompt's next token, [N, V] in prompt order."""
     out: list[torch.Tensor | None] = [None] * len(prompts)
     for b in score_batches(handle, prompts, [""] * len(prompts), None, batch_size):
@@ -77,7 +86,8 @@ def first_token_logprobs(handle: ModelHandle, prompts: list, batch_size: int) ->
     return torch.stack(out)  # type: ignore[arg-type]
 
 
-def _generate_group(handle: ModelHandle, spec: SweepSpec, texts: list, plans: list, kl_span: range,
+def _generate_group(handle: ModelHandle, spec: SweepSpec, texts: list[str | Messages],
+                    plans: list[dict[str, Any] | None], kl_span: range,
                     progress: bool) -> tuple[list[str], list[torch.Tensor]]:
     """Completions of every (plan, text) row in one batched generation, and per plan the first-token
     log-probabilities [len(kl_span), V] of the texts in `kl_span` (taken from decoding: no extra pass)."""
@@ -100,12 +110,12 @@ def _groups(configs: list[Config], rows_each: int, group_rows: int) -> list[list
     return [configs[i : i + size] for i in range(0, len(configs), size)]
 
 
-def run_sweep(handle: ModelHandle, spec: SweepSpec, out: str | Path, *, progress: bool = True) -> list[dict]:
+def run_sweep(handle: ModelHandle, spec: SweepSpec, out: str | Path, *, progress: bool = True) -> list[SweepRecord]:
     """Run every configuration of `spec` not yet in `out`; return all finished lines for this setting."""
     context = spec.context(handle)
     keys = {config_key(c, context): c for c in spec.configs}
     key_of = {c: k for k, c in keys.items()}
-    done = {r["key"]: r for r in read_records(out) if r.get("key") in keys}
+    done = {r.key: r for r in read_records(out) if r.key in keys}
     pending = [c for k, c in keys.items() if k not in done]
     # the baseline goes first: perplexity thresholds and capability changes are read against it
     pending.sort(key=lambda c: not c.is_baseline)
@@ -114,9 +124,9 @@ def run_sweep(handle: ModelHandle, spec: SweepSpec, out: str | Path, *, progress
     checked = dict(zip(pending, build_row_plans(handle, list(plans.values())), strict=True))
     items = stratified(load_mmlu(), spec.mmlu_per_subject) if spec.mmlu_per_subject else []
     profile = layer_profile(spec.vector)
-    texts = [r["prompt"] for r in spec.prompts] + [r["prompt"] for r in spec.benign]
+    texts: list[str | Messages] = [r["prompt"] for r in spec.prompts] + [r["prompt"] for r in spec.benign]
     bar = tqdm(total=len(keys), initial=len(done), desc="sweep", unit="config", disable=not progress)
-    baseline = next((r for r in done.values() if r["config"]["method"] == "none"), None)
+    baseline = next((r for r in done.values() if r.is_baseline), None)
     kl_texts = [r["prompt"] for r in (spec.benign or spec.prompts)]
     kl_start = len(spec.prompts) if spec.benign else 0  # where the KL prompts sit among a config's rows
     reference: torch.Tensor | None = None  # unsteered first-token log-probs of the KL prompts
@@ -144,47 +154,45 @@ def run_sweep(handle: ModelHandle, spec: SweepSpec, out: str | Path, *, progress
                           correct[g * len(items) : (g + 1) * len(items)], items, profile, elapsed)
             if baseline is None and config.is_baseline:
                 baseline = rec
-            if baseline is not None and rec.get("capability"):
-                rec["capability"]["change"] = capability_change(rec, baseline)
+            if baseline is not None and rec.capability is not None:
+                rec = dataclasses.replace(rec, capability=dataclasses.replace(
+                    rec.capability, change=capability_change(rec, baseline)))
             append_record(out, rec)
-            done[rec["key"]] = rec
+            done[rec.key] = rec
             bar.update(1)
     bar.close()
     return [done[k] for k in keys if k in done]
 
 
-def _record(spec: SweepSpec, handle: ModelHandle, config: Config, plan: dict | None, checked: Any, key: str,
-            completions: list[str], ppl: list[float], kl: float, correct: list[bool], items: Sequence[MCItem],
-            profile: dict[str, Any], elapsed: float) -> dict[str, Any]:
+def _record(spec: SweepSpec, handle: ModelHandle, config: Config, plan: dict[str, Any] | None,
+            checked: SteeringPlan | None, key: str, completions: list[str], ppl: list[float], kl: float,
+            correct: list[bool], items: Sequence[MCItem], profile: LayerProfile, elapsed: float) -> SweepRecord:
     n_p = len(spec.prompts)
     hits = behaviour_hits(spec.behaviour, completions[:n_p])
     layers = sorted({layer for iv in checked.interventions for layer in iv.layers}) if checked else []
-    rec: dict[str, Any] = {
-        "key": key,
-        "sweep": {"model": handle.name, "vector": str(spec.vector), "behaviour": spec.behaviour,
-                  "max_new_tokens": spec.max_new_tokens, **spec.names},
-        "config": config.to_json(),
-        "label": config.label(),
-        "knob": config.knob,
-        "value": config.value,
-        "plan": plan,
-        "layers": layers,
-        "behaviour": {"name": spec.behaviour, **rate(hits).to_json()},
-        "hits": [int(h) for h in hits],
-        "prompts": set_summary(completions[:n_p], ppl[:n_p]),
-        "kl": None if math.isnan(kl) else kl,
-        "kl_on": "benign" if spec.benign else "prompts",
-        "categories": category_rates([r.get("category") for r in spec.prompts], hits),
-        "examples": [{"set": "prompts", "prompt": spec.prompts[i]["prompt"], "completion": completions[i]}
-                     for i in range(min(spec.examples, n_p))],
-        "layer_profile": profile,
-        "seconds_per_config": round(elapsed, 3),
-    }
+    examples = [Example("prompts", spec.prompts[i]["prompt"], completions[i]) for i in range(min(spec.examples, n_p))]
     if spec.benign:
-        rec["benign"] = set_summary(completions[n_p:], ppl[n_p:])
-        rec["examples"] += [{"set": "benign", "prompt": spec.benign[i]["prompt"], "completion": completions[n_p + i]}
-                            for i in range(min(spec.examples, len(spec.benign)))]
-    if items:
-        rec["capability"] = {"accuracy": rate(correct).to_json(), "correct": [int(c) for c in correct],
-                             "subjects": len({it.subject for it in items})}
-    return rec
+        examples += [Example("benign", spec.benign[i]["prompt"], completions[n_p + i])
+                     for i in range(min(spec.examples, len(spec.benign)))]
+    return SweepRecord(
+        key=key,
+        sweep=SweepInfo(handle.name, str(spec.vector), spec.behaviour, spec.max_new_tokens, dict(spec.names)),
+        config=config,
+        label=config.label(),
+        knob=config.knob,
+        value=config.value,
+        plan=plan,
+        layers=layers,
+        behaviour=BehaviourRate.named(spec.behaviour, rate(hits)),
+        hits=[int(h) for h in hits],
+        prompts=set_summary(completions[:n_p], ppl[:n_p]),
+        kl=None if math.isnan(kl) else kl,
+        kl_on="benign" if spec.benign else "prompts",
+        categories=category_rates([r.get("category") for r in spec.prompts], hits),
+        examples=examples,
+        layer_profile=profile,
+        seconds_per_config=round(elapsed, 3),
+        benign=set_summary(completions[n_p:], ppl[n_p:]) if spec.benign else None,
+        capability=Capability(RateSummary.of(rate(correct)), [int(c) for c in correct],
+                              len({it.subject for it in items})) if items else None,
+    )

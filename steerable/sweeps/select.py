@@ -15,16 +15,17 @@ import math
 import statistics
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
 
-from steerable.errors import SteerableError
-from steerable.sweeps.records import baseline_of, capability_change, ppl_violations
+from steerable.errors import DataError, SteerableError
+from steerable.sweeps.records import SweepRecord, baseline_of, capability_change, ppl_violations
 
 CRITERIA = ("budget", "f1", "angle", "error")
 
 
 @dataclass(frozen=True)
 class Budget:
+    """Side-effect budgets of the `budget` criterion (None: not budgeted) and the `angle` criterion's threshold."""
+
     max_kl: float | None = None
     max_ppl_increase: float | None = None  # absolute increase of the median completion perplexity
     max_capability_drop: float | None = None  # accuracy points, e.g. 0.02
@@ -34,7 +35,9 @@ class Budget:
 
 @dataclass(frozen=True)
 class Choice:
-    record: dict[str, Any]
+    """The chosen line, its score under the criterion, why (in words), and how many lines were weighed."""
+
+    record: SweepRecord
     score: float
     criterion: str
     why: str
@@ -42,23 +45,25 @@ class Choice:
     admissible: int
 
 
-def median_ppl(record: dict[str, Any]) -> float:
-    vals = [p for s in ("prompts", "benign") if s in record for p in record[s]["perplexities"] if p is not None]
+def median_ppl(record: SweepRecord) -> float:
+    """Median unsteered-model perplexity over every completion of the line (both prompt sets)."""
+    vals = [p for s in record.summaries() for p in s.perplexities if p is not None]
     return statistics.median(vals) if vals else math.nan
 
 
-def ppl_threshold(records: Sequence[dict[str, Any]], budget: Budget) -> float:
+def ppl_threshold(records: Sequence[SweepRecord], budget: Budget) -> float:
+    """The perplexity of a violating completion: the budget's, else twice the unsteered median."""
     return budget.ppl_threshold if budget.ppl_threshold is not None else 2 * median_ppl(baseline_of(records))
 
 
-def _benign_refusal(record: dict[str, Any]) -> float | None:
-    return record["benign"]["refusal"]["rate"] if "benign" in record else None
+def _benign_refusal(record: SweepRecord) -> float | None:
+    return record.benign.refusal.rate if record.benign is not None else None
 
 
-def violations(record: dict[str, Any], base: dict[str, Any], budget: Budget, threshold: float) -> list[str]:
+def violations(record: SweepRecord, base: SweepRecord, budget: Budget) -> list[str]:
     """The budgets this configuration breaks, in words (empty: admissible)."""
     out = []
-    kl = record.get("kl") or 0.0
+    kl = record.kl or 0.0
     if budget.max_kl is not None and kl > budget.max_kl:
         out.append(f"KL {kl:.3g} > {budget.max_kl:g}")
     if budget.max_ppl_increase is not None:
@@ -69,8 +74,8 @@ def violations(record: dict[str, Any], base: dict[str, Any], budget: Budget, thr
         change = capability_change(record, base)
         if change is None:
             raise SteerableError("a capability budget needs MMLU results: sweep with --mmlu N")
-        if -change["change"] > budget.max_capability_drop:
-            out.append(f"capability {change['change']:+.1%} < −{budget.max_capability_drop:.1%}")
+        if -change.change > budget.max_capability_drop:
+            out.append(f"capability {change.change:+.1%} < −{budget.max_capability_drop:.1%}")
     if budget.max_over_refusal is not None:
         mine, theirs = _benign_refusal(record), _benign_refusal(base)
         if mine is None or theirs is None:
@@ -80,25 +85,25 @@ def violations(record: dict[str, Any], base: dict[str, Any], budget: Budget, thr
     return out
 
 
-def f1_score(record: dict[str, Any], base: dict[str, Any]) -> tuple[float, float, float]:
+def f1_score(record: SweepRecord, base: SweepRecord) -> tuple[float, float, float]:
     """(F1, H, C): H the share of the baseline's missing behaviour that steering supplies (for refusal, the
     fraction of harmful completions blocked), C the capability kept — MMLU accuracy over the baseline's
     when measured, else the share of benign prompts still answered."""
-    b, r = base["behaviour"]["rate"], record["behaviour"]["rate"]
+    b, r = base.behaviour.rate, record.behaviour.rate
     h = max(0.0, (r - b) / (1 - b)) if b < 1 else 1.0
-    if record.get("capability") and base.get("capability"):
-        acc, acc0 = record["capability"]["accuracy"]["rate"], base["capability"]["accuracy"]["rate"]
+    if record.capability is not None and base.capability is not None:
+        acc, acc0 = record.capability.accuracy.rate, base.capability.accuracy.rate
         c = min(1.0, acc / acc0) if acc0 else 0.0
-    elif "benign" in record:
-        ok, ok0 = 1 - record["benign"]["refusal"]["rate"], 1 - base["benign"]["refusal"]["rate"]
+    elif record.benign is not None and base.benign is not None:
+        ok, ok0 = 1 - record.benign.refusal.rate, 1 - base.benign.refusal.rate
         c = min(1.0, ok / ok0) if ok0 else 0.0
     else:
         raise SteerableError("F1 needs capability (--mmlu) or benign prompts (--benign) in the sweep")
     return (2 * h * c / (h + c) if h + c else 0.0), h, c
 
 
-def _knob(record: dict[str, Any]) -> float:
-    v = record.get("value")
+def _knob(record: SweepRecord) -> float:
+    v = record.value
     if isinstance(v, int | float):
         return abs(float(v))
     if isinstance(v, str) and v[1:].isdigit():
@@ -106,48 +111,58 @@ def _knob(record: dict[str, Any]) -> float:
     return 0.0
 
 
-def select(records: Sequence[dict[str, Any]], criterion: str = "budget", budget: Budget | None = None) -> Choice:
+def _behaviour(r: SweepRecord) -> float:
+    return r.behaviour.rate
+
+
+def _minus_error(r: SweepRecord) -> float:
+    return -(1 - r.behaviour.rate)
+
+
+def select(records: Sequence[SweepRecord], criterion: str = "budget", budget: Budget | None = None) -> Choice:
     """The operating point among `records` (all from one sweep) by `criterion`."""
     if criterion not in CRITERIA:
         raise SteerableError(f"unknown criterion {criterion!r}: use one of {', '.join(CRITERIA)}")
     budget = budget or Budget()
     base = baseline_of(records)
     threshold = ppl_threshold(records, budget)
-    candidates = [r for r in records if r["config"]["method"] != "none"]
+    candidates = [r for r in records if not r.is_baseline]
     if not candidates:
-        raise SteerableError("the sweep has no steered configuration to choose from")
-    score: Callable[[dict[str, Any]], float]
+        raise DataError("the sweep has no steered configuration to choose from")
+    score: Callable[[SweepRecord], float]
     if criterion == "budget":
-        pool = [r for r in candidates if not violations(r, base, budget, threshold)]
-        score = lambda r: r["behaviour"]["rate"]
+        pool = [r for r in candidates if not violations(r, base, budget)]
+        score = _behaviour
     elif criterion == "angle":
         pool = [r for r in candidates if ppl_violations(r, threshold) == 0]
-        score = lambda r: r["behaviour"]["rate"]
+        score = _behaviour
     elif criterion == "f1":
         pool = candidates
-        score = lambda r: f1_score(r, base)[0]
+
+        def score(r: SweepRecord) -> float:
+            return f1_score(r, base)[0]
     else:
         pool = candidates
-        score = lambda r: -(1 - r["behaviour"]["rate"])
+        score = _minus_error
     if not pool and criterion == "angle":
         raise SteerableError(f"every configuration has completions above perplexity {threshold:.2f} (twice the "
                              "unsteered median unless --ppl-threshold is given); sweep weaker settings")
     if not pool:
-        worst = {r["label"]: violations(r, base, budget, threshold) for r in candidates[:3]}
+        worst = {r.label: violations(r, base, budget) for r in candidates[:3]}
         raise SteerableError(f"no configuration meets the budget (e.g. {worst}); loosen it or sweep weaker settings")
-    best = max(pool, key=lambda r: (score(r), -(r.get("kl") or 0.0), -_knob(r)))
+    best = max(pool, key=lambda r: (score(r), -(r.kl or 0.0), -_knob(r)))
     why = _explain(best, base, criterion, threshold)
-    if best["behaviour"]["rate"] <= base["behaviour"]["rate"]:
+    if best.behaviour.rate <= base.behaviour.rate:
         why = "no admissible configuration beats the unsteered model; " + why
     return Choice(best, score(best), criterion, why, len(candidates), len(pool))
 
 
-def _explain(r: dict[str, Any], base: dict[str, Any], criterion: str, threshold: float) -> str:
-    b = r["behaviour"]
-    parts = [f"{b['name']} {b['rate']:.1%} [{b['ci95'][0]:.0%}, {b['ci95'][1]:.0%}] (n={b['n']}) "
-             f"vs {base['behaviour']['rate']:.1%} unsteered"]
-    if r.get("kl") is not None:
-        parts.append(f"KL {r['kl']:.3g}")
+def _explain(r: SweepRecord, base: SweepRecord, criterion: str, threshold: float) -> str:
+    b = r.behaviour
+    parts = [f"{b.name} {b.rate:.1%} [{b.ci95[0]:.0%}, {b.ci95[1]:.0%}] (n={b.n}) "
+             f"vs {base.behaviour.rate:.1%} unsteered"]
+    if r.kl is not None:
+        parts.append(f"KL {r.kl:.3g}")
     parts.append(f"median perplexity {median_ppl(r):.2f} (unsteered {median_ppl(base):.2f})")
     if criterion == "angle":
         parts.append(f"0 completions above perplexity {threshold:.2f}")
@@ -156,5 +171,5 @@ def _explain(r: dict[str, Any], base: dict[str, Any], criterion: str, threshold:
         parts.append(f"F1 {f1:.3f} (H {h:.2f}, C {c:.2f})")
     change = capability_change(r, base)
     if change:
-        parts.append(f"MMLU {change['change']:+.1%}")
+        parts.append(f"MMLU {change.change:+.1%}")
     return "; ".join(parts)

@@ -8,14 +8,17 @@ from steerable.sweeps.grid import Config
 from steerable.sweeps.run import SweepSpec
 
 
-def prefilter_kl(handle: ModelHandle, spec: SweepSpec, max_kl: float) -> tuple[list[Config], list[Config]]:
-    """(configurations to generate, configurations over the KL budget). Every configuration's KL (reply start) on the
-    benign prompts (else the prompts) costs two forward passes per prompt; the values are kept in
-    `spec.known_kl` so the sweep does not pay for them again."""
+def prefilter_kl(handle: ModelHandle, spec: SweepSpec,
+                 max_kl: float) -> tuple[list[Config], list[Config], dict[Config, float]]:
+    """(configurations to generate, configurations over the KL budget, the KL of every steered configuration).
+
+    Every configuration's KL (reply start) on the benign prompts (else the prompts) costs two forward passes
+    per prompt. `spec` is left as it is: hand the KLs to the sweep in `SweepSpec.known_kl` so it does not pay
+    for them again, and sweep only the configurations kept (the baseline is always kept)."""
     steered = [c for c in spec.configs if not c.is_baseline]
     rows = spec.benign or spec.prompts
-    kls = kl_grid(handle, [r["prompt"] for r in rows], [c.plan(spec.vector, spec.plan_extra) for c in steered],
-                  batch_size=spec.score_batch_size, last_only=True)
-    spec.known_kl.update(zip(steered, kls, strict=True))
-    keep = [c for c in spec.configs if c.is_baseline or spec.known_kl[c] <= max_kl]
-    return keep, [c for c in steered if spec.known_kl[c] > max_kl]
+    values = kl_grid(handle, [r["prompt"] for r in rows], [c.plan(spec.vector, spec.plan_extra) for c in steered],
+                     batch_size=spec.score_batch_size, last_only=True)
+    kls = dict(zip(steered, values, strict=True))
+    keep = [c for c in spec.configs if c.is_baseline or kls[c] <= max_kl]
+    return keep, [c for c in steered if kls[c] > max_kl], kls
