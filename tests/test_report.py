@@ -5,6 +5,9 @@ from __future__ import annotations
 import json
 import shutil
 import subprocess
+from collections.abc import Iterable
+from pathlib import Path
+from typing import cast
 
 import pytest
 from PIL import Image
@@ -13,10 +16,11 @@ from steerable.cli.main import main
 from tests.test_cli import _jsonl
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+Swept = tuple[str, str, str, str, Path, list[str]]  # model dir, vector, prompts, benign, results, sweep arguments
 
 
 @pytest.fixture
-def swept(model_dir, tmp_path):
+def swept(model_dir: str, tmp_path: Path) -> Swept:
     pos = _jsonl(tmp_path / "pos.jsonl", [{"prompt": f"do harm {i}"} for i in range(6)])
     neg = _jsonl(tmp_path / "neg.jsonl", [{"prompt": f"be kind {i}"} for i in range(6)])
     vec = str(tmp_path / "v.safetensors")
@@ -32,7 +36,7 @@ def swept(model_dir, tmp_path):
     return model_dir, vec, prompts, benign, out, args
 
 
-def test_sweep_cli_writes_one_line_per_config_and_resumes(swept, capsys):
+def test_sweep_cli_writes_one_line_per_config_and_resumes(swept: Swept, capsys: pytest.CaptureFixture[str]) -> None:
     *_, out, args = swept
     lines = out.read_text().splitlines()
     assert len(lines) == 1 + 2 * 3 + 2 * 2  # baseline + add (2 layers × 3 strengths) + rotate (2 layers × 2 angles)
@@ -43,7 +47,7 @@ def test_sweep_cli_writes_one_line_per_config_and_resumes(swept, capsys):
     assert "unsteered" in capsys.readouterr().out
 
 
-def test_report_files(swept, tmp_path):
+def test_report_files(swept: Swept, tmp_path: Path) -> None:
     *_, out, _ = swept
     d = tmp_path / "report"
     assert main(["report", str(out), "--out", str(d)]) == 0
@@ -58,7 +62,8 @@ def test_report_files(swept, tmp_path):
 
 
 @pytest.mark.skipif(CHROMIUM is None, reason="headless Chromium not installed (make test installs Debian's chromium)")
-def test_report_renders_in_headless_chromium(swept, tmp_path):
+def test_report_renders_in_headless_chromium(swept: Swept, tmp_path: Path) -> None:
+    assert CHROMIUM is not None
     *_, out, _ = swept
     d = tmp_path / "report"
     assert main(["report", str(out), "--out", str(d)]) == 0
@@ -74,7 +79,7 @@ def test_report_renders_in_headless_chromium(swept, tmp_path):
     assert dom.count("<img") == 4
     img = Image.open(shot).convert("RGB")
     assert img.size == (1300, 2400)
-    px = list(img.get_flattened_data())
+    px = list(cast("Iterable[tuple[int, int, int]]", img.get_flattened_data()))
     # matplotlib's first line colour (#1f77b4) drawn by the plots: an error page has none of it
     blue = sum(1 for r, g, b in px if abs(r - 31) < 25 and abs(g - 119) < 25 and abs(b - 180) < 25)
     non_white = sum(1 for r, g, b in px if r + g + b < 700)
@@ -82,7 +87,7 @@ def test_report_renders_in_headless_chromium(swept, tmp_path):
     assert non_white > 0.05 * len(px)
 
 
-def test_tune_writes_a_plan_generate_accepts(swept, tmp_path, capsys):
+def test_tune_writes_a_plan_generate_accepts(swept: Swept, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     mdir, vec, prompts, benign, *_ = swept
     plan = tmp_path / "plan.json"
     args = ["tune", "--model", mdir, "--vector", vec, "--method", "add", "--prompts", prompts, "--benign", benign,

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -13,6 +15,7 @@ from steerable.directions.artifact import save_directions
 from steerable.directions.calibrate import calibrate
 from steerable.errors import DataError, SteerableError
 from steerable.evaluate.logits import kl_benign, kl_grid
+from steerable.models.load import ModelHandle
 from steerable.sweeps import grid, run
 from steerable.sweeps.grid import Config
 from steerable.sweeps.records import (
@@ -42,14 +45,14 @@ BENIGN = [{"prompt": p} for p in ("sing a song", "cook rice", "read a book")]
 
 
 @pytest.fixture(scope="module")
-def setup(tmp_path_factory):
+def setup(tmp_path_factory: pytest.TempPathFactory) -> tuple[ModelHandle, str]:
     handle = tiny_handle("llama")
     path = tmp_path_factory.mktemp("v") / "v.safetensors"
     save_directions(calibrate(handle, EX, position="last", progress=False), path)
     return handle, str(path)
 
 
-def _spec(vector, configs, **kw):
+def _spec(vector: str, configs: list[Config], **kw: Any) -> run.SweepSpec:
     return run.SweepSpec(vector=vector, configs=configs, prompts=PROMPTS, benign=BENIGN, max_new_tokens=6,
                          batch_size=kw.pop("batch_size", 64), **kw)
 
@@ -57,7 +60,7 @@ def _spec(vector, configs, **kw):
 GRID = grid.expand(["add", "rotate", "cap"], ["1-2", "all"], strengths=[], angles=[90, 200], cap_floors=["p50"])
 
 
-def test_grid_expansion():
+def test_grid_expansion() -> None:
     assert GRID[0].is_baseline
     adds = [c for c in GRID if c.method == "add"]
     assert [c.strength for c in adds] == [0.5, 1.0, 2.0, 4.0] * 2
@@ -79,7 +82,7 @@ def test_grid_expansion():
         grid.numbers("strengths", "1,x")
 
 
-def test_kl_grid_matches_kl_benign_per_plan(setup):
+def test_kl_grid_matches_kl_benign_per_plan(setup: tuple[ModelHandle, str]) -> None:
     handle, vec = setup
     plans = [None, {"vector": vec, "strength": 2.0}, {"vector": vec, "method": "rotate", "angle": 120, "layers": "all"},
              {"vector": vec, "method": "ablate", "layers": "1-2"}]
@@ -94,7 +97,7 @@ def test_kl_grid_matches_kl_benign_per_plan(setup):
         assert kl > 0
 
 
-def test_batched_sweep_equals_one_config_at_a_time(setup, tmp_path):
+def test_batched_sweep_equals_one_config_at_a_time(setup: tuple[ModelHandle, str], tmp_path: Path) -> None:
     handle, vec = setup
     configs = [Config("none"), Config("add", "1-2", 1.0), Config("add", "all", 3.0), Config("rotate", "1-3", None, 150)]
     together = run.run_sweep(handle, _spec(vec, configs), tmp_path / "a.jsonl", progress=False)
@@ -108,7 +111,10 @@ def test_batched_sweep_equals_one_config_at_a_time(setup, tmp_path):
         assert a.prompts.perplexities == b.prompts.perplexities
         assert a.kl == pytest.approx(b.kl, rel=1e-4, abs=1e-6)
     assert together[0].kl == 0.0
-    assert together[2].kl > together[1].kl > 0
+    kl1, kl2 = together[1].kl, together[2].kl
+    assert kl1 is not None
+    assert kl2 is not None
+    assert kl2 > kl1 > 0
     # the KL a sweep reads off decoding is the reply-start KL that forward passes give
     direct = kl_grid(handle, [r["prompt"] for r in BENIGN], [c.plan(vec) for c in configs[1:]], last_only=True)
     assert [r.kl for r in together[1:]] == pytest.approx(direct, rel=1e-3, abs=1e-7)
@@ -122,7 +128,8 @@ def test_batched_sweep_equals_one_config_at_a_time(setup, tmp_path):
     assert len(rec.layer_profile.auroc) == handle.n_layers
 
 
-def test_killed_sweep_resumes_without_redoing_finished_configs(setup, tmp_path, monkeypatch):
+def test_killed_sweep_resumes_without_redoing_finished_configs(setup: tuple[ModelHandle, str], tmp_path: Path,
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:
     handle, vec = setup
     out = tmp_path / "r.jsonl"
     configs = [Config("none"), *(Config("add", "all", s) for s in (0.5, 1.0, 2.0, 4.0))]
@@ -130,7 +137,7 @@ def test_killed_sweep_resumes_without_redoing_finished_configs(setup, tmp_path, 
     calls = []
     real = run.generate
 
-    def dies_on_second_group(*a, **kw):
+    def dies_on_second_group(*a: Any, **kw: Any) -> list[str]:
         calls.append(len(a[1]))
         if len(calls) == 2:
             raise KeyboardInterrupt
@@ -143,7 +150,11 @@ def test_killed_sweep_resumes_without_redoing_finished_configs(setup, tmp_path, 
     with open(out, "a") as f:
         f.write('{"key": "torn')  # a writer killed mid-line
     calls.clear()
-    monkeypatch.setattr(run, "generate", lambda *a, **kw: calls.append(len(a[1])) or real(*a, **kw))
+    def counts(*a: Any, **kw: Any) -> list[str]:
+        calls.append(len(a[1]))
+        return real(*a, **kw)
+
+    monkeypatch.setattr(run, "generate", counts)
     done = run.run_sweep(handle, spec, out, progress=False)
     rows = len(PROMPTS) + len(BENIGN)
     assert calls == [2 * rows, rows]  # only the three unfinished configs ran
@@ -158,7 +169,7 @@ def test_killed_sweep_resumes_without_redoing_finished_configs(setup, tmp_path, 
     assert calls == []  # nothing left to do
 
 
-def test_bad_plan_fails_before_any_generation(setup, tmp_path):
+def test_bad_plan_fails_before_any_generation(setup: tuple[ModelHandle, str], tmp_path: Path) -> None:
     handle, vec = setup
     spec = _spec(vec, [Config("none"), Config("add", "0-99", 1.0)])
     with pytest.raises(SteerableError, match="layer"):
@@ -166,14 +177,15 @@ def test_bad_plan_fails_before_any_generation(setup, tmp_path):
     assert not (tmp_path / "x.jsonl").exists()
 
 
-def _set(ppl, n, refusal):
+def _set(ppl: float, n: int, refusal: float) -> SetSummary:
     k = round(refusal * n)
     return SetSummary(refusal=RateSummary(refusal, k, n, (0, 1)), refused=[1] * k + [0] * (n - k), perplexity=ppl,
                       perplexity_median=ppl, perplexities=[ppl] * n, language_consistency=1.0,
                       compression_ratio=1.0, rep4=0.0)
 
 
-def _rec(label, method, rate, kl=0.0, ppl=3.0, benign=0.0, acc=None, value=1.0):
+def _rec(label: str, method: str, rate: float, kl: float = 0.0, ppl: float = 3.0, benign: float = 0.0,
+         acc: float | None = None, value: float = 1.0) -> SweepRecord:
     n = 20
     k = round(rate * n)
     capability = None
@@ -198,7 +210,7 @@ RECORDS = [
 ]
 
 
-def test_select_by_budget_picks_most_behaviour_within_every_budget():
+def test_select_by_budget_picks_most_behaviour_within_every_budget() -> None:
     assert select(RECORDS).record.label == "strong"  # no budget: the most behaviour
     assert select(RECORDS, budget=Budget(max_kl=0.5)).record.label == "same-as-mid-but-gentler"  # tie → less KL
     assert select(RECORDS, budget=Budget(max_kl=0.1)).record.label == "same-as-mid-but-gentler"
@@ -210,7 +222,7 @@ def test_select_by_budget_picks_most_behaviour_within_every_budget():
         select(RECORDS, budget=Budget(max_kl=0.01))
 
 
-def test_seed_criteria():
+def test_seed_criteria() -> None:
     # seed 003: zero completions above the perplexity threshold (default 2 × unsteered median = 6)
     assert select(RECORDS, "angle").record.label == "same-as-mid-but-gentler"
     assert select(RECORDS, "angle", Budget(ppl_threshold=10)).record.label == "strong"
@@ -228,7 +240,7 @@ def test_seed_criteria():
         select(RECORDS, "best")
 
 
-def test_records_are_json_lines(setup, tmp_path):
+def test_records_are_json_lines(setup: tuple[ModelHandle, str], tmp_path: Path) -> None:
     handle, vec = setup
     out = tmp_path / "j.jsonl"
     run.run_sweep(handle, _spec(vec, [Config("none"), Config("ablate", "all", 1.0)], mmlu_per_subject=1), out,
@@ -241,7 +253,7 @@ def test_records_are_json_lines(setup, tmp_path):
 
 
 @pytest.mark.parametrize("family", ["qwen2", "gemma3"])
-def test_sweep_runs_on_every_family_and_chat_prompts(family, tmp_path):
+def test_sweep_runs_on_every_family_and_chat_prompts(family: str, tmp_path: Path) -> None:
     handle = tiny_handle(family)
     vec = tmp_path / "v.safetensors"
     save_directions(calibrate(handle, EX, position="last", progress=False), vec)
@@ -253,11 +265,13 @@ def test_sweep_runs_on_every_family_and_chat_prompts(family, tmp_path):
     spec.group_rows = 1
     apart = run.run_sweep(handle, spec, tmp_path / "b.jsonl", progress=False)
     assert [e.completion for r in together for e in r.examples] == [e.completion for r in apart for e in r.examples]
-    assert together[1].kl == pytest.approx(apart[1].kl, rel=1e-4)
-    assert together[1].kl > 0
+    kl = together[1].kl
+    assert kl == pytest.approx(apart[1].kl, rel=1e-4)
+    assert kl is not None
+    assert kl > 0
 
 
-def test_cap_bands_sweep_a_floor_and_a_ceiling():
+def test_cap_bands_sweep_a_floor_and_a_ceiling() -> None:
     configs = grid.expand(["cap"], [None], cap_floors=["p25"], cap_bands=grid.bands("p10:p90, -1:2.5"))
     caps = [c for c in configs if not c.is_baseline]
     assert [(c.cap_floor, c.cap_ceiling) for c in caps] == [("p25", None), ("p10", "p90"), (-1.0, 2.5)]
@@ -285,7 +299,7 @@ def _assert_round_trips(line: str) -> None:
     assert json.dumps(back, ensure_ascii=False, allow_nan=True) == line  # key order and number types too
 
 
-def test_lines_round_trip_exactly(setup, tmp_path):
+def test_lines_round_trip_exactly(setup: tuple[ModelHandle, str], tmp_path: Path) -> None:
     handle, vec = setup
     configs = [Config("none"), Config("add", "1-2", 1.0), Config("cap", None, cap_floor="p25", cap_ceiling="p75")]
     full = _spec(vec, configs, mmlu_per_subject=1, examples=2, names={"prompts": "p.jsonl", "benign": None, "limit": 5})
@@ -329,7 +343,7 @@ STORED = sorted([*ROOT.glob("experiments/results/*.jsonl"),
 
 
 @pytest.mark.parametrize("path", STORED, ids=[str(p.relative_to(ROOT)) for p in STORED])
-def test_result_files_of_earlier_runs_load_and_round_trip(path):
+def test_result_files_of_earlier_runs_load_and_round_trip(path: Path) -> None:
     lines = path.read_text("utf-8").splitlines()
     records = read_records(path, repair=False)
     assert len(records) == len(lines)
@@ -339,7 +353,7 @@ def test_result_files_of_earlier_runs_load_and_round_trip(path):
     assert baseline_of(records).is_baseline
 
 
-def test_typed_records_round_trip():
+def test_typed_records_round_trip() -> None:
     for r in RECORDS:
         assert SweepRecord.from_json(r.to_json()) == r
     assert "change" not in RECORDS[0].to_json()["capability"]
@@ -356,7 +370,8 @@ def test_typed_records_round_trip():
     (lambda d: d["examples"].append({"set": "prompts", "prompt": 3, "completion": ""}), r"examples\[0\]\.prompt"),
     (lambda d: d.pop("key"), r':2: not a sweep result line \(no "key"\)'),
 ])
-def test_malformed_lines_raise_data_error_naming_the_line_and_field(tmp_path, edit, message):
+def test_malformed_lines_raise_data_error_naming_the_line_and_field(tmp_path: Path, edit: Callable[[dict], object],
+                                                                   message: str) -> None:
     good = RECORDS[0].to_json()
     bad = RECORDS[0].to_json()
     edit(bad)
@@ -369,14 +384,14 @@ def test_malformed_lines_raise_data_error_naming_the_line_and_field(tmp_path, ed
         read_records(path, repair=False)
 
 
-def test_no_baseline_is_a_data_error():
+def test_no_baseline_is_a_data_error() -> None:
     with pytest.raises(DataError, match="no unsteered baseline"):
         baseline_of(RECORDS[1:])
     with pytest.raises(DataError, match="no steered configuration"):
         select(RECORDS[:1])
 
 
-def test_prefilter_kl_returns_its_kls_and_leaves_the_spec_alone(setup, tmp_path):
+def test_prefilter_kl_returns_its_kls_and_leaves_the_spec_alone(setup: tuple[ModelHandle, str], tmp_path: Path) -> None:
     handle, vec = setup
     configs = [Config("none"), Config("add", "all", 0.5), Config("add", "all", 400.0)]
     spec = _spec(vec, configs)

@@ -145,7 +145,7 @@ class BehaviourRate(RateSummary):
     name: str
 
     @classmethod
-    def named(cls, name: str, r: Rate) -> BehaviourRate:
+    def of(cls, r: Rate, name: str = "refusal") -> BehaviourRate:
         return cls(r.value, r.k, r.n, (r.lo, r.hi), name)
 
     @classmethod
@@ -232,7 +232,7 @@ class Capability:
 
 
 @dataclass(frozen=True)
-class Example:
+class SweepExample:
     """One kept completion: which set (`prompts` or `benign`), the prompt as given, the completion."""
 
     set: str
@@ -247,7 +247,7 @@ class Example:
         return str(self.prompt[-1].get("content", "")) if self.prompt else ""
 
     @classmethod
-    def from_json(cls, data: Any, where: str = "") -> Example:
+    def from_json(cls, data: Any, where: str = "") -> SweepExample:
         o = _Obj(data, where)
         prompt = o.raw("prompt")
         if not isinstance(prompt, str) and not (isinstance(prompt, list) and all(isinstance(m, dict) for m in prompt)):
@@ -345,7 +345,7 @@ class SweepRecord:
     kl: float | None
     kl_on: str  # "benign", or "prompts" when the sweep had no benign prompts
     categories: dict[str, RateSummary]
-    examples: list[Example]
+    examples: list[SweepExample]
     layer_profile: LayerProfile
     seconds_per_config: float
     benign: SetSummary | None = None  # absent from the line without benign prompts
@@ -394,7 +394,7 @@ class SweepRecord:
             kl=o.opt_number("kl"),
             kl_on=o.text("kl_on"),
             categories={c: RateSummary.from_json(v, cats.path(c)) for c, v in cats.data.items()},
-            examples=[Example.from_json(e, f"examples[{i}]") for i, e in enumerate(o.array("examples"))],
+            examples=[SweepExample.from_json(e, f"examples[{i}]") for i, e in enumerate(o.array("examples"))],
             layer_profile=LayerProfile.from_json(o.raw("layer_profile"), "layer_profile"),
             seconds_per_config=o.number("seconds_per_config"),
             benign=SetSummary.from_json(o.raw("benign"), "benign") if o.has("benign") else None,

@@ -30,9 +30,9 @@ from steerable.sweeps.grid import Config, config_key
 from steerable.sweeps.records import (
     BehaviourRate,
     Capability,
-    Example,
     LayerProfile,
     RateSummary,
+    SweepExample,
     SweepInfo,
     SweepRecord,
     append_record,
@@ -170,9 +170,10 @@ def _record(spec: SweepSpec, handle: ModelHandle, config: Config, plan: dict[str
     n_p = len(spec.prompts)
     hits = behaviour_hits(spec.behaviour, completions[:n_p])
     layers = sorted({layer for iv in checked.interventions for layer in iv.layers}) if checked else []
-    examples = [Example("prompts", spec.prompts[i]["prompt"], completions[i]) for i in range(min(spec.examples, n_p))]
+    examples = [SweepExample("prompts", spec.prompts[i]["prompt"], completions[i])
+                for i in range(min(spec.examples, n_p))]
     if spec.benign:
-        examples += [Example("benign", spec.benign[i]["prompt"], completions[n_p + i])
+        examples += [SweepExample("benign", spec.benign[i]["prompt"], completions[n_p + i])
                      for i in range(min(spec.examples, len(spec.benign)))]
     return SweepRecord(
         key=key,
@@ -183,7 +184,7 @@ def _record(spec: SweepSpec, handle: ModelHandle, config: Config, plan: dict[str
         value=config.value,
         plan=plan,
         layers=layers,
-        behaviour=BehaviourRate.named(spec.behaviour, rate(hits)),
+        behaviour=BehaviourRate.of(rate(hits), spec.behaviour),
         hits=[int(h) for h in hits],
         prompts=set_summary(completions[:n_p], ppl[:n_p]),
         kl=None if math.isnan(kl) else kl,
