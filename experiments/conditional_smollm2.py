@@ -20,7 +20,7 @@ import argparse
 import json
 
 from steerable.data.loaders import load_prompts
-from steerable.evaluate.condition import condition_hits, precision_recall
+from steerable.evaluate.cast_hits import cast_hits, hit_rates
 from steerable.evaluate.refusal import refusal_rate
 from steerable.fsutil import write_text_atomic
 from steerable.generation import generate
@@ -47,7 +47,7 @@ def main() -> None:
     cond = {"method": "conditional", "vector": args.condition, "layer": "auto", "threshold": "auto", "then": add}
     checked = build_plan(cond, handle)
     condition = checked.interventions[0].conditions[0]
-    hits = precision_recall(condition_hits(handle, cond, harmful), condition_hits(handle, cond, benign))
+    hits = hit_rates(cast_hits(handle, cond, harmful), cast_hits(handle, cond, benign))
     out = {"model": args.model, "plan": checked.to_json(), "condition": condition.report(),
            "condition_on_test_prompts": hits, "n_eval": len(harmful), "tokens": args.tokens, "rates": {}}
     print(f"condition: {condition.report()}\non held-out prompts: {hits}")

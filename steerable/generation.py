@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING, Any
+from contextlib import AbstractContextManager
+from typing import Any, Protocol
 
 import torch
 from tqdm.auto import tqdm
@@ -16,8 +17,11 @@ from steerable.models.load import Messages, ModelHandle
 from steerable.steering.hooks import steer
 from steerable.steering.plan import build_plan, build_row_plans
 
-if TYPE_CHECKING:
-    from steerable.evaluate.monitor import AxisMonitor
+
+class Watcher(Protocol):
+    """Something that reads activations while `generate` decodes, e.g. evaluate.monitor.AxisMonitor."""
+
+    def watch(self, handle: ModelHandle, rows: list[int]) -> AbstractContextManager[None]: ...
 
 
 class _FirstStep(LogitsProcessor):
@@ -44,7 +48,7 @@ def generate(
     system: str | None = None,
     progress: bool = False,
     on_first_step: Callable[[list[int], torch.Tensor], None] | None = None,
-    monitor: AxisMonitor | None = None,
+    monitor: Watcher | None = None,
     **gen_kwargs: Any,
 ) -> list[str]:
     """Completions for `prompts` (chat-templated where the model has a template), in input order.

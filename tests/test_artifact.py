@@ -12,7 +12,7 @@ from steerable.capture.run import capture_stats
 from steerable.data.loaders import Example
 from steerable.directions.artifact import FORMAT, load_directions, save_directions
 from steerable.directions.calibrate import calibrate, directions_from_capture
-from steerable.directions.layers import discriminative_layers
+from steerable.directions.geometry import discriminative_layers
 from steerable.directions.quality import cast_score, percentiles
 from steerable.errors import SteerableError
 from tests.conftest import tiny_handle

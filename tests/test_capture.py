@@ -7,10 +7,8 @@ import torch
 
 from steerable.capture.features import response_means
 from steerable.capture.run import batch_examples, capture_stats
-from steerable.capture.run import position_ids as run_position_ids
 from steerable.data.loaders import Example
 from steerable.errors import DataError
-from steerable.models.batch import position_ids
 
 EXAMPLES = [
     Example("Tell me a story", " Once upon a time", 1, 0),
@@ -112,5 +110,3 @@ def test_bad_capture_data_raises_data_error(llama):
                       progress=False)
 
 
-def test_capture_run_reexports_position_ids():
-    assert run_position_ids is position_ids

@@ -28,14 +28,10 @@ STAGES: list[tuple[int, str, tuple[str, ...]]] = [
 EXEMPT = {"steerable"}  # the package root re-exports everything
 FRONT_ENDS = ("steerable.cli", "steerable.demo")  # the only modules that may import steerable.cli
 
-# Known violations in modules this change does not own, each to be removed when its module is fixed:
-# (importing module, imported module).
+# The one backward import, by design: (importing module, imported module).
 ALLOWED: set[tuple[str, str]] = {
-    # generation.py:20 (under TYPE_CHECKING) imports evaluate.monitor.AxisMonitor for the `monitor=` annotation;
-    # fix: a Protocol with `watch(handle, rows)` in steering/ or generation.py itself, not evaluate/.
-    ("steerable.generation", "steerable.evaluate.monitor"),
-    # directions/artifact.py:92 (inside DirectionSet.steer) imports steering.hooks.steer: a convenience method on
-    # the artifact that steers with it; fix: a free function in steering/ (e.g. steering.hooks.steer_with(ds, ...)).
+    # DirectionSet.steer (issue 12's notebook API: `with ds.steer(handle, strength=…):`) is a thin facade over
+    # steering.hooks.steer, imported inside the method; nothing in directions/ uses steering otherwise.
     ("steerable.directions.artifact", "steerable.steering.hooks"),
 }
 

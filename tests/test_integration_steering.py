@@ -8,7 +8,7 @@ import torch
 from steerable.data.loaders import Example, contrastive_examples, load_prompts
 from steerable.directions.artifact import save_directions
 from steerable.directions.calibrate import calibrate
-from steerable.evaluate.condition import condition_hits
+from steerable.evaluate.cast_hits import cast_hits
 from steerable.evaluate.refusal import is_refusal, refusal_rate
 from steerable.generation import generate
 from steerable.models.load import load_model
@@ -42,7 +42,7 @@ def test_conditional_refuses_harmful_and_keeps_answering_benign(smol, smol_vecto
     benign = load_prompts("benign:test")[:30]
     add = {"vector": refusal_vec, "method": "add", "strength": 1.0, "layers": "9-11"}
     cond = {"method": "conditional", "vector": cond_vec, "layer": "auto", "threshold": "auto", "then": add}
-    hits = condition_hits(smol, cond, harmful + benign)
+    hits = cast_hits(smol, cond, harmful + benign)
     assert sum(hits[:30]) >= 24 and sum(hits[30:]) <= 3, hits  # the condition itself, on unseen prompts
     run = lambda plan, prompts: refusal_rate(generate(smol, prompts, plan, max_new_tokens=32, batch_size=15))
     c_harm, c_ben = run(cond, harmful), run(cond, benign)

@@ -11,8 +11,8 @@ import torch
 
 from steerable.cli.commands import cmd_inspect, inspect_table
 from steerable.directions.artifact import DirectionSet, save_directions
-from steerable.directions.condition import ConditionChoice, choose_condition, precision_recall
-from steerable.directions.layers import discriminative_layers, global_direction, plane, top_layers
+from steerable.directions.cast_calibration import CastChoice, choose_cast, heldout_rates
+from steerable.directions.geometry import discriminative_layers, global_direction, plane, top_layers
 from steerable.errors import SteerableError
 
 
@@ -149,38 +149,38 @@ def cond_ds(curves: list[torch.Tensor], counts: dict | None = None) -> Direction
 
 def test_condition_gap_takes_the_midpoint():
     ds = cond_ds([cast_curves([(0.6, 1.0), (0.0, 0.4)])])
-    c = choose_condition(ds)
-    assert isinstance(c, ConditionChoice)
+    c = choose_cast(ds)
+    assert isinstance(c, CastChoice)
     assert c.layer == 0 and c.compare == ">"
     # t_rec = positives' p5 = 0.62, t_neg = negatives' p95 = 0.38: midpoint 0.5
     assert c.threshold == pytest.approx(0.5)
     assert (c.recall, c.fpr, c.precision) == (1.0, 0.0, 1.0)
     assert (c.train_recall, c.train_fpr) == (1.0, 0.0)
-    flipped = choose_condition(cond_ds([cast_curves([(0.0, 0.4), (0.6, 1.0)])]))
+    flipped = choose_cast(cond_ds([cast_curves([(0.0, 0.4), (0.6, 1.0)])]))
     assert flipped.compare == "<" and flipped.threshold == pytest.approx(0.5) and flipped.recall == 1.0
 
 
 def test_condition_overlap_takes_the_recall_target_point():
     ds = cond_ds([cast_curves([(0.3, 1.0), (0.0, 0.5)])], counts={"heldout_pos": 10, "heldout_neg": 30})
-    c = choose_condition(ds)
+    c = choose_cast(ds)
     assert c.compare == ">" and c.threshold == pytest.approx(0.335)  # positives' p5
     assert c.train_recall == pytest.approx(0.95) and c.train_fpr == pytest.approx(0.33)
     assert c.recall == pytest.approx(0.95) and c.fpr == pytest.approx(0.33)
     assert c.precision == pytest.approx(9.5 / (9.5 + 0.33 * 30))
-    c90 = choose_condition(ds, recall_target=0.9)
+    c90 = choose_cast(ds, recall_target=0.9)
     assert c90.threshold == pytest.approx(0.37) and c90.train_recall == pytest.approx(0.9)
 
 
 def test_condition_estimates_come_from_the_heldout_fold():
     # held-out positives drift toward the negatives: the estimate must show the lost recall
     ds = cond_ds([cast_curves([(0.6, 1.0), (0.0, 0.4)], [(0.4, 0.8), (0.0, 0.4)])])
-    c = choose_condition(ds)
+    c = choose_cast(ds)
     assert c.threshold == pytest.approx(0.5) and c.train_recall == 1.0
     assert c.recall == pytest.approx(0.75)
-    assert precision_recall(ds, 0, c.threshold, c.compare) == pytest.approx((1.0, 0.75, 0.0))
-    fixed = choose_condition(ds, threshold=0.7)
+    assert heldout_rates(ds, 0, c.threshold, c.compare) == pytest.approx((1.0, 0.75, 0.0))
+    fixed = choose_cast(ds, threshold=0.7)
     assert fixed.threshold == 0.7 and fixed.recall == pytest.approx(0.25) and fixed.train_recall == pytest.approx(0.75)
-    assert precision_recall(ds, 0, 0.2, "<") == pytest.approx((0.0, 0.0, 0.5))
+    assert heldout_rates(ds, 0, 0.2, "<") == pytest.approx((0.0, 0.0, 0.5))
 
 
 def test_condition_layer_choice():
@@ -188,25 +188,25 @@ def test_condition_layer_choice():
     small_gap = cast_curves([(0.5, 1.0), (0.0, 0.45)])
     big_gap = cast_curves([(0.7, 1.0), (0.0, 0.3)])
     ds = cond_ds([overlap, small_gap, big_gap, big_gap])
-    assert choose_condition(ds).layer == 2  # all gap layers have F1 = 1: largest normalised gap, lowest layer
+    assert choose_cast(ds).layer == 2  # all gap layers have F1 = 1: largest normalised gap, lowest layer
     ds = cond_ds([big_gap, overlap])
-    assert choose_condition(ds, layer=1).layer == 1
+    assert choose_cast(ds, layer=1).layer == 1
     # a gap on train is worth nothing if the held-out positives fall below the threshold
     drifted = cast_curves([(0.7, 1.0), (0.0, 0.3)], [(0.0, 0.6), (0.0, 0.3)])
-    assert choose_condition(cond_ds([drifted, small_gap])).layer == 1
+    assert choose_cast(cond_ds([drifted, small_gap])).layer == 1
 
 
 def test_condition_errors():
     ds = make_ds(torch.randn(2, 8))
     with pytest.raises(SteerableError, match="recalibrate with this version"):
-        choose_condition(ds)
+        choose_cast(ds)
     ds = cond_ds([cast_curves([(0.6, 1.0), (0.0, 0.4)])])
     with pytest.raises(SteerableError, match="recall_target"):
-        choose_condition(ds, recall_target=1.0)
+        choose_cast(ds, recall_target=1.0)
     with pytest.raises(SteerableError, match="not in this direction set"):
-        choose_condition(ds, layer=3)
+        choose_cast(ds, layer=3)
     with pytest.raises(SteerableError, match="compare"):
-        precision_recall(ds, 0, 0.5, ">=")
+        heldout_rates(ds, 0, 0.5, ">=")
 
 
 # ── inspect ────────────────────────────────────────────────────────────────────────────────────────

@@ -15,7 +15,7 @@ from steerable.capture.positions import check_position, select
 from steerable.capture.sites import SITES, check_site, get_hidden, site_module
 from steerable.capture.stats import LayerStats
 from steerable.data.loaders import Example
-from steerable.models.batch import position_ids  # re-exported for callers not yet moved to models.batch
+from steerable.models.batch import position_ids
 from steerable.models.load import ModelHandle
 
 HELDOUT_EVERY = 5  # pair/example k is held out when k % 5 == 4: a fixed 20 % for quality statistics
@@ -155,4 +155,4 @@ def _add_pair_diffs(stats: LayerStats, feats: torch.Tensor, examples: list[Examp
         stats.add_pair_diffs(feats[pos_rows] - feats[neg_rows])
 
 
-__all__ = ["SITES", "CaptureResult", "batch_examples", "capture_stats", "encode_examples", "position_ids"]
+__all__ = ["SITES", "CaptureResult", "batch_examples", "capture_stats", "encode_examples"]

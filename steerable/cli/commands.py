@@ -17,7 +17,8 @@ from steerable.errors import SteerableError
 from steerable.fsutil import atomic_path
 from steerable.models.builtin import BUILTIN_MODELS
 from steerable.models.load import ModelHandle, builtin_checkpoint, load_model
-from steerable.steering.plan import parse_layers, read_plan_file
+from steerable.steering.plan import build_row_plans, parse_layers, read_plan_file
+from steerable.steering.plan import plan_from_flags as steering_flags_plan
 from steerable.tables import table
 
 
@@ -70,17 +71,11 @@ def plan_from_flags(args: argparse.Namespace) -> Any:
         return read_plan_file(args.plan)
     if not args.steer:
         return None
-    spec = {"vector": args.steer, "method": args.method, "strength": args.strength, "direction": args.direction,
-            "angle": args.angle, "cap_floor": args.cap_floor, "cap_ceiling": args.cap_ceiling,
-            "threshold": args.threshold, "target": args.target, "layers": args.layers, "gate": args.gate,
-            "site": args.site}
-    return {k: v for k, v in spec.items() if v is not None}
+    return steering_flags_plan(vars(args), args.steer)
 
 
 def _print_conditions(handle: ModelHandle, plans: list[Any]) -> None:
     """Say which layer and threshold each conditional plan decides with, and how well it held out."""
-    from steerable.steering.plan import build_row_plans
-
     seen: set[int] = set()
     for checked in build_row_plans(handle, plans):
         for iv in checked.interventions if checked else ():

@@ -8,8 +8,8 @@ from collections.abc import Callable
 from typing import Any
 
 from steerable.directions.artifact import DirectionSet, layer_ranges
-from steerable.directions.condition import choose_condition
-from steerable.directions.layers import cosine_matrix, discriminative_layers, global_direction, top_layers
+from steerable.directions.cast_calibration import choose_cast
+from steerable.directions.geometry import cosine_matrix, discriminative_layers, global_direction, top_layers
 from steerable.errors import SteerableError
 from steerable.tables import fmt, table
 
@@ -72,7 +72,7 @@ def selection_summary(ds: DirectionSet) -> tuple[dict[str, Any], dict[str, Any] 
         "plane_b1_layer": global_direction(ds)[1],
         "skip_last": 0.2,
     }
-    choice = attempt(lambda: choose_condition(ds)) if ds.cast_percentiles is not None else None
+    choice = attempt(lambda: choose_cast(ds)) if ds.cast_percentiles is not None else None
     return sel, dataclasses.asdict(choice) if choice is not None else None
 
 

@@ -205,8 +205,11 @@ def load_model(
     return from_model(model, tok, name=name_or_path)
 
 
-def from_model(model: Any, tokenizer: Any, name: str) -> ModelHandle:
-    """Wrap an already-loaded transformers model (e.g. in a notebook)."""
+def from_model(model: Any, tokenizer: Any, name: str | None = None) -> ModelHandle:
+    """Wrap an already-loaded transformers model and its tokenizer (e.g. in a notebook). `name` defaults to
+    the checkpoint the model was loaded from."""
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
+    if name is None:
+        name = str(getattr(model.config, "_name_or_path", "") or type(model).__name__)
     return ModelHandle(model, tokenizer, name, find_layout(model))

@@ -14,7 +14,7 @@ from typing import Any
 import torch
 
 from steerable.directions.artifact import DirectionSet
-from steerable.directions.condition import ConditionChoice, choose_condition
+from steerable.directions.cast_calibration import CastChoice, choose_cast
 from steerable.directions.quality import cast_score
 from steerable.errors import PlanError
 from steerable.steering.gates import TokenView
@@ -42,7 +42,7 @@ class CastCondition:
     threshold: float
     compare: str  # ">" or "<": the condition holds when score compare threshold
     recall_target: float
-    choice: ConditionChoice | None = None
+    choice: CastChoice | None = None
 
     @property
     def site(self) -> str:
@@ -100,7 +100,7 @@ def build_condition(entry: Mapping[str, Any], name: str, ds: DirectionSet, handl
         raise PlanError(f"compare must be \">\" or \"<\", got {compare!r}")
     choice = None
     if getattr(ds, "cast_percentiles", None) is not None:
-        choice = choose_condition(ds, layer=None if layer == "auto" else layer,
+        choice = choose_cast(ds, layer=None if layer == "auto" else layer,
                                   threshold=None if threshold == "auto" else float(threshold), recall_target=recall)
     elif layer == "auto" or threshold == "auto":
         raise PlanError(f"{name} has no CAST statistics to choose layer/threshold \"auto\" from: "

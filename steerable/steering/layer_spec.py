@@ -9,7 +9,7 @@ import re
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
-from steerable.directions.layers import discriminative_layers, plane, top_layers
+from steerable.directions.geometry import discriminative_layers, plane, top_layers
 from steerable.errors import PlanError
 from steerable.steering.values import ascii_int
 

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import torch
 
 from steerable.directions.artifact import DirectionSet
-from steerable.directions.layers import global_direction
+from steerable.directions.geometry import global_direction
 from steerable.errors import PlanError
 from steerable.steering.gates import Gate
 from steerable.steering.values import Percentile, Thresholds, direction_flag, threshold_flag, threshold_json

@@ -8,7 +8,7 @@ from typing import Any, ClassVar
 
 import torch
 
-from steerable.directions.layers import plane
+from steerable.directions.geometry import plane
 from steerable.steering import ops
 from steerable.steering.spec import Intervention, Params, plan_key
 from steerable.steering.values import number

@@ -15,7 +15,7 @@ from steerable.steering.plan import build_plan
 
 
 @torch.inference_mode()
-def condition_hits(handle: ModelHandle, plan: Any, prompts: Sequence[str | Messages], *, batch_size: int = 16,
+def cast_hits(handle: ModelHandle, plan: Any, prompts: Sequence[str | Messages], *, batch_size: int = 16,
                    system: str | None = None) -> list[bool]:
     """For each prompt, whether the first condition of `plan` (a conditional plan) holds."""
     checked = build_plan(plan, handle)
@@ -31,7 +31,7 @@ def condition_hits(handle: ModelHandle, plan: Any, prompts: Sequence[str | Messa
     return out
 
 
-def precision_recall(hits_pos: Sequence[bool], hits_neg: Sequence[bool]) -> dict[str, float | int]:
+def hit_rates(hits_pos: Sequence[bool], hits_neg: Sequence[bool]) -> dict[str, float | int]:
     tp, fp = sum(hits_pos), sum(hits_neg)
     return {"recall": tp / max(len(hits_pos), 1), "precision": tp / max(tp + fp, 1),
             "fpr": fp / max(len(hits_neg), 1), "n_pos": len(hits_pos), "n_neg": len(hits_neg)}

@@ -22,7 +22,7 @@ POS, NEG = 0, 1
 
 
 @dataclass(frozen=True)
-class ConditionChoice:
+class CastChoice:
     """A sequence is steered when `score compare threshold`; rates are estimated from percentile curves."""
 
     layer: int
@@ -89,7 +89,7 @@ def _precision(recall: float, fpr: float, n_pos: float, n_neg: float) -> float:
     return recall * n_pos / flagged if flagged > 0 else math.nan
 
 
-def precision_recall(ds: DirectionSet, layer: int, threshold: float, compare: str) -> tuple[float, float, float]:
+def heldout_rates(ds: DirectionSet, layer: int, threshold: float, compare: str) -> tuple[float, float, float]:
     """Held-out (precision, recall, FPR) of the condition `score compare threshold` at `layer`.
 
     NaN when the held-out fold had no samples of a class (or, for precision, nothing is flagged).
@@ -108,7 +108,7 @@ def _f1(precision: float, recall: float) -> float:
 
 def _candidate(
     ds: DirectionSet, layer: int, threshold: float | None, recall_target: float
-) -> tuple[ConditionChoice, float, float]:
+) -> tuple[CastChoice, float, float]:
     """One layer's choice, with its held-out F1 and normalised train gap (the ranking keys)."""
     train, held = _curves(ds, layer)
     pos, neg = train[POS], train[NEG]
@@ -126,13 +126,13 @@ def _candidate(
     recall, fpr = _rates(held, threshold, compare)
     train_recall, train_fpr = _rates(train, threshold, compare)
     precision = _precision(recall, fpr, *_heldout_counts(ds))
-    choice = ConditionChoice(layer, float(threshold), compare, recall, precision, fpr, train_recall, train_fpr)
+    choice = CastChoice(layer, float(threshold), compare, recall, precision, fpr, train_recall, train_fpr)
     return choice, _f1(precision, recall), gap / max(spread, 1e-12)
 
 
-def choose_condition(
+def choose_cast(
     ds: DirectionSet, layer: int | None = None, threshold: float | None = None, recall_target: float = 0.95
-) -> ConditionChoice:
+) -> CastChoice:
     """Pick the CAST condition layer, threshold and comparison from the artifact's percentile curves.
 
     Per candidate layer (every calibrated layer, or only `layer`), on the TRAIN percentiles:
@@ -159,7 +159,7 @@ def choose_condition(
         raise SteerableError(f"no CAST score percentiles on the training fold for layer(s) {layers}")
     scored = [_candidate(ds, x, threshold, recall_target) for x in usable]
 
-    def rank(item: tuple[ConditionChoice, float, float]) -> tuple[float, float, int]:
+    def rank(item: tuple[CastChoice, float, float]) -> tuple[float, float, int]:
         choice, f1, gap = item
         return (-f1 if not math.isnan(f1) else math.inf, -gap, choice.layer)
     return min(scored, key=rank)[0]
