@@ -12,10 +12,11 @@ from steerable.cli.main import _direction
 from steerable.cli.table import table
 from steerable.errors import DataError
 from steerable.models.builtin import DEFAULT_MODEL
-from steerable.sweeps.records import BEHAVIOURS, SweepRecord
+from steerable.sweeps.records import BEHAVIOURS
 from steerable.sweeps.select import CRITERIA
 
 if TYPE_CHECKING:
+    from steerable.sweeps.records import SweepRecord
     from steerable.sweeps.run import SweepSpec
     from steerable.sweeps.select import Budget
 
