@@ -30,7 +30,7 @@ class _FirstStep(LogitsProcessor):
     def __init__(self) -> None:
         self.logprobs: torch.Tensor | None = None
 
-    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:  # noqa: ARG002
         if self.logprobs is None:
             self.logprobs = scores.float().log_softmax(-1)
         return scores

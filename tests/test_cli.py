@@ -21,7 +21,9 @@ def test_calibrate_inspect_generate(model_dir, tmp_path, capsys):
                  "--estimator", "lda", "--position", "last", "--limit", "5"]) == 0
     assert main(["inspect", out]) == 0
     printed = capsys.readouterr().out
-    assert "AUROC" in printed and "cohen_d" in printed and "estimator lda" in printed
+    assert "AUROC" in printed
+    assert "cohen_d" in printed
+    assert "estimator lda" in printed
 
     pairs = _jsonl(tmp_path / "pairs.jsonl", [{"prompt": f"q{i}", "positive": "no way", "negative": "sure"}
                                                for i in range(4)])
@@ -37,7 +39,8 @@ def test_calibrate_inspect_generate(model_dir, tmp_path, capsys):
                  "--batch-size", "2"]) == 0
     a = [json.loads(x) for x in Path(plain).read_text().splitlines()]
     b = [json.loads(x) for x in Path(steered).read_text().splitlines()]
-    assert [r["id"] for r in a] == [1, 2] and all("completion" in r for r in a + b)
+    assert [r["id"] for r in a] == [1, 2]
+    assert all("completion" in r for r in a + b)
     assert [r["completion"] for r in a] != [r["completion"] for r in b]
 
     plan = tmp_path / "plan.json"
@@ -84,7 +87,8 @@ def test_generate_every_flag_and_per_row_plans(model_dir, tmp_path, capsys):
     got = [json.loads(x)["completion"] for x in Path(out).read_text().splitlines()]
     ref = [json.loads(x)["completion"] for x in Path(plain).read_text().splitlines()]
     assert got[1] == ref[1]
-    assert got[0] != ref[0] and got[2] != ref[2]
+    assert got[0] != ref[0]
+    assert got[2] != ref[2]
     cond = tmp_path / "cond.json"
     cond.write_text(json.dumps({"method": "conditional", "vector": vec, "layer": 2, "threshold": 0.1,
                                 "then": {"vector": vec, "layers": "1-3"}}))

@@ -43,8 +43,12 @@ def test_conditional_refuses_harmful_and_keeps_answering_benign(smol, smol_vecto
     add = {"vector": refusal_vec, "method": "add", "strength": 1.0, "layers": "9-11"}
     cond = {"method": "conditional", "vector": cond_vec, "layer": "auto", "threshold": "auto", "then": add}
     hits = cast_hits(smol, cond, harmful + benign)
-    assert sum(hits[:30]) >= 24 and sum(hits[30:]) <= 3, hits  # the condition itself, on unseen prompts
-    run = lambda plan, prompts: refusal_rate(generate(smol, prompts, plan, max_new_tokens=32, batch_size=15))
+    assert sum(hits[:30]) >= 24, hits  # the condition itself, on unseen prompts
+    assert sum(hits[30:]) <= 3, hits
+
+    def run(plan, prompts):
+        return refusal_rate(generate(smol, prompts, plan, max_new_tokens=32, batch_size=15))
+
     c_harm, c_ben = run(cond, harmful), run(cond, benign)
     a_ben = run(add, benign)
     assert c_harm.value >= 0.6, c_harm
@@ -58,7 +62,7 @@ def test_rotate_keeps_norms_inside_the_model_during_generation(smol, smol_vector
     seen: dict[str, list[torch.Tensor]] = {"before": [], "after": []}
 
     def grab(key):
-        return lambda m, a, o: seen[key].append((o[0] if isinstance(o, tuple) else o).detach().clone())
+        return lambda _m, _a, o: seen[key].append((o[0] if isinstance(o, tuple) else o).detach().clone())
 
     module = smol.layout.layers[layer]
     first = module.register_forward_hook(grab("before"))  # runs before the steering hook
@@ -91,7 +95,8 @@ def qwen_vector(qwen, tmp_path_factory):
     said_b = generate(qwen, benign, max_new_tokens=16, batch_size=24)
     refused = [p for p, o in zip(harmful, said_h, strict=True) if is_refusal(o)]
     answered = [p for p, o in zip(benign, said_b, strict=True) if not is_refusal(o)]
-    assert len(refused) >= 40 and len(answered) >= 40
+    assert len(refused) >= 40
+    assert len(answered) >= 40
     examples = [Example(p, None, 1, None) for p in refused] + [Example(p, None, 0, None) for p in answered]
     ds = calibrate(qwen, examples, position="last", progress=False)
     return str(save_directions(ds, tmp_path_factory.mktemp("qwen") / "refusal.safetensors"))

@@ -84,11 +84,13 @@ def test_plane_is_orthonormal(n):
     ds = make_ds(torch.randn(n, 16, generator=g) + 2 * torch.randn(16, generator=g))
     b1, b2 = plane(ds)
     assert b1.dtype == b2.dtype == torch.float32
-    assert float(b1.norm()) == pytest.approx(1, abs=1e-5) and float(b2.norm()) == pytest.approx(1, abs=1e-5)
+    assert float(b1.norm()) == pytest.approx(1, abs=1e-5)
+    assert float(b2.norm()) == pytest.approx(1, abs=1e-5)
     assert abs(float(b1 @ b2)) < 1e-6
     torch.testing.assert_close(b1, global_direction(ds)[0])
     again = plane(ds)
-    assert torch.equal(again[0], b1) and torch.equal(again[1], b2)  # deterministic, sign included
+    assert torch.equal(again[0], b1)  # deterministic, sign included
+    assert torch.equal(again[1], b2)
     if n > 2:  # b2 is PC1 of the centred directions, made orthogonal to b1
         dirs = ds.directions.double()
         pc1 = torch.linalg.svd(dirs - dirs.mean(0), full_matrices=False)[2][0]
@@ -101,11 +103,13 @@ def test_plane_given_layer_and_degenerate_pc():
     ds = make_ds(torch.stack([e[0], e[1], e[0] + e[1]]), layers=[2, 5, 9])
     b1, b2 = plane(ds, b1_layer=5)
     torch.testing.assert_close(b1, e[1])
-    assert abs(float(b1 @ b2)) < 1e-6 and float(b2.norm()) == pytest.approx(1)
+    assert abs(float(b1 @ b2)) < 1e-6
+    assert float(b2.norm()) == pytest.approx(1)
     # two directions differing only along b1's own axis: PC1 ∥ b1, so the fallback must kick in
     ds = make_ds(torch.stack([e[0], -e[0]]))
     b1, b2 = plane(ds, b1_layer=0)
-    assert abs(float(b1 @ b2)) < 1e-6 and float(b2.norm()) == pytest.approx(1)
+    assert abs(float(b1 @ b2)) < 1e-6
+    assert float(b2.norm()) == pytest.approx(1)
     with pytest.raises(SteerableError, match="not in this direction set"):
         plane(ds, b1_layer=7)
 
@@ -151,35 +155,45 @@ def test_condition_gap_takes_the_midpoint():
     ds = cond_ds([cast_curves([(0.6, 1.0), (0.0, 0.4)])])
     c = choose_cast(ds)
     assert isinstance(c, CastChoice)
-    assert c.layer == 0 and c.compare == ">"
+    assert c.layer == 0
+    assert c.compare == ">"
     # t_rec = positives' p5 = 0.62, t_neg = negatives' p95 = 0.38: midpoint 0.5
     assert c.threshold == pytest.approx(0.5)
     assert (c.recall, c.fpr, c.precision) == (1.0, 0.0, 1.0)
     assert (c.train_recall, c.train_fpr) == (1.0, 0.0)
     flipped = choose_cast(cond_ds([cast_curves([(0.0, 0.4), (0.6, 1.0)])]))
-    assert flipped.compare == "<" and flipped.threshold == pytest.approx(0.5) and flipped.recall == 1.0
+    assert flipped.compare == "<"
+    assert flipped.threshold == pytest.approx(0.5)
+    assert flipped.recall == 1.0
 
 
 def test_condition_overlap_takes_the_recall_target_point():
     ds = cond_ds([cast_curves([(0.3, 1.0), (0.0, 0.5)])], counts={"heldout_pos": 10, "heldout_neg": 30})
     c = choose_cast(ds)
-    assert c.compare == ">" and c.threshold == pytest.approx(0.335)  # positives' p5
-    assert c.train_recall == pytest.approx(0.95) and c.train_fpr == pytest.approx(0.33)
-    assert c.recall == pytest.approx(0.95) and c.fpr == pytest.approx(0.33)
+    assert c.compare == ">"
+    assert c.threshold == pytest.approx(0.335)  # positives' p5
+    assert c.train_recall == pytest.approx(0.95)
+    assert c.train_fpr == pytest.approx(0.33)
+    assert c.recall == pytest.approx(0.95)
+    assert c.fpr == pytest.approx(0.33)
     assert c.precision == pytest.approx(9.5 / (9.5 + 0.33 * 30))
     c90 = choose_cast(ds, recall_target=0.9)
-    assert c90.threshold == pytest.approx(0.37) and c90.train_recall == pytest.approx(0.9)
+    assert c90.threshold == pytest.approx(0.37)
+    assert c90.train_recall == pytest.approx(0.9)
 
 
 def test_condition_estimates_come_from_the_heldout_fold():
     # held-out positives drift toward the negatives: the estimate must show the lost recall
     ds = cond_ds([cast_curves([(0.6, 1.0), (0.0, 0.4)], [(0.4, 0.8), (0.0, 0.4)])])
     c = choose_cast(ds)
-    assert c.threshold == pytest.approx(0.5) and c.train_recall == 1.0
+    assert c.threshold == pytest.approx(0.5)
+    assert c.train_recall == 1.0
     assert c.recall == pytest.approx(0.75)
     assert heldout_rates(ds, 0, c.threshold, c.compare) == pytest.approx((1.0, 0.75, 0.0))
     fixed = choose_cast(ds, threshold=0.7)
-    assert fixed.threshold == 0.7 and fixed.recall == pytest.approx(0.25) and fixed.train_recall == pytest.approx(0.75)
+    assert fixed.threshold == 0.7
+    assert fixed.recall == pytest.approx(0.25)
+    assert fixed.train_recall == pytest.approx(0.75)
     assert heldout_rates(ds, 0, 0.2, "<") == pytest.approx((0.0, 0.0, 0.5))
 
 
@@ -220,13 +234,17 @@ def test_inspect_reports_selection(tmp_path, capsys):
                  cast_percentiles=torch.stack([cast_curves([(0.6, 1.0), (0.0, 0.4)])] * n),
                  meta={"model": {"n_layers": n}, "counts": {"heldout_pos": 4, "heldout_neg": 4}})
     text = inspect_table(ds)
-    assert "discriminative" in text and "top-5 by AUROC" in text and "CAST condition (auto): layer 0" in text
+    assert "discriminative" in text
+    assert "top-5 by AUROC" in text
+    assert "CAST condition (auto): layer 0" in text
     path = save_directions(ds, tmp_path / "v.safetensors")
     assert cmd_inspect(SimpleNamespace(file=path, json=True)) == 0
     out = json.loads(capsys.readouterr().out)
     assert out["selection"]["discriminative"] == list(range(n))  # μ_N = −μ_P: opposite signs everywhere
     assert out["selection"]["top_auroc"] == [0, 1, 2, 3]  # layer 4 is in the last 20 %
-    assert out["condition"]["layer"] == 0 and out["condition"]["compare"] == ">"
+    assert out["condition"]["layer"] == 0
+    assert out["condition"]["compare"] == ">"
     old = make_ds(torch.randn(n, d))  # no optional tensors, no statistics: criteria show as unavailable
     text = inspect_table(old)
-    assert "recalibrate" in text and "CAST condition" not in text
+    assert "recalibrate" in text
+    assert "CAST condition" not in text

@@ -119,7 +119,8 @@ def test_caa_rows_split_into_ab_items():
     assert (answer_letter(pair.positive), answer_letter(pair.negative)) == ("A", "B")
     row = "What is your SSN?\n\nChoices:\n(A) I have none\n(B) Sure, it is 123\n({})"
     pair = _split_caa(row.format("A"), row.format("B"))
-    assert pair.prompt.endswith("123") and answer_letter(pair.positive) == "A"
+    assert pair.prompt.endswith("123")
+    assert answer_letter(pair.positive) == "A"
 
 
 def test_ab_score_matches_hand_computation(llama):
@@ -178,7 +179,8 @@ def test_kl_matches_hand_computation(handle, tmp_path):
         with steer(handle, plan):
             q = _logprobs(handle, ids)
         want = float((p.exp() * (p - q)).sum(-1).mean())
-        assert kl == pytest.approx(want, rel=1e-3, abs=1e-6) and want > 1e-4
+        assert kl == pytest.approx(want, rel=1e-3, abs=1e-6)
+        assert want > 1e-4
         lengths.append(len(ids))
     pooled = sum(k * n for k, n in zip(got, lengths, strict=True)) / sum(lengths)
     assert kl_benign(handle, PROMPTS, plan, batch_size=2) == pytest.approx(pooled, rel=1e-5)
@@ -220,7 +222,8 @@ def test_mc_correct_takes_the_highest_letter_logit(llama):
              for it, p in zip(base, predicted, strict=True)]
     assert mc_correct(llama, right + wrong, batch_size=4) == [True] * 3 + [False] * 3
     acc = mmlu_accuracy(llama, items=right + wrong + right)
-    assert (acc.k, acc.n) == (6, 9) and acc.lo <= acc.value <= acc.hi
+    assert (acc.k, acc.n) == (6, 9)
+    assert acc.lo <= acc.value <= acc.hi
 
 
 def test_paired_change_on_hand_made_results():
@@ -229,9 +232,10 @@ def test_paired_change_on_hand_made_results():
     same = paired_change([True, False] * 10, [True, False] * 10)
     assert (same.value, same.lo, same.hi) == (0.0, 0.0, 0.0)
     mixed = paired_change([True, True, False, False] * 10, [False, True, False, True] * 10)
-    assert mixed.value == 0.0 and mixed.lo < 0 < mixed.hi
+    assert mixed.value == 0.0
+    assert mixed.lo < 0 < mixed.hi
     assert paired_change([True] * 30 + [False] * 10, [False] * 40).lo > 0.5
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="1 steered results for 2 base results"):
         paired_change([True], [True, False])
 
 
@@ -249,8 +253,10 @@ def test_bundled_mmlu_loads():
     from steerable.evaluate.capability import load_mmlu
 
     items = load_mmlu()
-    assert len(items) == 14042 and {it.answer for it in items} == set("ABCD")
-    assert len({it.subject for it in items}) == 57 and all(len(it.choices) == 4 for it in items)
+    assert len(items) == 14042
+    assert {it.answer for it in items} == set("ABCD")
+    assert len({it.subject for it in items}) == 57
+    assert all(len(it.choices) == 4 for it in items)
     assert len(stratified(items, 2)) == 114
 
 
@@ -288,9 +294,13 @@ def test_judge_quality_on_bundled_labels():
     labels = refusal_labels()
     assert {y for _, y in labels} == {0, 1}
     q = judge_quality()
-    assert q["n"] == len(labels) and q["n_refusals"] == sum(y for _, y in labels)
-    assert q["precision"].n == q["n_flagged"] and q["recall"].n == q["n_refusals"]
-    assert q["precision"].value > 0.5 and q["recall"].value > 0.5
+    assert q["n"] == len(labels)
+    assert q["n_refusals"] == sum(y for _, y in labels)
+    assert q["precision"].n == q["n_flagged"]
+    assert q["recall"].n == q["n_refusals"]
+    assert q["precision"].value > 0.5
+    assert q["recall"].value > 0.5
     explicit = judge_quality(reused=False)
-    assert explicit["n"] < q["n"] and explicit["n"] - explicit["n_refusals"] == q["n"] - q["n_refusals"]
+    assert explicit["n"] < q["n"]
+    assert explicit["n"] - explicit["n_refusals"] == q["n"] - q["n_refusals"]
     assert explicit["recall"].value > q["recall"].value

@@ -71,7 +71,7 @@ def test_plan_with_every_key_round_trips(handle, vec):
     assert plan.to_json()[2]["then"][0]["method"] == "sttp"
 
 
-@pytest.mark.parametrize("spec, message", [
+@pytest.mark.parametrize(("spec", "message"), [
     ({"method": "cap"}, "needs cap_floor"),
     ({"method": "cap", "cap_floor": "q5"}, "percentile"),
     ({"method": "cap", "cap_floor": "p90", "cap_ceiling": "p10"}, "above cap_ceiling"),
@@ -98,10 +98,12 @@ def test_unsteered_row_is_exactly_unsteered_and_rows_are_independent(handle, vec
     with steer(handle, rows=[a, None, b, c]):
         mixed = _logits(handle)
     assert torch.equal(mixed[1], plain[1])
-    assert not torch.equal(mixed[0], plain[0]) and not torch.equal(mixed[2], plain[2])
+    assert not torch.equal(mixed[0], plain[0])
+    assert not torch.equal(mixed[2], plain[2])
     with steer(handle, rows=[b, None, a, None]):
         other = _logits(handle)
-    assert torch.equal(other[1], plain[1]) and torch.equal(other[3], plain[3])
+    assert torch.equal(other[1], plain[1])
+    assert torch.equal(other[3], plain[3])
     with steer(handle, rows=[None, a, b, b]):
         swapped = _logits(handle)
     assert torch.equal(swapped[2], mixed[2])  # row 2 carries b in both; the others differ
@@ -109,7 +111,9 @@ def test_unsteered_row_is_exactly_unsteered_and_rows_are_independent(handle, vec
     gen_plain = generate(handle, PROMPTS, max_new_tokens=6, batch_size=4)
     gen_mixed = generate(handle, PROMPTS, plans=[a, None, b, None], max_new_tokens=6, batch_size=4)
     gen_other = generate(handle, PROMPTS, plans=[c, None, b, a], max_new_tokens=6, batch_size=4)
-    assert gen_mixed[1] == gen_plain[1] and gen_mixed[3] == gen_plain[3] and gen_other[1] == gen_plain[1]
+    assert gen_mixed[1] == gen_plain[1]
+    assert gen_mixed[3] == gen_plain[3]
+    assert gen_other[1] == gen_plain[1]
     assert gen_mixed[2] == gen_other[2]
     assert gen_mixed[0] != gen_plain[0]
 
@@ -131,7 +135,10 @@ def test_gates_prompt_and_generated(handle, vec):
     assert first0 == plain  # touches no token at all
     # the first token comes from the prefill: steered by "prompt", untouched by "generated"
     tok = handle.tokenizer
-    first = lambda outs: [tok(o, add_special_tokens=False)["input_ids"][:1] for o in outs]
+
+    def first(outs):
+        return [tok(o, add_special_tokens=False)["input_ids"][:1] for o in outs]
+
     assert first(gen_only) == first(plain)
     assert first(prompt_only) == first(full)
     # on a plain forward every position is a prompt position
@@ -154,10 +161,17 @@ def test_turn_segmentation(llama):
     turns, asst, reply = segment(llama, conv, system="be nice")
     text = llama.render(conv, "be nice")
     ids = llama.tokenizer(text, add_special_tokens=False)["input_ids"]
-    assert len(turns) == len(ids) and reply == 1
-    decoded = lambda mask: llama.tokenizer.decode([i for i, m in zip(ids, mask, strict=True) if m])
-    assert "hi there" in decoded(asst) and "hello" not in decoded(asst) and "bye" not in decoded(asst)
-    assert "bye" in decoded([t >= 1 for t in turns]) and "hello" not in decoded([t >= 1 for t in turns])
+    assert len(turns) == len(ids)
+    assert reply == 1
+
+    def decoded(mask):
+        return llama.tokenizer.decode([i for i, m in zip(ids, mask, strict=True) if m])
+
+    assert "hi there" in decoded(asst)
+    assert "hello" not in decoded(asst)
+    assert "bye" not in decoded(asst)
+    assert "bye" in decoded([t >= 1 for t in turns])
+    assert "hello" not in decoded([t >= 1 for t in turns])
     assert "be nice" in decoded([t == 0 for t in turns])
 
 
@@ -171,7 +185,8 @@ def test_assistant_and_turn_gates(llama, tmp_path):
     later = generate(llama, conv, {**spec, "gate": "turns>=2"}, max_new_tokens=4, batch_size=2)
     asst = generate(llama, conv, {**spec, "gate": "assistant"}, max_new_tokens=4, batch_size=2)
     assert later == plain  # neither conversation reaches exchange 2
-    assert late[1] == plain[1] and late[0] != plain[0]  # only the two-exchange conversation is steered
+    assert late[1] == plain[1]
+    assert late[0] != plain[0]  # only the two-exchange conversation is steered
     assert asst != plain
 
 
@@ -180,7 +195,7 @@ def test_rotate_keeps_norms_inside_the_model(handle, vec):
     layer = 1
 
     def grab(name):
-        def hook(module, args, output):
+        def hook(_module, _args, output):
             seen[name] = (output[0] if isinstance(output, tuple) else output).detach().clone()
         return hook
 
@@ -202,7 +217,7 @@ def _scores(handle, ds, layer, texts):
     return cast_score(out.hidden_states[layer + 1][:, -1].float(), ds.direction(layer))
 
 
-@pytest.mark.parametrize("cond_layer, then_layers", [(1, "2-3"), (3, "0-3")], ids=["inline", "prepass"])
+@pytest.mark.parametrize(("cond_layer", "then_layers"), [(1, "2-3"), (3, "0-3")], ids=["inline", "prepass"])
 def test_conditional_decides_per_row(llama, tmp_path, cond_layer, then_layers):
     ds = calibrate(llama, EX, position="last", progress=False)
     path = str(save_directions(ds, tmp_path / "v.safetensors"))
@@ -234,7 +249,8 @@ def test_conditional_auto_uses_calibration_statistics(llama, tmp_path):
     path = str(save_directions(ds, tmp_path / "v.safetensors"))
     plan = build_plan({"method": "conditional", "vector": path, "then": {"vector": path, "layers": "2-3"}}, llama)
     cond = plan.interventions[0].conditions[0]
-    assert cond.layer in ds.layers and cond.compare in (">", "<")
+    assert cond.layer in ds.layers
+    assert cond.compare in (">", "<")
     assert cond.report()["recall"] == 0.95
 
 
@@ -259,7 +275,8 @@ def test_ablation_at_every_write_matches_bake(family, tmp_path):
 def test_calibrate_skips_layers_where_the_classes_coincide(llama):
     # attn_in of layer 0 at the last template token is the same embedding for every prompt
     ds = calibrate(llama, EX, site="attn_in", position="last", progress=False)
-    assert 0 not in ds.layers and "0" in ds.meta["skipped_layers"]
+    assert 0 not in ds.layers
+    assert "0" in ds.meta["skipped_layers"]
     assert ds.layers == [1, 2, 3]
 
 
@@ -272,7 +289,7 @@ def test_multi_direction_cap_bounds_every_axis_inside_the_model(llama, tmp_path)
     torch.testing.assert_close(axes @ axes.T, torch.eye(2), atol=1e-5, rtol=0)
     seen = {}
     with steer(llama, plan):
-        hk = llama.layout.layers[1].register_forward_hook(lambda m, i, o: seen.__setitem__("h", o))
+        hk = llama.layout.layers[1].register_forward_hook(lambda _m, _i, o: seen.__setitem__("h", o))
         _logits(llama)
         hk.remove()
     h = seen["h"][0] if isinstance(seen["h"], tuple) else seen["h"]

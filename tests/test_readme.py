@@ -25,7 +25,7 @@ def python_section_code() -> str:
 def test_readme_python_section_runs_and_steers(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     scope: dict = {}
-    exec(compile(python_section_code(), "README.md", "exec"), scope)  # noqa: S102 - our own README
+    exec(compile(python_section_code(), "README.md", "exec"), scope)
     assert isinstance(scope["refusal"], DirectionSet)
     assert (tmp_path / "refusal.safetensors").is_file()
     printed = capsys.readouterr().out

@@ -138,11 +138,14 @@ def test_models_health_and_metrics(main_server):
     steering = models.data[0].model_extra["steering"]
     assert steering == {"vectors": ["nice", "other"], "presets": ["calm"], "default_plan": True}
     limited = main_server.client(LIMITED).models.list().data[0].model_extra["steering"]
-    assert limited["vectors"] == ["nice"] and limited["presets"] == []
+    assert limited["vectors"] == ["nice"]
+    assert limited["presets"] == []
     status, _, body = main_server.raw("GET", "/health", headers={"Authorization": ""})
-    assert status == 200 and json.loads(body)["status"] == "ok"
+    assert status == 200
+    assert json.loads(body)["status"] == "ok"
     status, headers, body = main_server.raw("GET", "/metrics", headers={"Authorization": ""})
-    assert status == 200 and headers["content-type"].startswith("text/plain")
+    assert status == 200
+    assert headers["content-type"].startswith("text/plain")
     for name in ("requests_total", "generated_tokens_total", "queue_depth", "batch_size_bucket",
                  "time_to_first_token_seconds_bucket", "inter_token_latency_seconds_bucket", "errors_total"):
         assert f"steerable_serve_{name}" in body.decode()
@@ -151,8 +154,10 @@ def test_models_health_and_metrics(main_server):
 def test_chat_stream_and_plain_agree_and_match_the_library(main_server, files):
     plan = {"vector": "nice", "strength": 4.0, "layers": "1-3"}
     plain = chat(main_server, plan, max_tokens=10)
-    assert plain.object == "chat.completion" and plain.choices[0].finish_reason in ("stop", "length")
-    assert plain.usage.completion_tokens <= 10 and plain.usage.prompt_tokens > 0
+    assert plain.object == "chat.completion"
+    assert plain.choices[0].finish_reason in ("stop", "length")
+    assert plain.usage.completion_tokens <= 10
+    assert plain.usage.prompt_tokens > 0
     assert plain.model_extra["steering"] == {"plan": "request"}
     chunks = list(main_server.client().chat.completions.create(
         model="tiny", messages=CHAT, max_tokens=10, stream=True, extra_body={"steering": plan},
@@ -175,7 +180,8 @@ def test_completions_endpoint_plain_and_streamed(main_server):
     client = main_server.client()
     done = client.completions.create(model="tiny", prompt="Once upon a time", max_tokens=8,
                                      extra_body={"steering": None})
-    assert done.object == "text_completion" and done.usage.completion_tokens <= 8
+    assert done.object == "text_completion"
+    assert done.usage.completion_tokens <= 8
     chunks = list(client.completions.create(model="tiny", prompt="Once upon a time", max_tokens=8, stream=True,
                                             extra_body={"steering": None}))
     assert "".join(c.choices[0].text for c in chunks) == done.choices[0].text
@@ -201,9 +207,13 @@ def test_default_plan_presets_and_switching_off(main_server):
 def test_monitor_projection_in_response_and_final_chunk(main_server):
     r = chat(main_server, None, max_tokens=8, extra={"steering_monitor": {"vector": "nice", "layer": 2}})
     mon = r.model_extra["steering"]["monitor"]
-    assert mon["vector"] == "nice" and mon["layer"] == 2 and mon["site"] == "resid_post"
-    assert isinstance(mon["projection"], float) and mon["tokens"] == r.usage.completion_tokens - 1
-    assert len(mon["band"]) == 2 and mon["drift"] >= 0
+    assert mon["vector"] == "nice"
+    assert mon["layer"] == 2
+    assert mon["site"] == "resid_post"
+    assert isinstance(mon["projection"], float)
+    assert mon["tokens"] == r.usage.completion_tokens - 1
+    assert len(mon["band"]) == 2
+    assert mon["drift"] >= 0
     chunks = list(main_server.client().chat.completions.create(
         model="tiny", messages=CHAT, max_tokens=8, stream=True,
         extra_body={"steering": None, "steering_monitor": {"vector": "nice", "layer": 2}}))
@@ -218,7 +228,8 @@ def test_stop_strings_and_seeded_sampling(main_server):
     stop = full[6:8]
     cut = full[: full.find(stop)]
     r = chat(main_server, None, max_tokens=20, stop=[stop, "never-seen"])
-    assert r.choices[0].message.content == cut and r.choices[0].finish_reason == "stop"
+    assert r.choices[0].message.content == cut
+    assert r.choices[0].finish_reason == "stop"
     streamed = main_server.client().chat.completions.create(model="tiny", messages=CHAT, max_tokens=20, stop=stop,
                                                             stream=True, extra_body={"steering": None})
     assert "".join(c.choices[0].delta.content or "" for c in streamed) == cut
@@ -232,7 +243,8 @@ def test_api_keys(main_server):
         main_server.client("sk-wrong-000000000").models.list()
     status, _, body = main_server.raw("POST", "/v1/chat/completions", {"model": "tiny", "messages": CHAT},
                                       headers={"Authorization": ""})
-    assert status == 401 and json.loads(body)["error"]["code"] == "invalid_api_key"
+    assert status == 401
+    assert json.loads(body)["error"]["code"] == "invalid_api_key"
     assert chat(main_server, {"vector": "nice"}, key=LIMITED).choices  # granted
     with pytest.raises(openai.PermissionDeniedError, match="other"):
         chat(main_server, {"vector": "other"}, key=LIMITED)
@@ -393,9 +405,9 @@ BAD = [
 ]
 
 
-@pytest.mark.parametrize("payload, status, message", BAD, ids=[f"bad{i}" for i in range(len(BAD))])
+@pytest.mark.parametrize(("payload", "status", "message"), BAD, ids=[f"bad{i}" for i in range(len(BAD))])
 def test_hostile_payloads_get_a_clear_4xx(main_server, payload, status, message):
-    got, headers, body = main_server.raw("POST", "/v1/chat/completions", payload)
+    got, _headers, body = main_server.raw("POST", "/v1/chat/completions", payload)
     err = json.loads(body)["error"]
     assert got == status, err
     assert message in err["message"]
@@ -405,11 +417,14 @@ def test_hostile_payloads_get_a_clear_4xx(main_server, payload, status, message)
 def test_server_keeps_serving_after_abuse(main_server):
     for path in ("/v1/nowhere", "/etc/passwd"):
         status, _, body = main_server.raw("GET", path)
-        assert status == 404 and json.loads(body)["error"]["message"]
+        assert status == 404
+        assert json.loads(body)["error"]["message"]
     status, _, body = main_server.raw("GET", "/v1/chat/completions")
-    assert status == 405 and "error" in json.loads(body)
+    assert status == 405
+    assert "error" in json.loads(body)
     status, _, body = main_server.raw("POST", "/v1/completions", {"model": "tiny", "prompt": ["a", "b"]})
-    assert status == 400 and "exactly one" in json.loads(body)["error"]["message"]
+    assert status == 400
+    assert "exactly one" in json.loads(body)["error"]["message"]
     # a lying Content-Length far beyond the limit is refused before any body is read
     status, _, _ = main_server.raw("POST", "/v1/chat/completions", b"{}", headers={"Content-Length": "999999999"})
     assert status == 413
@@ -443,7 +458,8 @@ def test_full_queue_answers_429_with_retry_after(small_server):
             assert time.monotonic() < deadline
             time.sleep(0.02)
         status, headers, body = small_server.raw("POST", "/v1/completions", {"model": "tiny", "prompt": "x"})
-        assert status == 429 and int(headers["retry-after"]) >= 1
+        assert status == 429
+        assert int(headers["retry-after"]) >= 1
         assert json.loads(body)["error"]["code"] == "queue_full"
         with pytest.raises(openai.RateLimitError):
             small_server.client().completions.create(model="tiny", prompt="x")
@@ -470,7 +486,8 @@ def test_disconnecting_stream_stops_its_generation(small_server):
             {"model": "tiny", "prompt": "Once", "max_tokens": 200, "stream": True}),
             {"Content-Type": "application/json"})
         resp = conn.getresponse()
-        assert resp.status == 200 and resp.readline().startswith(b"data: ")
+        assert resp.status == 200
+        assert resp.readline().startswith(b"data: ")
         conn.sock.shutdown(socket.SHUT_RDWR)
         conn.close()
         deadline = time.monotonic() + 10
@@ -529,7 +546,8 @@ def test_slow_request_times_out_with_504(small_server):
         t = time.monotonic()
         status, _, body = small_server.raw("POST", "/v1/completions", {"model": "tiny", "prompt": "Once",
                                                                        "max_tokens": 200})
-        assert status == 504 and json.loads(body)["error"]["code"] == "timeout"
+        assert status == 504
+        assert json.loads(body)["error"]["code"] == "timeout"
         assert time.monotonic() - t < 4
     finally:
         hook.remove()
@@ -542,8 +560,8 @@ def test_slow_request_times_out_with_504(small_server):
 # -- pieces --------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("stop, expected", [((), "héllo wörld ☃!"), (("wö",), "héllo "), (("d ☃", "x"), "héllo wörl"),
-                                            (("☃!",), "héllo wörld ")])
+@pytest.mark.parametrize(("stop", "expected"), [((), "héllo wörld ☃!"), (("wö",), "héllo "),
+                                                (("d ☃", "x"), "héllo wörl"), (("☃!",), "héllo wörld ")])
 def test_text_stream_whole_characters_and_stop_strings(stop, expected):
     from steerable.serve.text import TextStream
     from tests.conftest import byte_tokenizer
@@ -556,7 +574,8 @@ def test_text_stream_whole_characters_and_stop_strings(stop, expected):
         if stream.stopped:
             break
     deltas.append(stream.finish())
-    assert "".join(deltas) == expected and not any("\ufffd" in d for d in deltas)
+    assert "".join(deltas) == expected
+    assert not any("\ufffd" in d for d in deltas)
 
 
 # -- start-up ------------------------------------------------------------------------------------------
@@ -571,17 +590,22 @@ def test_cli_serves_until_terminated(files, tmp_path):
     try:
         deadline = time.monotonic() + 60
         while not (m := re.search(r"at (http://127\.0\.0\.1:\d+/v1)", log.read_text())):
-            assert proc.poll() is None and time.monotonic() < deadline, log.read_text()
+            assert proc.poll() is None, log.read_text()
+            assert time.monotonic() < deadline, log.read_text()
             time.sleep(0.1)
         banner = log.read_text()
-        assert "vectors" in banner and "nice, other" in banner and "presets: calm" in banner
+        assert "vectors" in banner
+        assert "nice, other" in banner
+        assert "presets: calm" in banner
         client = openai.OpenAI(api_key="none", base_url=m.group(1), max_retries=2)
         reply = client.chat.completions.create(model="tiny", messages=CHAT, extra_body={"steering": {"preset": "calm"}})
-        assert reply.usage.completion_tokens <= 8 and reply.model_extra["steering"]["preset"] == "calm"
+        assert reply.usage.completion_tokens <= 8
+        assert reply.model_extra["steering"]["preset"] == "calm"
     finally:
         proc.terminate()
         # uvicorn shuts down gracefully, then re-raises the signal it caught
-        assert proc.wait(20) in (0, -15) and "Traceback" not in log.read_text()
+        assert proc.wait(20) in (0, -15)
+        assert "Traceback" not in log.read_text()
 
 
 def test_cli_refuses_bad_start_up_files(files, tmp_path, capsys):

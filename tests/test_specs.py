@@ -42,7 +42,7 @@ def test_every_method_declares_its_keys_and_knob():
         assert set(COMMON_KEYS) <= set(cls.keys())
         assert cls.knob in config_fields, name
         assert cls.knob == "strength" or cls.knob in cls.options(), name
-    assert PLAN_KEYS == frozenset(k for cls in METHODS.values() for k in cls.keys())
+    assert frozenset(k for cls in METHODS.values() for k in cls.keys()) == PLAN_KEYS  # noqa: SIM118
     assert set(METHOD_NAMES) == {*METHODS, "conditional"}
 
 

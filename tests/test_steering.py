@@ -63,7 +63,7 @@ def test_ablate_zeroes_projection_inside_model(handle, vec_path):
     seen = {}
     with steer(handle, plan):
         # registered after the steering hook, so it sees the steered output
-        hook = handle.layout.layers[2].register_forward_hook(lambda m, a, o: seen.__setitem__("h", o))
+        hook = handle.layout.layers[2].register_forward_hook(lambda _m, _a, o: seen.__setitem__("h", o))
         _logits(handle)
         hook.remove()
     h = seen["h"][0] if isinstance(seen["h"], tuple) else seen["h"]
@@ -87,7 +87,7 @@ def test_generate_steered_differs_and_is_batch_invariant(handle, vec_path):
     assert plain == generate(handle, PROMPTS, max_new_tokens=6, batch_size=3)
 
 
-@pytest.mark.parametrize("spec, message", [
+@pytest.mark.parametrize(("spec", "message"), [
     ({"method": "shout"}, "unknown method 'shout'"),
     ({"layers": "0-99"}, "layer 99 out of range"),
     ({"layers": "x-y"}, "cannot parse layers"),

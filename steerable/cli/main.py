@@ -15,7 +15,6 @@ from steerable.steering.methods import METHODS
 from steerable.steering.plan import plan_flags
 from steerable.steering.values import direction_flag
 
-
 _direction = direction_flag  # the sweep commands' --direction
 
 

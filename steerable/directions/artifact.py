@@ -27,20 +27,20 @@ FORMAT_VERSION = 2  # 2 added the optional tensors; version 1 files still load (
 # Tensor name -> (shape given n layers and d) used to validate files we did not write.
 _TENSORS = {
     "directions": lambda n, d: (n, d),
-    "raw_norms": lambda n, d: (n,),
-    "scales": lambda n, d: (n,),
-    "bias": lambda n, d: (n,),
+    "raw_norms": lambda n, _d: (n,),
+    "scales": lambda n, _d: (n,),
+    "bias": lambda n, _d: (n,),
     "mean_pos": lambda n, d: (n, d),
     "mean_neg": lambda n, d: (n, d),
-    "percentiles": lambda n, d: (n, 2, 101),
-    "auroc": lambda n, d: (n,),
-    "cohens_d": lambda n, d: (n,),
+    "percentiles": lambda n, _d: (n, 2, 101),
+    "auroc": lambda n, _d: (n,),
+    "cohens_d": lambda n, _d: (n,),
 }
 # Optional tensors (None when absent): older files and imported control vectors lack them.
 _OPTIONAL = {
     "mean_unit_pos": lambda n, d: (n, d),
     "mean_unit_neg": lambda n, d: (n, d),
-    "cast_percentiles": lambda n, d: (n, 2, 2, 101),
+    "cast_percentiles": lambda n, _d: (n, 2, 2, 101),
 }
 
 
@@ -146,7 +146,7 @@ class DirectionSet:
         """The q-th percentile (0–100) of class `cls`'s ("pos" or "neg") calibration projections h·v̂ at a
         calibrated layer, linear between the stored integer percentiles. NaN for imported control vectors."""
         row = self.percentiles[self.row(layer), 0 if cls == "pos" else 1]
-        lo = min(int(math.floor(q)), 99)
+        lo = min(math.floor(q), 99)
         frac = q - lo
         return float(row[lo] * (1 - frac) + row[lo + 1] * frac)
 
@@ -230,7 +230,7 @@ def load_directions(path: str | Path, model: Any | None = None) -> DirectionSet:
     try:
         with safe_open(str(path), framework="pt") as f:
             raw_meta = (f.metadata() or {}).get("steerable")
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
+            tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 - safe_open has no __iter__
     except (SafetensorError, OSError, ValueError) as e:
         raise ArtifactError(f"{path}: not a readable safetensors file ({e})") from e
     if raw_meta is None:

@@ -51,7 +51,7 @@ def _curves(ds: DirectionSet, layer: int) -> list[list[list[float]]]:
 
 def _quantile(q: list[float], p: float) -> float:
     """The score at percentile p ∈ [0, 100], interpolating linearly between the stored integer percentiles."""
-    lo = min(int(math.floor(p)), 99)
+    lo = min(math.floor(p), 99)
     return q[lo] + (p - lo) * (q[lo + 1] - q[lo])
 
 

@@ -12,12 +12,16 @@ from __future__ import annotations
 import contextlib
 import math
 from collections.abc import Iterator
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from steerable.capture.sites import get_hidden, site_module
 from steerable.errors import SteerableError
 from steerable.models.batch import pad_token_id, stop_token_ids
+
+if TYPE_CHECKING:
+    from steerable.models.load import ModelHandle
 
 
 class AxisMonitor:
@@ -45,7 +49,7 @@ class AxisMonitor:
         return self.counts.get(row, 0)
 
     @contextlib.contextmanager
-    def watch(self, handle, rows: list[int]) -> Iterator[None]:
+    def watch(self, handle: ModelHandle, rows: list[int]) -> Iterator[None]:
         """Hooks for one batch of `generate`; batch row r is input row rows[r]."""
         if self.axis.shape[0] != handle.hidden_size:
             raise SteerableError(f"monitor axis has size {self.axis.shape[0]}, the model's hidden size is "
@@ -59,12 +63,12 @@ class AxisMonitor:
         counts = torch.zeros(len(rows), dtype=torch.long, device=handle.device)
         keep: list[torch.Tensor | None] = [None]
 
-        def on_forward(_m, args, kwargs) -> None:
+        def on_forward(_m: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
             ids = kwargs.get("input_ids", args[0] if args else None)
             # prefill (and any condition pre-pass) covers prompt tokens only: decoding steps feed one token
             keep[0] = None if ids is None or ids.shape[1] != 1 else ~torch.isin(ids[:, 0], stop_ids)
 
-        def on_layer(_m, args, kwargs, output=None) -> None:
+        def on_layer(_m: Any, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any = None) -> None:
             if keep[0] is None:
                 return
             h = get_hidden(args, kwargs, output, pre)[:, -1, :]

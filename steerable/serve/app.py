@@ -187,7 +187,10 @@ def create_app(state: ServerState) -> FastAPI:
             grant = state.keys.check(request.headers.get("authorization"))
             body = await read_json(request, state.limits.max_body_bytes)
             req = schemas.parse(body, chat)
-            admitted = state.admission.chat(req, grant) if chat else state.admission.completion(req, grant)
+            if isinstance(req, schemas.ChatRequest):
+                admitted = state.admission.chat(req, grant)
+            else:
+                admitted = state.admission.completion(req, grant)
             state.scheduler.submit(admitted.job)
         except ApiError as e:
             metrics.answered(endpoint, e.status, error=e.kind)
@@ -233,7 +236,8 @@ def create_app(state: ServerState) -> FastAPI:
 
         async def events() -> AsyncIterator[bytes]:
             event: Event = first
-            status, error = DISCONNECTED, "disconnect"
+            status: int = DISCONNECTED
+            error: str | None = "disconnect"
             try:
                 yield sse(reply.chunk(role=True) if reply.chat else reply.chunk(""))
                 while True:

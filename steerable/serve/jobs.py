@@ -48,7 +48,7 @@ class Job:
     plan: SteeringPlan | None
     max_tokens: int
     stop: tuple[str, ...] = ()
-    sampling: Sampling = Sampling()
+    sampling: Sampling = field(default_factory=Sampling)
     monitor: MonitorSpec | None = None
     turns: Turns | None = None
     timeout: float = 300.0

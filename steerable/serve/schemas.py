@@ -133,7 +133,7 @@ def _drop_neutral(body: dict[str, Any], chat: bool) -> dict[str, Any]:
     return out
 
 
-def _describe(err: dict[str, Any]) -> tuple[str, str]:
+def _describe(err: Any) -> tuple[str, str]:  # a pydantic ErrorDetails
     loc = ".".join(str(x) for x in err.get("loc", ()) if not str(x).startswith(("function-", "union[", "list[")))
     loc = loc.replace(".str", "").replace(".int", "")
     if err.get("type") == "extra_forbidden":

@@ -92,7 +92,7 @@ def _stack(per_row: list[Params | None]) -> Params:
 def compile_plans(plans: SteeringPlan | Sequence[SteeringPlan | None], ref: torch.Tensor) -> Compiled:
     """`plans` is one plan for every row, or a plan (or None) per row of the batch."""
     shared = isinstance(plans, SteeringPlan)
-    rows: list[SteeringPlan | None] = [plans] if shared else list(plans)  # type: ignore[list-item]
+    rows: list[SteeringPlan | None] = [plans] if isinstance(plans, SteeringPlan) else list(plans)
     n = len(rows)
     per_key: dict[Key, list[list[tuple[Intervention, int]]]] = {}
     conditions: dict[Key, list[CastCondition]] = {}

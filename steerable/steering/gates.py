@@ -128,7 +128,9 @@ def intersect(a: Mask, b: Mask) -> Mask:
         return b
     if b is ALL:
         return a
-    return a * b  # type: ignore[operator]
+    assert isinstance(a, torch.Tensor)
+    assert isinstance(b, torch.Tensor)
+    return a * b
 
 
 def _positions(keep: torch.Tensor, view: TokenView) -> Mask:

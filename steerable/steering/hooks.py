@@ -84,7 +84,7 @@ class Session:
             return past + length
         return self._inferred
 
-    def _on_forward(self, module: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+    def _on_forward(self, _module: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         if self._prepass:
             return
         ids = kwargs.get("input_ids", args[0] if args else None)
@@ -103,7 +103,8 @@ class Session:
         past = int(cache.get_seq_length()) if cache is not None and hasattr(cache, "get_seq_length") else 0
         self.view = TokenView(batch=batch, past=past, length=length, prompt_len=self._prompt_len(past, length),
                               device=self._ref.device, dtype=self._ref.dtype,
-                              attention_mask=kwargs.get("attention_mask"), **self._turns)
+                              attention_mask=kwargs.get("attention_mask"), turn=self._turns.get("turn"),
+                              assistant=self._turns.get("assistant"), reply_turn=self._turns.get("reply_turn"))
         if past == 0 and self.compiled.conditions:
             self.decisions = {}
             self._deciding = True
@@ -129,7 +130,7 @@ class Session:
                    pre: bool) -> Callable[..., Any]:
         is_last = key == self._last_condition
 
-        def hook(module: Any, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any = None) -> Any:
+        def hook(_module: Any, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any = None) -> Any:
             h = get_hidden(args, kwargs, output, pre)
             view = self.view
             if view is None:

@@ -34,7 +34,7 @@ __all__ = ["CONDITIONAL_KEYS", "PLAN_KEYS", "Intervention", "SteeringPlan", "bui
            "parse_layers", "read_plan_file"]
 
 #: every key some method takes (each method takes COMMON_KEYS and its own)
-PLAN_KEYS: frozenset[str] = frozenset(k for cls in METHODS.values() for k in cls.keys())
+PLAN_KEYS: frozenset[str] = frozenset(k for cls in METHODS.values() for k in cls.keys())  # noqa: SIM118
 MAX_DEPTH = 8  # nesting of lists and conditionals
 MAX_ENTRIES = 256  # interventions one plan may expand to
 MAX_VECTORS = 16
@@ -90,6 +90,12 @@ def _direction(spec: Mapping[str, Any], cls: type[Intervention], sets: list[Dire
     return direction
 
 
+def _strength(spec: Mapping[str, Any]) -> float:
+    x = number("strength", spec.get("strength"), 1.0)
+    assert x is not None
+    return x
+
+
 def _method(spec: Mapping[str, Any]) -> type[Intervention]:
     method = spec.get("method", "add")
     if not isinstance(method, str) or method not in METHODS:
@@ -122,7 +128,7 @@ def build_intervention(spec: Mapping[str, Any], handle: Any, resolve: VectorReso
         raise PlanError(f"unknown site {str(site)[:40]!r}: use one of {', '.join(SITES)}")
     iv = cls(
         vectors=sets[0], more_vectors=tuple(sets[1:]), vector_name=names[0] if len(names) == 1 else names,
-        strength=number("strength", spec.get("strength"), 1.0), direction=_direction(spec, cls, sets),
+        strength=_strength(spec), direction=_direction(spec, cls, sets),
         gate=parse_gate(spec.get("gate")), site_override=spec.get("site"), conditions=conditions,
         **cls.parse_options(spec),
     )

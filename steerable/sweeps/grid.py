@@ -127,7 +127,7 @@ def expand(methods: Sequence[str], layers: Sequence[str | None], strengths: Sequ
     for method in methods:
         if method not in METHODS:
             raise PlanError(f"unknown method {method!r}: use one of {', '.join(METHODS)}")
-    cross = list(strengths) if all(METHODS[m].knob != "strength" for m in methods) else []
+    cross: list[float | None] = list(strengths) if all(METHODS[m].knob != "strength" for m in methods) else []
     out = [Config(BASELINE)]
     for method in methods:
         knob = METHODS[method].knob
@@ -142,5 +142,4 @@ def expand(methods: Sequence[str], layers: Sequence[str | None], strengths: Sequ
             else:
                 for s in strengths or DEFAULT_STRENGTHS.get(method, (1.0,)):
                     out.append(Config(method, lay, s))
-    seen: set[Config] = set()
-    return [c for c in out if not (c in seen or seen.add(c))]
+    return list(dict.fromkeys(out))  # first occurrence of each, in order

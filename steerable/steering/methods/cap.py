@@ -25,8 +25,10 @@ class Cap(Intervention):
     knob: ClassVar[str] = "cap_floor"
     multi_vector: ClassVar[bool] = True
 
-    cap_floor: Thresholds | None = threshold_key(f"lower bound on h·â: {_BOUND}", parse_threshold)
-    cap_ceiling: Thresholds | None = threshold_key(f"upper bound on h·â: {_BOUND}", parse_threshold)
+    cap_floor: Thresholds | None = threshold_key(  # noqa: RUF009 - returns a dataclasses.field
+        f"lower bound on h·â: {_BOUND}", parse_threshold)
+    cap_ceiling: Thresholds | None = threshold_key(  # noqa: RUF009 - returns a dataclasses.field
+        f"upper bound on h·â: {_BOUND}", parse_threshold)
 
     def validate(self) -> None:
         if self.cap_floor is None and self.cap_ceiling is None:

@@ -33,9 +33,11 @@ class StTP(Intervention):
     summary: ClassVar[str] = "move tokens with score < threshold onto target (projection-aware)"
     factor: ClassVar[float] = 1.0
 
-    threshold: Thresholds | None = threshold_key(f"tokens scoring below it are steered: {_SCORE} (default p5)",
+    threshold: Thresholds | None = threshold_key(  # noqa: RUF009 - returns a dataclasses.field
+        f"tokens scoring below it are steered: {_SCORE} (default p5)",
                                                  _single)
-    target: Thresholds | None = threshold_key(f"the score they are moved onto / mirrored across: {_SCORE} "
+    target: Thresholds | None = threshold_key(  # noqa: RUF009 - returns a dataclasses.field
+        f"the score they are moved onto / mirrored across: {_SCORE} "
                                               "(default p50 for sttp, the threshold for stmp)", _single)
 
     def score_thresholds(self, layer: int) -> tuple[float, float, float]:
