@@ -183,8 +183,12 @@ def main() -> None:
     batch = {k: float(re.search(rf"^steerable_serve_batch_size_{k} (\S+)$", metrics, re.M).group(1))
              for k in ("sum", "count")}
 
-    med = lambda k: round(statistics.median(r[k] for r in rounds), 4)
-    spread = lambda k: [round(min(r[k] for r in rounds), 4), round(max(r[k] for r in rounds), 4)]
+    def med(k):
+        return round(statistics.median(r[k] for r in rounds), 4)
+
+    def spread(k):
+        return [round(min(r[k] for r in rounds), 4), round(max(r[k] for r in rounds), 4)]
+
     result = {
         "model": args.model, "clients": args.clients, "max_tokens": args.max_tokens, "rounds": args.rounds,
         "layers": args.layers, "ratio_vs_offline": med("ratio_vs_offline"),
