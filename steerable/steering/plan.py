@@ -96,6 +96,15 @@ def _strength(spec: Mapping[str, Any]) -> float:
     return x
 
 
+def _check_gate_counts(iv: Intervention, handle: Any) -> None:
+    """K of first:K and k of turns>=k cannot exceed the model's context (longer gates would never change)."""
+    context = getattr(getattr(handle.model, "config", None), "max_position_embeddings", None)
+    if isinstance(context, int) and context > 0:
+        for kind, k in iv.gate.terms:
+            if kind in ("first", "turns") and k > context:
+                raise PlanError(f"gate {iv.gate.spec!r}: {k} is more than the model's context of {context} tokens")
+
+
 def _method(spec: Mapping[str, Any]) -> type[Intervention]:
     method = spec.get("method", "add")
     if not isinstance(method, str) or method not in METHODS:
@@ -132,6 +141,7 @@ def build_intervention(spec: Mapping[str, Any], handle: Any, resolve: VectorReso
         gate=parse_gate(spec.get("gate")), site_override=spec.get("site"), conditions=conditions,
         **cls.parse_options(spec),
     )
+    _check_gate_counts(iv, handle)
     iv = dataclasses.replace(iv, layers=resolve_layers(spec.get("layers", cls.default_layers), iv, handle.n_layers))
     iv.check()
     return iv
