@@ -18,6 +18,7 @@ from steerable.directions.artifact import save_directions
 from steerable.directions.calibrate import calibrate
 from steerable.errors import PlanError, SteerableError
 from steerable.generation import generate
+from steerable.models.batch import PromptBatch
 from steerable.steering.cast import CONDITIONAL_KEYS
 from steerable.steering.hooks import steer
 from steerable.steering.methods import METHOD_NAMES
@@ -191,7 +192,7 @@ def plans(draw: st.DrawFn, vector: str) -> Any:
 
 def test_fuzz_plans_validate_or_refuse_and_accepted_plans_keep_logits_finite(world):
     handle, v = world
-    batch = handle.encode([handle.render("Say something nice"), handle.render("Count to five")])
+    batch = PromptBatch.encode(handle, ["Say something nice", "Count to five"])
     accepted: list[Any] = []
 
     @settings(max_examples=400, deadline=None, suppress_health_check=list(HealthCheck))
@@ -203,8 +204,8 @@ def test_fuzz_plans_validate_or_refuse_and_accepted_plans_keep_logits_finite(wor
             return
         if plan:
             accepted.append(spec)
-            with torch.no_grad(), steer(handle, plan):
-                logits = handle.model(**batch).logits
+            with torch.no_grad(), steer(handle, plan, batch=batch):
+                logits = handle.model(**batch.inputs()).logits
             assert bool(torch.isfinite(logits).all()), spec
 
     check()
