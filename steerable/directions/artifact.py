@@ -10,17 +10,19 @@ import contextlib
 import hashlib
 import json
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple, TypeGuard
 
 import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
+from steerable.capture.positions import POSITIONS
+from steerable.capture.sites import SITES
 from steerable.errors import ArtifactError, ModelMismatchError, PlanError, SteerableError
-from steerable.fsutil import atomic_path
+from steerable.fsutil import atomic_path, check_regular
 
 FORMAT = "steerable.directions"
 FORMAT_VERSION = 2  # 2 added the optional tensors; version 1 files still load (they are None)
@@ -41,6 +43,7 @@ _OPTIONAL = {
     "mean_unit_pos": lambda n, d: (n, d),
     "mean_unit_neg": lambda n, d: (n, d),
     "cast_percentiles": lambda n, _d: (n, 2, 2, 101),
+    "projection_percentiles": lambda n, _d: (n, 2, 2, 101),
 }
 
 
@@ -58,6 +61,7 @@ class DirectionSet:
     μ_c = mean((h/‖h‖)·b1) = mean_unit_c·b1 for any b1.
     `cast_percentiles[i, f, c]` = 0..100th percentiles of the CAST score cast_score(h, v̂) for fold f
     (0 = train, 1 = held-out) and class c; NaN where a fold had no samples of that class.
+    `projection_percentiles[i, f, c]` = the same for the signed projection h·v̂ (a condition's "projection" score).
     """
 
     layers: list[int]
@@ -74,6 +78,7 @@ class DirectionSet:
     mean_unit_pos: torch.Tensor | None = None
     mean_unit_neg: torch.Tensor | None = None
     cast_percentiles: torch.Tensor | None = None
+    projection_percentiles: torch.Tensor | None = None
     path: str | None = field(default=None, compare=False)  # the file it was loaded from or last saved to
 
     @property
@@ -120,7 +125,8 @@ class DirectionSet:
         nan = torch.full((n,), math.nan)
         meta = {k: v for k, v in weighted[0][0].meta.items() if k in ("model", "site", "position")}
         meta.update(estimator="combination", combined=[{"vector": ds.label, "weight": float(w)} for ds, w in weighted],
-                    dropped=["percentiles", "auroc", "cohens_d", "bias", "cast_percentiles", "mean_unit_pos",
+                    dropped=["percentiles", "auroc", "cohens_d", "bias", "cast_percentiles", "projection_percentiles",
+                             "mean_unit_pos",
                              "mean_unit_neg"], name=name)
         return DirectionSet(
             layers=layers, directions=(raw / norms[:, None]).float(), raw_norms=norms.float(), scales=norms.float(),
@@ -156,7 +162,29 @@ class DirectionSet:
         return {k: getattr(self, k).detach().float().clone().contiguous() for k in names}
 
     def validate(self) -> None:
-        n, d = len(self.layers), self.directions.shape[-1]
+        """Raise ArtifactError naming what is wrong: the layer list, a tensor's dtype, shape or values, or a
+        metadata field of the wrong type (the checks every loaded file passes before anything reads it)."""
+        layers = self.layers
+        if not isinstance(layers, list) or not all(_is_int(x) for x in layers):
+            raise ArtifactError(f"layers must be a list of integers, got {_show(layers)}")
+        if not layers:
+            raise ArtifactError("the direction set has no layer")
+        n = len(layers)
+        if len(set(layers)) != n or any(layer < 0 for layer in layers):
+            raise ArtifactError(f"bad layer list {_show(layers)} (layers must be distinct and non-negative)")
+        for name in (*_TENSORS, *_OPTIONAL):
+            t = getattr(self, name)
+            if t is None and name in _OPTIONAL:
+                continue
+            if not isinstance(t, torch.Tensor):
+                raise ArtifactError(f"tensor {name!r} is missing or not a tensor ({type(t).__name__})")
+            if not t.is_floating_point():
+                raise ArtifactError(f"tensor {name!r} has dtype {str(t.dtype).removeprefix('torch.')}; "
+                                    "direction files hold floating-point tensors")
+        if self.directions.dim() != 2 or self.directions.shape[1] == 0:
+            raise ArtifactError(f"tensor 'directions' has shape {tuple(self.directions.shape)}, expected "
+                                f"({n}, d) with d ≥ 1")
+        d = self.directions.shape[1]
         for name, shape in {**_TENSORS, **_OPTIONAL}.items():
             t = getattr(self, name)
             if t is None and name in _OPTIONAL:
@@ -169,11 +197,10 @@ class DirectionSet:
             t = getattr(self, name)
             if t is not None and not bool(torch.isfinite(t).all()):
                 raise ArtifactError(f"tensor {name!r} contains NaN or Inf")
-        norms = self.directions.norm(dim=1)
+        norms = self.directions.double().norm(dim=1)
         if not bool(torch.allclose(norms, torch.ones_like(norms), atol=1e-3)):
             raise ArtifactError("directions are not unit vectors")
-        if len(set(self.layers)) != n or any(layer < 0 for layer in self.layers):
-            raise ArtifactError(f"bad layer list {self.layers}")
+        check_meta(self.meta, layers)
 
     def check_model(self, handle: Any) -> None:
         """Fail, naming the mismatch, if this set was not calibrated on a model like `handle`."""
@@ -212,7 +239,118 @@ def layer_ranges(layers: list[int]) -> str:
     return ",".join(out)
 
 
+# -- metadata schema -------------------------------------------------------------------------------------
+# Every metadata field some code reads, with the type it must have when present. A record (a dict here) is a
+# JSON object whose listed keys follow their specs; other keys are kept unchecked (nothing reads them).
+
+_INT64 = 2**63 - 1
+_MAX_DEPTH = 64  # metadata nesting deeper than this is refused (nothing steerable writes is deeper than 4)
+
+
+class _Spec(NamedTuple):
+    ok: Callable[[Any], bool]
+    what: str
+
+
+def _is_int(x: Any) -> TypeGuard[int]:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _int(lo: int, hi: int = _INT64) -> _Spec:
+    return _Spec(lambda x: _is_int(x) and lo <= x <= hi, f"an integer in {lo}..{hi}")
+
+
+def _optional(spec: _Spec) -> _Spec:
+    return _Spec(lambda x: x is None or spec.ok(x), f"{spec.what} or null")
+
+
+def _choice(options: Sequence[str]) -> _Spec:
+    return _Spec(lambda x: isinstance(x, str) and x in options, "one of " + ", ".join(options))
+
+
+def _list_of(spec: _Spec) -> _Spec:
+    return _Spec(lambda x: isinstance(x, list) and all(spec.ok(v) for v in x), f"a list of {spec.what}")
+
+
+def _object_of(spec: _Spec) -> _Spec:
+    return _Spec(lambda x: isinstance(x, dict) and all(spec.ok(v) for v in x.values()),
+                 f"an object of {spec.what}")
+
+
+_STR = _Spec(lambda x: isinstance(x, str), "a string")
+_NUMBER = _Spec(lambda x: isinstance(x, int | float) and not isinstance(x, bool), "a number")
+_OBJECT = _Spec(lambda x: isinstance(x, dict), "an object")
+_COMBINED = _Spec(lambda x: isinstance(x, dict) and isinstance(x.get("vector"), str) and _NUMBER.ok(x.get("weight")),
+                  'an object {"vector": string, "weight": number}')
+
+META_SCHEMA: dict[str, Any] = {
+    "format": _Spec(lambda x: x == FORMAT, repr(FORMAT)),
+    "format_version": _int(1, FORMAT_VERSION),
+    "model": {"name": _optional(_STR), "config_hash": _optional(_STR), "family": _optional(_STR),
+              "hidden_size": _optional(_int(1)), "n_layers": _optional(_int(1))},
+    "site": _choice(SITES),
+    "position": _choice(POSITIONS),
+    "estimator": _STR, "name": _STR, "source": _STR, "layer_convention": _STR, "created": _STR, "tool": _STR,
+    "counts": _object_of(_int(0)),
+    "axis": {"monitor_layer": _int(0), "cap_layers": _STR, "estimator": _STR, "recipe": _STR},
+    "skipped_layers": _object_of(_STR),
+    "combined": _list_of(_COMBINED),
+    "dropped": _list_of(_STR),
+    "data": _OBJECT,
+}
+
+
+def _show(x: Any, limit: int = 60) -> str:
+    """A short repr of a file's value for messages (repr escapes control characters)."""
+    text = repr(x) if not isinstance(x, list | dict) or _depth(x) <= 4 else f"<{type(x).__name__} nested deeply>"
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def _depth(x: Any) -> int:
+    """Nesting depth of a JSON value, without recursion (stops counting past _MAX_DEPTH)."""
+    deepest, todo = 0, [(x, 0)]
+    while todo:
+        v, level = todo.pop()
+        if isinstance(v, dict | list):
+            level += 1
+            deepest = max(deepest, level)
+            if level <= _MAX_DEPTH:
+                todo.extend((c, level) for c in (v.values() if isinstance(v, dict) else v))
+    return deepest
+
+
+def _check_against(value: Any, spec: dict[str, Any] | _Spec, where: str) -> None:
+    if isinstance(spec, _Spec):
+        if not spec.ok(value):
+            raise ArtifactError(f"metadata {where!r} must be {spec.what}, got {_show(value)}")
+        return
+    if not isinstance(value, dict):
+        raise ArtifactError(f"metadata {where or 'root'!r} must be an object, got {_show(value)}")
+    for key, sub in spec.items():
+        if key in value:
+            _check_against(value[key], sub, f"{where}.{key}" if where else key)
+
+
+def check_meta(meta: Any, layers: Sequence[int]) -> None:
+    """Raise ArtifactError unless `meta` follows META_SCHEMA (and the axis's monitor layer is calibrated)."""
+    if not isinstance(meta, dict):
+        raise ArtifactError(f"metadata must be a JSON object, got {type(meta).__name__}")
+    if _depth(meta) > _MAX_DEPTH:
+        raise ArtifactError(f"metadata is nested more than {_MAX_DEPTH} levels deep")
+    if not all(isinstance(k, str) for k in meta):
+        raise ArtifactError("metadata keys must be strings")
+    _check_against(meta, META_SCHEMA, "")
+    monitor = meta.get("axis", {}).get("monitor_layer")
+    if monitor is not None and monitor not in layers:
+        raise ArtifactError(f"metadata 'axis.monitor_layer' {monitor} is not a calibrated layer "
+                            f"({layer_ranges(list(layers))})")
+
+
+# -- files ----------------------------------------------------------------------------------------------
+
+
 def save_directions(ds: DirectionSet, path: str | Path) -> Path:
+    """Validate `ds` and write it atomically (mode 0666 less the umask, like every other output)."""
     ds.validate()
     meta = {**ds.meta, "format": FORMAT, "format_version": FORMAT_VERSION, "layers": list(ds.layers)}
     path = Path(path)
@@ -222,35 +360,74 @@ def save_directions(ds: DirectionSet, path: str | Path) -> Path:
     return path
 
 
-def load_directions(path: str | Path, model: Any | None = None) -> DirectionSet:
-    """Load and validate an artifact; with `model` (a ModelHandle) also check it fits that model."""
-    path = Path(path)
-    if not path.is_file():
-        raise ArtifactError(f"no such direction file: {path}")
+def _parse_meta(path: Path, raw: str) -> dict[str, Any]:
+    try:
+        meta = json.loads(raw)
+    except json.JSONDecodeError as e:
+        raise ArtifactError(f"{path}: metadata is not valid JSON ({e.msg})") from None
+    except RecursionError:
+        raise ArtifactError(f"{path}: metadata is nested too deeply") from None
+    except ValueError as e:  # e.g. an integer beyond Python's digit limit
+        raise ArtifactError(f"{path}: metadata cannot be read ({e})") from None
+    if not isinstance(meta, dict):
+        raise ArtifactError(f"{path}: metadata must be a JSON object, got {type(meta).__name__}")
+    if meta.get("format") != FORMAT:
+        raise ArtifactError(f"{path}: unknown format {_show(meta.get('format'))}")
+    version = meta.get("format_version")
+    if not _is_int(version) or not 1 <= version <= FORMAT_VERSION:
+        if _is_int(version) and version > FORMAT_VERSION:
+            raise ArtifactError(f"{path}: format version {version} is newer than this steerable ({FORMAT_VERSION})")
+        raise ArtifactError(f"{path}: format_version must be an integer in 1..{FORMAT_VERSION}, got {_show(version)}")
+    return meta
+
+
+def _read_tensors(path: Path) -> tuple[str | None, dict[str, torch.Tensor]]:
+    """The `steerable` metadata string and the tensors this format names, each as float32. Other tensors are
+    never read; a tensor of a non-floating dtype is refused before it is read."""
     try:
         with safe_open(str(path), framework="pt") as f:
-            raw_meta = (f.metadata() or {}).get("steerable")
-            tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 - safe_open has no __iter__
-    except (SafetensorError, OSError, ValueError) as e:
-        raise ArtifactError(f"{path}: not a readable safetensors file ({e})") from e
+            header = f.metadata() or {}
+            raw_meta = header.get("steerable")
+            if raw_meta is None:
+                return None, {}
+            tensors = {}
+            for name in f.keys():  # noqa: SIM118 - safe_open has no __iter__
+                if name not in _TENSORS and name not in _OPTIONAL:
+                    continue
+                dtype = f.get_slice(name).get_dtype()
+                if dtype not in _FLOAT_DTYPES:
+                    raise ArtifactError(f"{path}: tensor {name!r} has dtype {dtype}; direction files hold "
+                                        f"floating-point tensors ({', '.join(_FLOAT_DTYPES)})")
+                tensors[name] = f.get_tensor(name).to(torch.float32)
+    except (SafetensorError, OSError, ValueError, TypeError, KeyError, RuntimeError, OverflowError) as e:
+        if isinstance(e, SteerableError):
+            raise
+        raise ArtifactError(f"{path}: not a readable safetensors file ({e})") from None
+    return raw_meta, tensors
+
+
+# safetensors dtype names of the floating types torch reads (converted once to float32 on load)
+_FLOAT_DTYPES = tuple(k for k in ("F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2")
+                      if k[:2] != "F8" or hasattr(torch, "float8_e4m3fn"))
+
+
+def load_directions(path: str | Path, model: Any | None = None) -> DirectionSet:
+    """Load and validate an artifact; with `model` (a ModelHandle) also check it fits that model.
+
+    Every failure is an ArtifactError naming the file (ModelMismatchError for another model's file); a FIFO
+    or device is refused without being opened; float16/bfloat16/float64 tensors become float32.
+    """
+    path = check_regular(path, "direction file")
+    raw_meta, tensors = _read_tensors(path)
     if raw_meta is None:
         raise ArtifactError(f"{path}: no steerable metadata (not a steerable direction file)")
-    try:
-        meta = json.loads(raw_meta)
-    except json.JSONDecodeError as e:
-        raise ArtifactError(f"{path}: metadata is not valid JSON ({e.msg})") from e
-    if meta.get("format") != FORMAT:
-        raise ArtifactError(f"{path}: unknown format {meta.get('format')!r}")
-    if meta.get("format_version", 0) > FORMAT_VERSION:
-        raise ArtifactError(
-            f"{path}: format version {meta['format_version']} is newer than this steerable ({FORMAT_VERSION})"
-        )
+    meta = _parse_meta(path, raw_meta)
     missing = [k for k in _TENSORS if k not in tensors]
     if missing:
         raise ArtifactError(f"{path}: missing tensors {missing}")
     layers = meta.pop("layers", None)
-    if not isinstance(layers, list) or not all(isinstance(x, int) for x in layers):
-        raise ArtifactError(f"{path}: metadata has no valid layer list")
+    if not isinstance(layers, list) or not all(_is_int(x) for x in layers):
+        raise ArtifactError(f"{path}: metadata has no valid layer list (got {_show(layers)})")
     present = [k for k in (*_TENSORS, *_OPTIONAL) if k in tensors]
     ds = DirectionSet(layers=layers, meta=meta, path=str(path), **{k: tensors[k] for k in present})
     try:
@@ -258,6 +435,8 @@ def load_directions(path: str | Path, model: Any | None = None) -> DirectionSet:
     except SteerableError as e:
         raise ArtifactError(f"{path}: {e}") from None
     if model is not None:
-        ds.check_model(model)
+        try:
+            ds.check_model(model)
+        except ModelMismatchError as e:
+            raise ModelMismatchError(f"{path}: {e}") from None
     return ds
-
