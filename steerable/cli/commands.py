@@ -12,7 +12,7 @@ from steerable.data.sources import DATA_FILES, data_file
 from steerable.directions.artifact import load_directions, save_directions
 from steerable.directions.calibrate import calibrate
 from steerable.directions.gguf_cv import export_control_vector, import_control_vector
-from steerable.directions.summary import inspect_table, selection_summary
+from steerable.directions.summary import inspect_table, safe_json, selection_summary
 from steerable.errors import SteerableError
 from steerable.fsutil import atomic_path
 from steerable.models.builtin import BUILTIN_MODELS
@@ -55,9 +55,10 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     ds = load_directions(args.file)
     if args.json:
         sel, cond = selection_summary(ds)
-        print(json.dumps({"meta": ds.meta, "layers": ds.layers, "auroc": ds.auroc.tolist(),
-                          "cohens_d": ds.cohens_d.tolist(), "raw_norms": ds.raw_norms.tolist(),
-                          "selection": sel, "condition": cond}, indent=2))
+        # safe_json: every string from the file reaches the terminal as a JSON escape, never raw
+        print(safe_json({"meta": ds.meta, "layers": ds.layers, "auroc": ds.auroc.tolist(),
+                         "cohens_d": ds.cohens_d.tolist(), "raw_norms": ds.raw_norms.tolist(),
+                         "selection": sel, "condition": cond}))
     else:
         print(inspect_table(ds))
     return 0

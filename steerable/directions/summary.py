@@ -4,6 +4,7 @@ and CAST condition its criteria would choose (library code: the CLI and the demo
 from __future__ import annotations
 
 import dataclasses
+import json
 from collections.abc import Callable
 from typing import Any
 
@@ -12,6 +13,23 @@ from steerable.directions.cast_calibration import choose_cast
 from steerable.directions.geometry import cosine_matrix, discriminative_layers, global_direction, top_layers
 from steerable.errors import SteerableError
 from steerable.tables import fmt, table
+
+
+def printable(value: Any) -> str:
+    """`str(value)` with every character a terminal could act on escaped: control characters (ANSI escape
+    sequences), bidi and other format characters, line separators, lone surrogates (\\xNN / \\uNNNN)."""
+    text = value if isinstance(value, str) else str(value)
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else (f"\\x{ord(c):02x}" if ord(c) < 0x100 else
+                                              f"\\u{ord(c):04x}" if ord(c) < 0x10000 else f"\\U{ord(c):08x}")
+                   for c in text)
+
+
+def safe_json(obj: Any) -> str:
+    """Indented JSON whose text is pure printable ASCII: every non-ASCII or control character in a string is a
+    JSON escape (the values are unchanged for a JSON reader)."""
+    return json.dumps(obj, indent=2, ensure_ascii=True).replace("\x7f", "\\u007f")
 
 
 def inspect_table(ds: DirectionSet) -> str:
@@ -29,8 +47,9 @@ def inspect_table(ds: DirectionSet) -> str:
             f"{p[0, 25]:.2f}/{p[0, 50]:.2f}/{p[0, 75]:.2f}", f"{p[1, 25]:.2f}/{p[1, 50]:.2f}/{p[1, 75]:.2f}",
         ])
     m = ds.meta
-    head = (f"model {m.get('model', {}).get('name')}  site {m.get('site')}  position {m.get('position')}  "
-            f"estimator {m.get('estimator')}  counts {m.get('counts')}\n"
+    esc = printable  # every value from the file is escaped before it reaches a terminal
+    head = (f"model {esc(m.get('model', {}).get('name'))}  site {esc(m.get('site'))}  "
+            f"position {esc(m.get('position'))}  estimator {esc(m.get('estimator'))}  counts {esc(m.get('counts'))}\n"
             f"global direction b1 = layer {b1_layer}; AUROC and Cohen's d on the held-out 20 %\n")
     sel, cond = selection_summary(ds)
 
@@ -76,4 +95,4 @@ def selection_summary(ds: DirectionSet) -> tuple[dict[str, Any], dict[str, Any] 
     return sel, dataclasses.asdict(choice) if choice is not None else None
 
 
-__all__ = ["inspect_table", "selection_summary"]
+__all__ = ["inspect_table", "printable", "safe_json", "selection_summary"]
