@@ -41,18 +41,18 @@ def _layer_entry(stats: LayerStats, est: Estimate) -> dict[str, Any]:
         "cohens_d": cohens_d(hp, hn),
         "mean_unit_pos": stats.pos.mean_unit.float(),
         "mean_unit_neg": stats.neg.mean_unit.float(),
-        "cast_percentiles": _cast_percentiles(stats, est.direction),
+        "cast_percentiles": _fold_percentiles(stats, lambda x: cast_score(x, est.direction.float())),
+        "projection_percentiles": _fold_percentiles(stats, lambda x: x @ est.direction.float()),
     }
 
 
-def _cast_percentiles(stats: LayerStats, unit: torch.Tensor) -> torch.Tensor:
-    """[fold (train, held-out), class (pos, neg), 101] percentiles of the CAST score along `unit`.
+def _fold_percentiles(stats: LayerStats, score: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+    """[fold (train, held-out), class (pos, neg), 101] percentiles of a condition score of the samples.
 
     Kept per fold so a threshold can be chosen on train and its recall/FPR estimated on held-out.
     """
-    u = unit.float()
     folds = ((stats.pos.sample.rows, stats.neg.sample.rows), (stats.heldout_pos.rows, stats.heldout_neg.rows))
-    return torch.stack([torch.stack([percentiles(cast_score(x.float(), u)) for x in fold]) for fold in folds])
+    return torch.stack([torch.stack([percentiles(score(x.float())) for x in fold]) for fold in folds])
 
 
 def directions_from_capture(
@@ -90,6 +90,7 @@ def directions_from_capture(
         mean_unit_pos=torch.stack([r["mean_unit_pos"] for r in rows]),
         mean_unit_neg=torch.stack([r["mean_unit_neg"] for r in rows]),
         cast_percentiles=torch.stack([r["cast_percentiles"] for r in rows]),
+        projection_percentiles=torch.stack([r["projection_percentiles"] for r in rows]),
         meta={**meta, "estimator": estimator, "site": cap.site, "position": cap.position,
               "layer_convention": LAYER_CONVENTION, "counts": counts,
               **({"skipped_layers": skipped} if skipped else {})},

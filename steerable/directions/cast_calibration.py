@@ -17,6 +17,8 @@ from steerable.directions.artifact import DirectionSet
 from steerable.errors import SteerableError
 
 COMPARES = (">", "<")
+#: condition scores: CAST's cos(h, tanh(P_c h)) (blind to the side of ĉ h lies on), or the signed projection h·ĉ
+SCORES = ("cast", "projection")
 TRAIN, HELDOUT = 0, 1
 POS, NEG = 0, 1
 
@@ -33,20 +35,34 @@ class CastChoice:
     fpr: float  # held-out
     train_recall: float
     train_fpr: float
+    score: str = "cast"  # one of SCORES
 
 
-def _require_percentiles(ds: DirectionSet) -> torch.Tensor:
-    if ds.cast_percentiles is None:
+def _check_score(score: str) -> str:
+    if score not in SCORES:
+        raise SteerableError(f"unknown condition score {score!r}: use one of {', '.join(SCORES)}")
+    return score
+
+
+def available_scores(ds: DirectionSet) -> list[str]:
+    """The condition scores this artifact has per-fold percentiles for."""
+    return [s for s, t in zip(SCORES, (ds.cast_percentiles, ds.projection_percentiles), strict=True) if t is not None]
+
+
+def _require_percentiles(ds: DirectionSet, score: str = "cast") -> torch.Tensor:
+    t = ds.cast_percentiles if _check_score(score) == "cast" else ds.projection_percentiles
+    if t is None:
+        name = "cast_percentiles" if score == "cast" else "projection_percentiles"
         raise SteerableError(
-            "this direction set has no CAST score percentiles (cast_percentiles), which choosing a condition "
-            "needs: recalibrate with this version of steerable"
+            f"this direction set has no {score} score percentiles ({name}), which choosing a condition needs: "
+            "recalibrate with this version of steerable"
         )
-    return ds.cast_percentiles
+    return t
 
 
-def _curves(ds: DirectionSet, layer: int) -> list[list[list[float]]]:
-    """[fold][class] → the 101 percentiles of the CAST score at `layer`, as Python floats."""
-    return _require_percentiles(ds)[ds.row(layer)].double().tolist()
+def _curves(ds: DirectionSet, layer: int, score: str = "cast") -> list[list[list[float]]]:
+    """[fold][class] → the 101 percentiles of the condition score at `layer`, as Python floats."""
+    return _require_percentiles(ds, score)[ds.row(layer)].double().tolist()
 
 
 def _quantile(q: list[float], p: float) -> float:
@@ -89,14 +105,15 @@ def _precision(recall: float, fpr: float, n_pos: float, n_neg: float) -> float:
     return recall * n_pos / flagged if flagged > 0 else math.nan
 
 
-def heldout_rates(ds: DirectionSet, layer: int, threshold: float, compare: str) -> tuple[float, float, float]:
+def heldout_rates(ds: DirectionSet, layer: int, threshold: float, compare: str,
+                  score: str = "cast") -> tuple[float, float, float]:
     """Held-out (precision, recall, FPR) of the condition `score compare threshold` at `layer`.
 
     NaN when the held-out fold had no samples of a class (or, for precision, nothing is flagged).
     """
     if compare not in COMPARES:
         raise SteerableError(f"compare must be one of {COMPARES}, got {compare!r}")
-    recall, fpr = _rates(_curves(ds, layer)[HELDOUT], float(threshold), compare)
+    recall, fpr = _rates(_curves(ds, layer, score)[HELDOUT], float(threshold), compare)
     return _precision(recall, fpr, *_heldout_counts(ds)), recall, fpr
 
 
@@ -107,10 +124,10 @@ def _f1(precision: float, recall: float) -> float:
 
 
 def _candidate(
-    ds: DirectionSet, layer: int, threshold: float | None, recall_target: float
+    ds: DirectionSet, layer: int, threshold: float | None, recall_target: float, score: str = "cast"
 ) -> tuple[CastChoice, float, float]:
     """One layer's choice, with its held-out F1 and normalised train gap (the ranking keys)."""
-    train, held = _curves(ds, layer)
+    train, held = _curves(ds, layer, score)
     pos, neg = train[POS], train[NEG]
     compare = ">" if pos[50] > neg[50] else "<"
     hi, lo = 100 * recall_target, 100 * (1 - recall_target)
@@ -126,12 +143,13 @@ def _candidate(
     recall, fpr = _rates(held, threshold, compare)
     train_recall, train_fpr = _rates(train, threshold, compare)
     precision = _precision(recall, fpr, *_heldout_counts(ds))
-    choice = CastChoice(layer, float(threshold), compare, recall, precision, fpr, train_recall, train_fpr)
+    choice = CastChoice(layer, float(threshold), compare, recall, precision, fpr, train_recall, train_fpr, score)
     return choice, _f1(precision, recall), gap / max(spread, 1e-12)
 
 
 def choose_cast(
-    ds: DirectionSet, layer: int | None = None, threshold: float | None = None, recall_target: float = 0.95
+    ds: DirectionSet, layer: int | None = None, threshold: float | None = None, recall_target: float = 0.95,
+    score: str = "cast",
 ) -> CastChoice:
     """Pick the CAST condition layer, threshold and comparison from the artifact's percentile curves.
 
@@ -147,19 +165,31 @@ def choose_cast(
     Held-out recall and FPR at that threshold come from the held-out percentile curves (piecewise-linear
     CDF), precision from them and the held-out class counts. The layer with the highest held-out F1 wins;
     ties go to the larger gap / (span of both classes' train p5..p95), then to the lower layer.
+
+    `score` is "cast", "projection" (the signed h·ĉ: it knows which side of the condition direction h lies on,
+    so its comparison cannot flip between layers) or "auto": both scores are candidates, and those whose
+    held-out recall meets `recall_target` rank first, then by held-out F1 as above (a given `threshold` is in
+    one score's units, so "auto" needs threshold None).
     """
     if not 0 < recall_target < 1:
         raise SteerableError(f"recall_target must be in (0, 1), got {recall_target}")
-    _require_percentiles(ds)
+    if score == "auto" and threshold is not None:
+        raise SteerableError("score \"auto\" chooses the threshold too: give a score with a numeric threshold")
+    scores = available_scores(ds) if score == "auto" else [_check_score(score)]
+    for s in scores:
+        _require_percentiles(ds, s)
+    if not scores:
+        _require_percentiles(ds)
     layers = [layer] if layer is not None else ds.layers
     if layer is not None:
         ds.row(layer)  # names the calibrated layers if `layer` is not one
-    usable = [x for x in layers if all(not math.isnan(v) for c in _curves(ds, x)[TRAIN] for v in c)]
-    if not usable:
-        raise SteerableError(f"no CAST score percentiles on the training fold for layer(s) {layers}")
-    scored = [_candidate(ds, x, threshold, recall_target) for x in usable]
+    scored = [_candidate(ds, x, threshold, recall_target, s) for s in scores for x in layers
+              if all(not math.isnan(v) for c in _curves(ds, x, s)[TRAIN] for v in c)]
+    if not scored:
+        raise SteerableError(f"no condition score percentiles on the training fold for layer(s) {layers}")
 
-    def rank(item: tuple[CastChoice, float, float]) -> tuple[float, float, int]:
+    def rank(item: tuple[CastChoice, float, float]) -> tuple[int, float, float, int, int]:
         choice, f1, gap = item
-        return (-f1 if not math.isnan(f1) else math.inf, -gap, choice.layer)
+        misses = int(score == "auto" and not choice.recall >= recall_target)
+        return (misses, -f1 if not math.isnan(f1) else math.inf, -gap, choice.layer, SCORES.index(choice.score))
     return min(scored, key=rank)[0]

@@ -14,7 +14,7 @@ from typing import Any
 import torch
 
 from steerable.directions.artifact import DirectionSet
-from steerable.directions.cast_calibration import CastChoice, choose_cast
+from steerable.directions.cast_calibration import SCORES, CastChoice, available_scores, choose_cast
 from steerable.directions.quality import cast_score
 from steerable.errors import PlanError
 from steerable.steering.gates import TokenView
@@ -28,6 +28,8 @@ CONDITIONAL_KEYS: dict[str, str] = {
     "threshold": 'the score threshold, or "auto"',
     "recall": "the recall target \"auto\" aims for on held-out prompts (default 0.95)",
     "compare": '">" or "<": the side of the threshold on which the condition holds (default: the positive class\'s)',
+    "score": '"cast" (CAST\'s cos(h, tanh(P_c h)), the default), "projection" (signed h·ĉ) or "auto" (chosen with '
+             'layer and threshold by held-out F1 with the recall target)',
     "then": "the plan applied to the rows whose prompt meets the condition",
 }
 
@@ -43,6 +45,7 @@ class CastCondition:
     compare: str  # ">" or "<": the condition holds when score compare threshold
     recall_target: float
     choice: CastChoice | None = None
+    score: str = "cast"  # "cast" or "projection" (directions/cast_calibration.py SCORES)
 
     @property
     def site(self) -> str:
@@ -64,13 +67,18 @@ class CastCondition:
 
     def decide(self, h: torch.Tensor, view: TokenView) -> torch.Tensor:
         """[B, 1, 1] of 0/1 in h's dtype: whether the condition holds for each row."""
-        score = cast_score(self.feature(h, view).float(), self.vectors.direction(self.layer).to(h.device).float())
+        feature = self.feature(h, view).float()
+        unit = self.vectors.direction(self.layer).to(h.device).float()
+        score = feature @ unit if self.score == "projection" else cast_score(feature, unit)
         hit = score > self.threshold if self.compare == ">" else score < self.threshold
         return hit.to(h.dtype)[:, None, None]
 
     def to_json(self) -> dict[str, Any]:
-        return {"method": "conditional", "vector": self.vector_name, "layer": self.layer,
-                "threshold": self.threshold, "compare": self.compare, "recall": self.recall_target}
+        out: dict[str, Any] = {"method": "conditional", "vector": self.vector_name, "layer": self.layer,
+                               "threshold": self.threshold, "compare": self.compare, "recall": self.recall_target}
+        if self.score != "cast":
+            out["score"] = self.score
+        return out
 
     def report(self) -> dict[str, Any]:
         out = self.to_json()
@@ -97,16 +105,23 @@ def build_condition(entry: Mapping[str, Any], name: str, ds: DirectionSet, handl
         threshold = number("condition threshold", threshold, None, bound=1e4)
     compare = entry.get("compare")
     if compare not in (None, ">", "<"):
-        raise PlanError(f"compare must be \">\" or \"<\", got {compare!r}")
+        raise PlanError(f"compare must be \">\" or \"<\", got {str(compare)[:20]!r}")
+    score = entry.get("score", "cast")
+    if score not in (*SCORES, "auto"):
+        raise PlanError(f"condition score must be one of {', '.join((*SCORES, 'auto'))}, got {str(score)[:20]!r}")
+    if score == "auto" and threshold != "auto":
+        raise PlanError('score "auto" chooses the threshold too: give threshold "auto", or a score for the number')
     choice = None
-    if getattr(ds, "cast_percentiles", None) is not None:
+    if score in available_scores(ds) or (score == "auto" and available_scores(ds)):
         choice = choose_cast(ds, layer=None if layer == "auto" else layer,
-                                  threshold=None if threshold == "auto" else float(threshold), recall_target=recall)
+                             threshold=None if threshold == "auto" else float(threshold), recall_target=recall,
+                             score=score)
     elif layer == "auto" or threshold == "auto":
-        raise PlanError(f"{name} has no CAST statistics to choose layer/threshold \"auto\" from: "
-                             "recalibrate it with this version of steerable or give numbers")
+        raise PlanError(f"{name} has no {'condition' if score == 'auto' else score} score statistics to choose "
+                        "layer/threshold \"auto\" from: recalibrate it with this version of steerable or give numbers")
     return CastCondition(
         vectors=ds, vector_name=name, layer=choice.layer if choice else int(layer),
         threshold=choice.threshold if threshold == "auto" and choice else float(threshold),
         compare=compare or (choice.compare if choice else ">"), recall_target=float(recall), choice=choice,
+        score=choice.score if choice else score,
     )
