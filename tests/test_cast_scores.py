@@ -19,7 +19,8 @@ from tests.test_layers import cast_curves, make_ds
 
 def two_score_ds(cast: list[torch.Tensor], projection: list[torch.Tensor]) -> object:
     n = len(cast)
-    return make_ds(torch.randn(n, 8), cast_percentiles=torch.stack(cast), projection_percentiles=torch.stack(projection),
+    return make_ds(torch.randn(n, 8), cast_percentiles=torch.stack(cast),
+                   projection_percentiles=torch.stack(projection),
                    meta={"model": {"n_layers": n}, "counts": {"heldout_pos": 10, "heldout_neg": 10}})
 
 
