@@ -5,6 +5,7 @@ failure an attacker found, then a fuzz test over random plans."""
 from __future__ import annotations
 
 import json
+import os
 import time
 from typing import Any
 
@@ -126,8 +127,11 @@ def test_non_string_keys_are_refused(world):
 
 def test_plan_files_that_are_not_plans(tmp_path):
     (tmp_path / "dir.json").mkdir()
-    with pytest.raises(PlanError, match="is a directory"):
+    with pytest.raises(PlanError, match="not a regular file \\(a directory\\)"):
         read_plan_file(tmp_path / "dir.json")
+    os.mkfifo(tmp_path / "fifo.json")
+    with pytest.raises(PlanError, match="not a regular file"):  # refused without waiting for a writer
+        read_plan_file(tmp_path / "fifo.json")
     (tmp_path / "latin1.json").write_bytes(b'{"strength": "\xe9"}')
     with pytest.raises(PlanError, match="not UTF-8"):
         read_plan_file(tmp_path / "latin1.json")

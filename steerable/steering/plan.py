@@ -22,6 +22,7 @@ from typing import Any
 from steerable.capture.sites import SITES
 from steerable.directions.artifact import DirectionSet, load_directions
 from steerable.errors import PlanError, SteerableError
+from steerable.fsutil import open_regular
 from steerable.steering.builders import Plan
 from steerable.steering.cast import CONDITIONAL_KEYS, CastCondition, build_condition
 from steerable.steering.gates import parse_gate
@@ -38,6 +39,7 @@ PLAN_KEYS: frozenset[str] = frozenset(k for cls in METHODS.values() for k in cls
 MAX_DEPTH = 8  # nesting of lists and conditionals
 MAX_ENTRIES = 256  # interventions one plan may expand to
 MAX_VECTORS = 16
+MAX_PLAN_BYTES = 1 << 24  # a plan file is read whole
 VectorResolver = Callable[[str], DirectionSet]
 
 
@@ -299,21 +301,19 @@ def plan_from_flags(values: Mapping[str, Any], vector: Any) -> dict[str, Any]:
 
 
 def read_plan_file(path: str | Path) -> Any:
-    p = Path(path)
+    """The JSON of a plan file. A missing file, a directory, a FIFO (never waited on), non-UTF-8 text, invalid,
+    too deeply nested or overflowing JSON is a PlanError naming the file."""
+    with open_regular(path, "plan file", PlanError) as f:
+        raw = f.read(MAX_PLAN_BYTES + 1)
+    if len(raw) > MAX_PLAN_BYTES:
+        raise PlanError(f"{path}: plan file is larger than {MAX_PLAN_BYTES} bytes")
     try:
-        text = p.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise PlanError(f"no such plan file: {path}") from None
-    except IsADirectoryError:
-        raise PlanError(f"{path}: is a directory, not a plan file") from None
+        text = raw.decode("utf-8")
     except UnicodeDecodeError:
         raise PlanError(f"{path}: plan file is not UTF-8 text") from None
-    except OSError as e:
-        raise PlanError(f"{path}: cannot read plan file ({e.strerror})") from None
     try:
         return json.loads(text)
     except json.JSONDecodeError as e:
         raise PlanError(f"{path}: plan is not valid JSON ({e.msg})") from e
     except (RecursionError, ValueError) as e:
         raise PlanError(f"{path}: plan is not valid JSON ({str(e)[:80] or 'nested too deeply'})") from None
-
