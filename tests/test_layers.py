@@ -236,7 +236,8 @@ def test_inspect_reports_selection(tmp_path, capsys):
     text = inspect_table(ds)
     assert "discriminative" in text
     assert "top-5 by AUROC" in text
-    assert "CAST condition (auto): layer 0" in text
+    assert "condition (score cast, layer/threshold auto): layer 0" in text
+    assert "condition (score auto, layer/threshold auto): layer 0" in text
     path = save_directions(ds, tmp_path / "v.safetensors")
     assert cmd_inspect(SimpleNamespace(file=path, json=True)) == 0
     out = json.loads(capsys.readouterr().out)
@@ -244,7 +245,8 @@ def test_inspect_reports_selection(tmp_path, capsys):
     assert out["selection"]["top_auroc"] == [0, 1, 2, 3]  # layer 4 is in the last 20 %
     assert out["condition"]["layer"] == 0
     assert out["condition"]["compare"] == ">"
+    assert set(out["selection"]["conditions"]) == {"cast", "auto"}  # no projection percentiles in this set
     old = make_ds(torch.randn(n, d))  # no optional tensors, no statistics: criteria show as unavailable
     text = inspect_table(old)
     assert "recalibrate" in text
-    assert "CAST condition" not in text
+    assert "condition (score" not in text

@@ -9,7 +9,7 @@ from collections.abc import Callable
 from typing import Any
 
 from steerable.directions.artifact import DirectionSet, layer_ranges
-from steerable.directions.cast_calibration import choose_cast
+from steerable.directions.cast_calibration import available_scores, choose_cast
 from steerable.directions.geometry import cosine_matrix, discriminative_layers, global_direction, top_layers
 from steerable.errors import SteerableError
 from steerable.tables import fmt, table
@@ -51,7 +51,7 @@ def inspect_table(ds: DirectionSet) -> str:
     head = (f"model {esc(m.get('model', {}).get('name'))}  site {esc(m.get('site'))}  "
             f"position {esc(m.get('position'))}  estimator {esc(m.get('estimator'))}  counts {esc(m.get('counts'))}\n"
             f"global direction b1 = layer {b1_layer}; AUROC and Cohen's d on the held-out 20 %\n")
-    sel, cond = selection_summary(ds)
+    sel, _ = selection_summary(ds)
 
     def show(layers: list[int] | None, unavailable: str) -> str:
         if layers is None:
@@ -65,11 +65,11 @@ def inspect_table(ds: DirectionSet) -> str:
         f"  top-5 by Cohen's d (same skip):      {show(sel['top_cohens_d'], no_stat)}",
         f"  plane: b1 = layer {sel['plane_b1_layer']} (global direction), b2 = PC1 of the directions ⟂ b1",
     ]
-    if cond is not None:
+    for name, c in sel["conditions"].items():
         lines.append(
-            f"CAST condition (auto): layer {cond['layer']}, steer when score {cond['compare']} "
-            f"{cond['threshold']:.4f}; held-out precision {fmt(cond['precision'])} recall {fmt(cond['recall'])} "
-            f"FPR {fmt(cond['fpr'])} (train recall {fmt(cond['train_recall'])} FPR {fmt(cond['train_fpr'])})"
+            f"condition (score {name}, layer/threshold auto): layer {c['layer']}, steer when {c['score']} score "
+            f"{c['compare']} {c['threshold']:.4f}; held-out precision {fmt(c['precision'])} recall {fmt(c['recall'])} "
+            f"FPR {fmt(c['fpr'])} (train recall {fmt(c['train_recall'])} FPR {fmt(c['train_fpr'])})"
         )
     return head + table(
         ["layer", "AUROC", "cohen_d", "‖μP−μN‖", "scale", "cos(prev)", "cos(b1)", "pos p25/50/75",
@@ -91,7 +91,11 @@ def selection_summary(ds: DirectionSet) -> tuple[dict[str, Any], dict[str, Any] 
         "plane_b1_layer": global_direction(ds)[1],
         "skip_last": 0.2,
     }
-    choice = attempt(lambda: choose_cast(ds)) if ds.cast_percentiles is not None else None
+    # what a conditional plan with layer and threshold "auto" would decide with, for each score (and "auto")
+    scores = available_scores(ds)
+    choices = {s: attempt(lambda s=s: choose_cast(ds, score=s)) for s in (*scores, "auto") if scores}
+    sel["conditions"] = {s: dataclasses.asdict(c) for s, c in choices.items() if c is not None}
+    choice = choices.get("cast")
     return sel, dataclasses.asdict(choice) if choice is not None else None
 
 
