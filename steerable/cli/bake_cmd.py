@@ -6,6 +6,7 @@ import argparse
 import json
 from typing import Any
 
+from steerable.cli.main import layer_index
 from steerable.models.builtin import DEFAULT_MODEL
 
 
@@ -14,7 +15,7 @@ def add_bake_parser(sub: Any) -> argparse.ArgumentParser:
     s = sub.add_parser("bake", help="bake directional ablation into the weights (a new HF checkpoint)")
     s.add_argument("--model", default=DEFAULT_MODEL)
     s.add_argument("--steer", required=True, help="direction file (.safetensors)")
-    s.add_argument("--direction", type=int, required=True, help="calibrated layer whose direction is removed")
+    s.add_argument("--direction", type=layer_index, required=True, help="calibrated layer whose direction is removed")
     s.add_argument("--out", required=True, help="output directory (a Hugging Face checkpoint)")
     s.add_argument("--force", action="store_true", help="replace an earlier baked checkpoint at --out")
     s.set_defaults(fn=cmd_bake)

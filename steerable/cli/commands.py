@@ -4,20 +4,28 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from typing import Any
 
-from steerable.data.loaders import PAIR_SETS, PROMPT_SETS, contrastive_examples, load_prompt_rows
+from steerable.data.loaders import PAIR_SETS, PROMPT_SETS, contrastive_examples, load_prompt_rows_located
 from steerable.data.sources import DATA_FILES, data_file
 from steerable.directions.artifact import load_directions, save_directions
 from steerable.directions.calibrate import calibrate
 from steerable.directions.gguf_cv import export_control_vector, import_control_vector
 from steerable.directions.summary import inspect_table, safe_json, selection_summary
-from steerable.errors import SteerableError
-from steerable.fsutil import atomic_path
+from steerable.errors import DataError, PlanError, SteerableError
+from steerable.fsutil import atomic_path, check_regular
 from steerable.models.builtin import BUILTIN_MODELS
 from steerable.models.load import ModelHandle, builtin_checkpoint, load_model
-from steerable.steering.plan import build_row_plans, parse_layers, read_plan_file
+from steerable.steering.plan import (
+    SteeringPlan,
+    build_plan,
+    build_row_plans,
+    caching_resolver,
+    parse_layers,
+    read_plan_file,
+)
 from steerable.steering.plan import plan_from_flags as steering_flags_plan
 from steerable.tables import table
 
@@ -35,11 +43,12 @@ def cmd_fetch(args: argparse.Namespace) -> int:
 
 
 def cmd_calibrate(args: argparse.Namespace) -> int:
+    _check_out(args.out)
     handle = load_model(args.model)
     examples = contrastive_examples(positive=args.positive, negative=args.negative, pairs=args.pairs,
                                     limit=args.limit)
     if not examples:
-        raise SteerableError("no calibration examples")
+        raise DataError("no calibration examples")
     layers = None if args.layers is None else parse_layers(args.layers, handle.n_layers, range(handle.n_layers))
     data = {"positive": args.positive, "negative": args.negative, "pairs": args.pairs, "limit": args.limit}
     ds = calibrate(handle, examples, estimator=args.estimator, layers=layers, site=args.site,
@@ -69,10 +78,25 @@ def plan_from_flags(args: argparse.Namespace) -> Any:
     if args.plan:
         if args.steer:
             raise SteerableError("give --plan or --steer, not both")
+        check_regular(args.plan, "plan file", PlanError)  # a FIFO is refused before anything opens it
         return read_plan_file(args.plan)
     if not args.steer:
         return None
     return steering_flags_plan(vars(args), args.steer)
+
+
+def _check_out(path: str) -> None:
+    if os.path.isdir(path):
+        raise SteerableError(f"--out {path}: is a directory; give a file name")
+
+
+def _checked(spec: Any, handle: ModelHandle, resolve: Any, where: str) -> SteeringPlan | None:
+    """One plan checked by the validator; its error is prefixed with where the plan came from."""
+    try:
+        plan = build_plan(spec, handle, resolve)
+    except SteerableError as e:
+        raise type(e)(f"{where}: {e}") from None
+    return plan or None
 
 
 def _print_conditions(handle: ModelHandle, plans: list[Any]) -> None:
@@ -89,12 +113,27 @@ def _print_conditions(handle: ModelHandle, plans: list[Any]) -> None:
 def cmd_generate(args: argparse.Namespace) -> int:
     from steerable.generation import generate
 
+    # everything read from files is checked before the model loads; each error names the file (and line)
+    located = load_prompt_rows_located(args.prompts)
+    if not located:
+        raise DataError(f"no prompts in {args.prompts}")
+    _check_out(args.out)
+    flags_plan = plan_from_flags(args)
     handle = load_model(args.model)
-    rows = load_prompt_rows(args.prompts)
-    plan = plan_from_flags(args)
-    # a row's own "plan" (an object, a list, or null for unsteered) wins over the flags for that row
-    plans = [r.get("plan", plan) for r in rows]
+    resolve = caching_resolver()
+    source = f"--plan {args.plan}" if args.plan else "--steer flags"
+    shared = None if flags_plan is None else _checked(flags_plan, handle, resolve, source)
+    # a row's own "plan" (an object, a list, or null for unsteered) wins over the flags for that row; its
+    # errors name the prompts file's line
+    plans: list[SteeringPlan | None] = []
+    for where, row in located:
+        plans.append(_checked(row["plan"], handle, resolve, f'{where}: "plan"') if "plan" in row else shared)
+        try:
+            handle.render(row["prompt"])
+        except DataError as e:
+            raise DataError(f"{where}: {e}") from None
     _print_conditions(handle, plans)
+    rows = [r for _, r in located]
     completions = generate(handle, [r["prompt"] for r in rows], plans=plans, max_new_tokens=args.max_new_tokens,
                            batch_size=args.batch_size, progress=True)
     with atomic_path(args.out) as tmp, open(tmp, "w", encoding="utf-8") as f:

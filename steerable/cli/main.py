@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import math
 import os
+import re
 import sys
+from collections.abc import Callable
 
 from steerable.capture.positions import POSITIONS
 from steerable.capture.sites import SITES
@@ -16,6 +19,55 @@ from steerable.steering.plan import plan_flags
 from steerable.steering.values import direction_flag
 
 _direction = direction_flag  # the sweep commands' --direction
+
+# Bounds of the numeric flags: argparse refuses anything outside them (exit 2) before any work starts.
+MAX_NEW_TOKENS = 1 << 16
+MAX_BATCH = 4096
+MAX_COUNT = 10**9  # --limit and other "first N" counts
+MAX_LAYER = 10**4  # a layer index (the artifact / model checks the real range)
+MAX_SEED = 2**32 - 1
+MAX_STRENGTH = 1e6  # the plan validator's bound on numbers
+
+_INT = re.compile(r"[+-]?[0-9]+", re.ASCII)
+
+
+def int_flag(lo: int, hi: int) -> Callable[[str], int]:
+    """An argparse `type` for a whole number in [lo, hi], written in ASCII digits (int() would also take
+    "1_0", "١٠" and 5,000-digit numbers); anything else is an argparse error naming the range."""
+    def read(text: str) -> int:
+        t = text.strip()
+        if not _INT.fullmatch(t) or len(t.lstrip("+-").lstrip("0")) > len(str(hi)):
+            raise argparse.ArgumentTypeError(f"{_show(text)} is not a whole number in {lo}–{hi}")
+        n = int(t)
+        if not lo <= n <= hi:
+            raise argparse.ArgumentTypeError(f"{n} is out of range ({lo}–{hi})")
+        return n
+    read.__name__ = f"whole number {lo}–{hi}"
+    return read
+
+
+def float_flag(lo: float, hi: float) -> Callable[[str], float]:
+    """An argparse `type` for a finite number in [lo, hi] (NaN, inf and overflowing text are refused)."""
+    def read(text: str) -> float:
+        try:
+            x = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{_show(text)} is not a number") from None
+        if not math.isfinite(x) or not lo <= x <= hi:
+            raise argparse.ArgumentTypeError(f"{_show(text)} is not a finite number in {lo:g}–{hi:g}")
+        return x
+    read.__name__ = f"number {lo:g}–{hi:g}"
+    return read
+
+
+def _show(text: str) -> str:
+    return repr(text) if len(text) <= 40 else f"{text[:37]!r}…"
+
+
+positive = int_flag(1, MAX_COUNT)  # --limit and friends
+batch_size = int_flag(1, MAX_BATCH)
+new_tokens = int_flag(1, MAX_NEW_TOKENS)
+layer_index = int_flag(0, MAX_LAYER)
 
 
 def add_plan_flags(s: argparse.ArgumentParser, skip: tuple[str, ...] = ()) -> None:
@@ -55,8 +107,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--position", default="last", choices=list(POSITIONS))
     s.add_argument("--site", default="resid_post", choices=list(SITES))
     s.add_argument("--layers", help="layers to calibrate (default all), e.g. 4-20")
-    s.add_argument("--limit", type=int, help="at most N examples per class")
-    s.add_argument("--batch-size", type=int, default=16)
+    s.add_argument("--limit", type=positive, help="at most N examples per class")
+    s.add_argument("--batch-size", type=batch_size, default=16)
     s.set_defaults(fn=c.cmd_calibrate)
 
     s = sub.add_parser("inspect", help="per-layer quality table of a direction file")
@@ -72,14 +124,14 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--plan", help="plan JSON file (instead of --steer flags); a row's \"plan\" wins over both")
     s.add_argument("--method", default="add", choices=list(METHODS))
     add_plan_flags(s)
-    s.add_argument("--max-new-tokens", type=int, default=64)
-    s.add_argument("--batch-size", type=int, default=8)
+    s.add_argument("--max-new-tokens", type=new_tokens, default=64)
+    s.add_argument("--batch-size", type=batch_size, default=8)
     s.set_defaults(fn=c.cmd_generate)
 
     s = sub.add_parser("export-gguf", help="write a llama.cpp control vector (add-only)")
     s.add_argument("file")
     s.add_argument("--out", required=True)
-    s.add_argument("--strength", type=float, default=1.0)
+    s.add_argument("--strength", type=float_flag(-MAX_STRENGTH, MAX_STRENGTH), default=1.0)
     s.add_argument("--layers")
     s.set_defaults(fn=c.cmd_export_gguf)
 

@@ -5,12 +5,40 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
+import os
+import stat
 from pathlib import Path
 from typing import Any
 
+from steerable.cli.main import MAX_SEED, batch_size, int_flag, layer_index, new_tokens, positive
+from steerable.data.messages import MAX_MESSAGES
 from steerable.errors import PlanError, SteerableError
 from steerable.models.builtin import DEFAULT_MODEL
 from steerable.tables import table
+
+
+def _band(text: str) -> str:
+    """--band LO,HI: two finite percentiles 0 ≤ LO < HI ≤ 100 (cmd_drift reads the text)."""
+    try:
+        lo, hi = (float(x) for x in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text[:40]!r} is not two percentiles LO,HI") from None
+    if not (math.isfinite(lo) and math.isfinite(hi) and 0 <= lo < hi <= 100):
+        raise argparse.ArgumentTypeError(f"{text[:40]!r}: need 0 ≤ LO < HI ≤ 100")
+    return f"{lo:g},{hi:g}"
+
+
+def _plan_file(text: str) -> str:
+    """--plan FILE: refuse a FIFO, socket or device before anything opens it (opening a FIFO would wait);
+    a missing file or a directory is left to the plan reader's PlanError."""
+    try:
+        mode = os.stat(text).st_mode
+    except (OSError, ValueError):
+        return text
+    if not stat.S_ISREG(mode) and not stat.S_ISDIR(mode):
+        raise argparse.ArgumentTypeError(f"{text[:80]}: not a regular file (a pipe, socket or device)")
+    return text
 
 
 def add_persona_parsers(sub: Any) -> None:
@@ -21,13 +49,14 @@ def add_persona_parsers(sub: Any) -> None:
     s.add_argument("--out", required=True, help="AXIS.safetensors; answers and the report go beside it")
     s.add_argument("--estimator", default="assistant-axis", choices=list(AXIS_ESTIMATORS),
                    help="which estimator the file holds (the report compares all four)")
-    s.add_argument("--personas", type=int, help="use the first N training personas (default all)")
-    s.add_argument("--questions", type=int, help="use the first N training questions (default all)")
-    s.add_argument("--per-persona", type=int, default=4, help="questions each persona answers")
+    s.add_argument("--personas", type=positive, help="use the first N training personas (default all)")
+    s.add_argument("--questions", type=positive, help="use the first N training questions (default all)")
+    s.add_argument("--per-persona", type=int_flag(1, 10**4), default=4, help="questions each persona answers")
     s.add_argument("--responses", help="reuse the answers of an earlier run (its .responses.jsonl): no generation")
-    s.add_argument("--max-new-tokens", type=int, default=48)
-    s.add_argument("--batch-size", type=int, default=16)
-    s.add_argument("--bootstrap", type=int, default=20, help="bootstrap resamples for the stability report (0: off)")
+    s.add_argument("--max-new-tokens", type=new_tokens, default=48)
+    s.add_argument("--batch-size", type=batch_size, default=16)
+    s.add_argument("--bootstrap", type=int_flag(0, 10**4), default=20,
+                   help="bootstrap resamples for the stability report (0: off)")
     s.set_defaults(fn=cmd_axis)
 
     s = sub.add_parser("drift", help="persona drift: each assistant turn's projection on the axis, turn by turn")
@@ -36,15 +65,16 @@ def add_persona_parsers(sub: Any) -> None:
     s.add_argument("--conversations", default="roles:test",
                    help="roles[:train|test|all] (built-in scripts) or JSONL of {id, system?, turns: [user messages]}")
     s.add_argument("--out", required=True, help="directory: drift.jsonl, summary.json, drift.png, index.html")
-    s.add_argument("--plan", action="append", default=[],
+    s.add_argument("--plan", action="append", default=[], type=_plan_file,
                    help="plan JSON to run the conversations under; repeat to compare several in one batch")
     s.add_argument("--baseline", action="store_true", help="also run the conversations unsteered (with --plan)")
-    s.add_argument("--layer", type=int, help="layer to monitor (default: the axis file's monitor layer)")
-    s.add_argument("--band", default="5,95", help="Assistant band: percentiles LO,HI of its own projections")
-    s.add_argument("--limit", type=int, help="first N conversations")
-    s.add_argument("--max-turns", type=int, help="at most N turns per conversation")
-    s.add_argument("--max-new-tokens", type=int, default=64)
-    s.add_argument("--batch-size", type=int, default=16)
+    s.add_argument("--layer", type=layer_index, help="layer to monitor (default: the axis file's monitor layer)")
+    s.add_argument("--band", default="5,95", type=_band,
+                   help="Assistant band: percentiles LO,HI of its own projections")
+    s.add_argument("--limit", type=positive, help="first N conversations")
+    s.add_argument("--max-turns", type=int_flag(1, MAX_MESSAGES), help="at most N turns per conversation")
+    s.add_argument("--max-new-tokens", type=new_tokens, default=64)
+    s.add_argument("--batch-size", type=batch_size, default=16)
     s.add_argument("--no-rescore", action="store_true",
                    help="skip text_projection (each reply re-read by the unsteered model: one prefill per reply)")
     s.set_defaults(fn=cmd_drift)
@@ -52,7 +82,7 @@ def add_persona_parsers(sub: Any) -> None:
     s = sub.add_parser("sim", help="synthetic lab: estimator alignment vs noise and sample size, capping trade-off")
     s.add_argument("--out", required=True, help="directory: sim.json, sim_alignment.png, sim_capping.png")
     s.add_argument("--quick", action="store_true", help="small grid (seconds)")
-    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--seed", type=int_flag(0, MAX_SEED), default=0)
     s.set_defaults(fn=cmd_sim)
 
 

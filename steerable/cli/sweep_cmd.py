@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from steerable.cli.main import _direction
+from steerable.cli.main import _direction, batch_size, float_flag, int_flag, new_tokens, positive
 from steerable.cli.table import table
 from steerable.errors import DataError
 from steerable.models.builtin import DEFAULT_MODEL
@@ -21,6 +21,8 @@ if TYPE_CHECKING:
     from steerable.sweeps.select import Budget
 
 TUNE_LAYERS = "discriminative;top:4;all"
+_budget_flag = float_flag(0.0, 1e6)  # a KL or perplexity budget
+_fraction = float_flag(0.0, 1.0)  # a rate budget
 
 
 def _grid_args(s: argparse.ArgumentParser, layers_default: str | None) -> None:
@@ -42,13 +44,15 @@ def _grid_args(s: argparse.ArgumentParser, layers_default: str | None) -> None:
     s.add_argument("--benign", help="benign prompts: over-refusal, KL and coherence are measured on them")
     s.add_argument("--behaviour", default="refusal", choices=BEHAVIOURS,
                    help="success on --prompts: refusal (steer to refuse) or compliance (remove refusal)")
-    s.add_argument("--limit", type=int, help="use the first N prompts of each set")
-    s.add_argument("--mmlu", type=int, default=0, metavar="N", help="MMLU items per subject for capability (0: off)")
-    s.add_argument("--max-new-tokens", type=int, default=64)
-    s.add_argument("--batch-size", type=int, default=64, help="rows per generation batch (many configs share one)")
-    s.add_argument("--group-rows", type=int, default=256,
+    s.add_argument("--limit", type=positive, help="use the first N prompts of each set")
+    s.add_argument("--mmlu", type=int_flag(0, 10**5), default=0, metavar="N",
+                   help="MMLU items per subject for capability (0: off)")
+    s.add_argument("--max-new-tokens", type=new_tokens, default=64)
+    s.add_argument("--batch-size", type=batch_size, default=64,
+                   help="rows per generation batch (many configs share one)")
+    s.add_argument("--group-rows", type=int_flag(1, 10**7), default=256,
                    help="rows per group; results are written when a group finishes")
-    s.add_argument("--examples", type=int, default=4, help="completions kept per config for the report")
+    s.add_argument("--examples", type=int_flag(0, 10**4), default=4, help="completions kept per config for the report")
 
 
 def add_sweep_parsers(sub: Any) -> None:
@@ -61,11 +65,12 @@ def add_sweep_parsers(sub: Any) -> None:
     s = sub.add_parser("tune", help="pick the configuration with the most behaviour within a side-effect budget")
     _grid_args(s, TUNE_LAYERS)
     s.add_argument("--criterion", default="budget", choices=CRITERIA)
-    s.add_argument("--max-kl", type=float, help="mean KL(unsteered ‖ steered) on benign prompts")
-    s.add_argument("--max-ppl-increase", type=float, help="increase of the median completion perplexity")
-    s.add_argument("--max-capability-drop", type=float, help="MMLU accuracy drop, e.g. 0.02 (needs --mmlu)")
-    s.add_argument("--max-over-refusal", type=float, help="increase of the benign refusal rate, e.g. 0.05")
-    s.add_argument("--ppl-threshold", type=float, help="perplexity of a violating completion (default 2× unsteered)")
+    s.add_argument("--max-kl", type=_budget_flag, help="mean KL(unsteered ‖ steered) on benign prompts")
+    s.add_argument("--max-ppl-increase", type=_budget_flag, help="increase of the median completion perplexity")
+    s.add_argument("--max-capability-drop", type=_fraction, help="MMLU accuracy drop, e.g. 0.02 (needs --mmlu)")
+    s.add_argument("--max-over-refusal", type=_fraction, help="increase of the benign refusal rate, e.g. 0.05")
+    s.add_argument("--ppl-threshold", type=float_flag(1.0, 1e12),
+                   help="perplexity of a violating completion (default 2× unsteered)")
     s.add_argument("--out", required=True, help="plan JSON to write (usable by generate --plan)")
     s.add_argument("--results", help="sweep JSONL (default: beside --out, resumable)")
     s.set_defaults(fn=cmd_tune)
@@ -74,9 +79,9 @@ def add_sweep_parsers(sub: Any) -> None:
     s.add_argument("results", help="sweep results JSONL")
     s.add_argument("--out", required=True, help="directory for index.html and the plots")
     s.add_argument("--criterion", default="budget", choices=CRITERIA, help="how the marked point is chosen")
-    s.add_argument("--max-kl", type=float)
-    s.add_argument("--max-ppl-increase", type=float)
-    s.add_argument("--max-over-refusal", type=float)
+    s.add_argument("--max-kl", type=_budget_flag)
+    s.add_argument("--max-ppl-increase", type=_budget_flag)
+    s.add_argument("--max-over-refusal", type=_fraction)
     s.set_defaults(fn=cmd_report)
 
 

@@ -10,14 +10,16 @@ from __future__ import annotations
 import csv
 import hashlib
 import json
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import yaml
 
-from steerable.data.jsonl import read_jsonl
+from steerable.data.jsonl import read_jsonl_numbered
+from steerable.data.messages import check_prompt, check_text
 from steerable.data.refusal_pairs import refusal_pair
 from steerable.data.roles import harmful_rows
 from steerable.data.sources import DATA_FILES, data_file
@@ -81,15 +83,32 @@ def _benign() -> list[str]:
     return list(json.loads(data_file("benign").read_text(encoding="utf-8")))
 
 
+def _jsonl_path(spec: str, what: str) -> Path | None:
+    """The JSONL file `spec` names (None: `spec` is a built-in set name); a missing .jsonl is a DataError."""
+    path = Path(spec)
+    if path.suffix != ".jsonl":
+        return None
+    if not os.path.lexists(path):
+        raise DataError(f"no such {what}: {spec}")
+    return path
+
+
+def _numbered(path: Path, what: str) -> list[tuple[int, dict[str, Any]]]:
+    rows = read_jsonl_numbered(path, what)
+    if not rows:
+        raise DataError(f"{path}: no rows (a {what} needs one JSON object per line)")
+    return rows
+
+
 def load_prompts(spec: str, default_split: str = "train") -> list[str]:
     """Prompts of a built-in set (`advbench`, `benign`, with `:split`) or a JSONL of `{"prompt"}` rows."""
-    path = Path(spec)
-    if path.suffix == ".jsonl" and path.exists():
-        rows = read_jsonl(path)
-        missing = [i for i, r in enumerate(rows, 1) if not isinstance(r.get("prompt"), str)]
+    path = _jsonl_path(spec, "prompts file")
+    if path is not None:
+        rows = _numbered(path, "prompts file")
+        missing = [n for n, r in rows if not isinstance(r.get("prompt"), str)]
         if missing:
             raise DataError(f"{path}: rows {missing[:5]} have no string \"prompt\"")
-        return [r["prompt"] for r in rows]
+        return [check_text(r["prompt"], f"{path}:{n}", '"prompt"') for n, r in rows]
     name, split = _parse_name(spec, default_split)
     if name == "advbench":
         return _keep(_advbench(), lambda p: p, split)
@@ -98,22 +117,43 @@ def load_prompts(spec: str, default_split: str = "train") -> list[str]:
     raise DataError(f"unknown prompt set {spec!r}: use {', '.join(PROMPT_SETS)} or a .jsonl file")
 
 
-def load_prompt_rows(spec: str, default_split: str = "test") -> list[dict]:
-    """Rows `{"prompt", ...}` of a built-in set or a JSONL file, keeping any other fields ("category",
-    "plan", …); a prompt may be a string or a list of chat messages. AdvBench rows carry their category."""
-    path = Path(spec)
-    if path.suffix == ".jsonl" and path.exists():
-        rows = read_jsonl(path)
-        for i, r in enumerate(rows, 1):
-            if not isinstance(r.get("prompt"), str | list):
-                raise DataError(f"{path}:{i}: each row needs a \"prompt\" (a string or a list of messages)")
-        return rows
+def _check_row(row: dict[str, Any], where: str) -> dict[str, Any]:
+    if "prompt" not in row:
+        raise DataError(f"{where}: each row needs a \"prompt\" (a string or a list of messages)")
+    if not isinstance(row["prompt"], str | list):
+        raise DataError(f"{where}: each row needs a \"prompt\" (a string or a list of messages), got "
+                        f"{type(row['prompt']).__name__}")
+    prompt = check_prompt(row["prompt"], where, '"prompt"')
+    if "plan" in row and row["plan"] is not None and not isinstance(row["plan"], dict | list):
+        raise DataError(f"{where}: \"plan\" must be a JSON object, a list of them or null, got "
+                        f"{type(row['plan']).__name__}")
+    if row.get("category") is not None and not isinstance(row["category"], str):
+        raise DataError(f"{where}: \"category\" must be a string, got {type(row['category']).__name__}")
+    return {**row, "prompt": prompt}
+
+
+def load_prompt_rows_located(spec: str, default_split: str = "test") -> list[tuple[str, dict[str, Any]]]:
+    """`load_prompt_rows`, each row with where it came from: "FILE:LINE" (1-based) for a JSONL file, "NAME
+    row I" for a built-in set, so per-row problems found later (a row's plan) can name the line."""
+    path = _jsonl_path(spec, "prompts file")
+    if path is not None:
+        return [(f"{path}:{n}", _check_row(r, f"{path}:{n}")) for n, r in _numbered(path, "prompts file")]
     name, split = _parse_name(spec, default_split)
     if name == "advbench":
-        return _keep(_advbench_rows(), lambda r: r["prompt"], split)
-    if name == "persona-harmful":  # the project's role data: a persona system prompt, then a harmful ask
-        return harmful_rows(split)
-    return [{"prompt": p} for p in load_prompts(spec, default_split)]
+        rows = _keep(_advbench_rows(), lambda r: r["prompt"], split)
+    elif name == "persona-harmful":  # the project's role data: a persona system prompt, then a harmful ask
+        rows = harmful_rows(split)
+    else:
+        rows = [{"prompt": p} for p in load_prompts(spec, default_split)]
+    return [(f"{name} row {i}", r) for i, r in enumerate(rows, 1)]
+
+
+def load_prompt_rows(spec: str, default_split: str = "test") -> list[dict]:
+    """Rows `{"prompt", ...}` of a built-in set or a JSONL file, keeping any other fields ("category",
+    "plan", …); a prompt may be a string or a list of chat messages (checked: data/messages.py). A row's
+    "plan" must be an object, a list or null (the plan validator checks it further). AdvBench rows carry
+    their category."""
+    return [r for _, r in load_prompt_rows_located(spec, default_split)]
 
 
 def _split_caa(positive: str, negative: str) -> Pair:
@@ -129,13 +169,15 @@ def _split_caa(positive: str, negative: str) -> Pair:
 
 def load_pairs(spec: str, default_split: str = "train") -> list[Pair]:
     """Pairs of answers to one prompt: `refusal-pairs`, `caa-*`, or a JSONL of {prompt, positive, negative}."""
-    path = Path(spec)
-    if path.suffix == ".jsonl" and path.exists():
-        rows = read_jsonl(path)
-        for i, r in enumerate(rows, 1):
+    path = _jsonl_path(spec, "pairs file")
+    if path is not None:
+        pairs = []
+        for n, r in _numbered(path, "pairs file"):
+            where = f"{path}:{n}"
             if not all(isinstance(r.get(k), str) for k in ("prompt", "positive", "negative")):
-                raise DataError(f"{path}:{i}: pair rows need string \"prompt\", \"positive\", \"negative\"")
-        return [Pair(r["prompt"], r["positive"], r["negative"]) for r in rows]
+                raise DataError(f"{where}: pair rows need string \"prompt\", \"positive\", \"negative\"")
+            pairs.append(Pair(*(check_text(r[k], where, f'"{k}"') for k in ("prompt", "positive", "negative"))))
+        return pairs
     name, split = _parse_name(spec, default_split)
     if name == "refusal-pairs":
         prompts = _keep(_advbench(), lambda p: p, split)

@@ -8,11 +8,13 @@ package, so nothing is fetched.
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from steerable.data.jsonl import read_jsonl
+from steerable.data.jsonl import read_jsonl_numbered
+from steerable.data.messages import check_messages, check_text
 from steerable.errors import DataError
 
 ROLES_DIR = Path(__file__).with_name("roles")
@@ -68,13 +70,20 @@ def harmful_rows(split: str = "test") -> list[dict[str, Any]]:
 
 def _conversation(row: dict[str, Any], where: str) -> Conversation:
     turns = row.get("turns")
-    if not isinstance(row.get("id"), str | int) or not isinstance(turns, list) or not turns \
-            or not all(isinstance(t, str) and t.strip() for t in turns):
+    if not isinstance(row.get("id"), str | int) or isinstance(row.get("id"), bool) or not isinstance(turns, list) \
+            or not turns or not all(isinstance(t, str) and t.strip() for t in turns):
         raise DataError(f"{where}: a conversation needs an \"id\" and \"turns\" (non-empty user messages)")
     system = row.get("system")
     if system is not None and not isinstance(system, str):
         raise DataError(f"{where}: \"system\" must be a string")
-    return Conversation(str(row["id"]), tuple(turns), system, str(row.get("kind", "")))
+    kind = row.get("kind", "")
+    if not isinstance(kind, str):
+        raise DataError(f"{where}: \"kind\" must be a string")
+    # the user messages a drift run renders (replies come later) pass the one message check
+    check_messages([{"role": "user", "content": t} for t in turns], where, "\"turns\"")
+    if system is not None:
+        check_text(system, where, "\"system\"")
+    return Conversation(str(row["id"]), tuple(turns), system, kind)
 
 
 def load_conversations(spec: str) -> list[Conversation]:
@@ -82,9 +91,9 @@ def load_conversations(spec: str) -> list[Conversation]:
     JSONL of {"id", "system"?, "turns": [user messages]}."""
     path = Path(spec)
     if path.suffix == ".jsonl":
-        if not path.exists():
+        if not os.path.lexists(path):
             raise DataError(f"conversations file {spec} does not exist")
-        out = [_conversation(row, f"{path}: row {n}") for n, row in enumerate(read_jsonl(path), 1)]
+        out = [_conversation(row, f"{path}: row {n}") for n, row in read_jsonl_numbered(path, "conversations file")]
     else:
         name, _, split = spec.partition(":")
         if name not in ("roles", "conversations"):

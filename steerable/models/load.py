@@ -21,12 +21,12 @@ from typing import Any
 
 import torch
 
-from steerable.errors import ArtifactError
+from steerable.data.messages import Messages as Messages  # re-exported: callers import it from here
+from steerable.data.messages import chat_messages, check_text
+from steerable.errors import ArtifactError, DataError
 from steerable.models.builtin import BUILTIN_MODELS, DEFAULT_MODEL
 from steerable.models.layout import Layout, config_hash, find_layout
 from steerable.sources.wheels import cache_dir, fetch_files
-
-Messages = list[dict[str, str]]
 
 log = logging.getLogger(__name__)
 
@@ -62,21 +62,35 @@ class ModelHandle:
 
     def render(self, prompt: str | Messages, system: str | None = None) -> str:
         """The text the model sees before its answer: chat template + generation prompt if it has one."""
-        messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
-        if system is not None:
-            messages = [{"role": "system", "content": system}, *messages]
+        messages = chat_messages(prompt, system)  # DataError for anything but a string or chat messages
         if self.has_chat_template:
-            return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+            return render_template(self.tokenizer, messages, add_generation_prompt=True)
         # No template (base models): plain turns, ending where the answer starts.
         parts = [m["content"] for m in messages if m["role"] != "assistant" or m["content"]]
         return "\n\n".join(parts) + "\n\n"
 
     def encode(self, texts: list[str]) -> dict[str, torch.Tensor]:
         """Tokenise rendered texts, left-padded. Chat-templated text already carries its special tokens."""
+        if not isinstance(texts, list) or not texts:
+            raise DataError("encode takes a non-empty list of rendered texts")
+        for i, t in enumerate(texts):
+            check_text(t, "encode", f"texts[{i}]")
         tok = self.tokenizer
         tok.padding_side = "left"
         enc = tok(texts, return_tensors="pt", padding=True, add_special_tokens=not self.has_chat_template)
         return {k: v.to(self.device) for k, v in enc.items() if k in ("input_ids", "attention_mask")}
+
+
+def render_template(tokenizer: Any, messages: Messages, add_generation_prompt: bool) -> str:
+    """The tokenizer's chat template applied to checked messages; a template that refuses them (Jinja's
+    raise_exception, e.g. roles that do not alternate) is a DataError naming its message."""
+    from jinja2.exceptions import TemplateError
+
+    try:
+        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+    except TemplateError as e:
+        raise DataError(f"prompt: the model's chat template refuses these messages ({str(e)[:200]})") from None
+    return str(text)
 
 
 def _fix_tokenizer(tok: Any, model: Any) -> None:

@@ -12,19 +12,22 @@ from typing import Any
 
 import torch
 
-Messages = list[dict[str, str]]
+from steerable.data.messages import Messages as Messages  # re-exported (models/batch.py)
+from steerable.data.messages import chat_messages
+from steerable.models.load import render_template
+
 #: one prompt's segmentation: per token (exchange index, is-assistant), and the reply's exchange
 TurnsRow = tuple[list[int], list[bool], int]
 
 
 def _messages(prompt: str | Messages, system: str | None) -> Messages:
-    msgs = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
-    return [{"role": "system", "content": system}, *msgs] if system is not None else msgs
+    """The checked messages (data/messages.py: the one check) that `handle.render(prompt, system)` renders."""
+    return chat_messages(prompt, system)
 
 
 def _prefix_text(handle: Any, msgs: Messages) -> str:
     if handle.has_chat_template:
-        return handle.tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=False)
+        return render_template(handle.tokenizer, msgs, add_generation_prompt=False)
     parts = [m["content"] for m in msgs if m["role"] != "assistant" or m["content"]]
     return "\n\n".join(parts)
 
