@@ -50,6 +50,6 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from steerable.serve.server import serve
 
     config = config_from_args(args)
-    config.limits.check()
+    config.check()  # before the model loads: a bad flag costs nothing
     serve(config)
     return 0

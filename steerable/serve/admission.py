@@ -89,7 +89,7 @@ class Admission:
         monitor = parse_monitor(req.steering_monitor, self.book.library, grant)
         turns = None
         if chosen.plan is not None and chosen.plan.needs_turns:
-            turns = self._turns(messages, len(ids))
+            turns = self.turns(messages, len(ids))
         sampling = self._sampling(req)
         job = Job(ids, chosen.plan, budget, tuple(stop), sampling, monitor, turns, timeout=self.limits.timeout)
         opts = req.stream_options
@@ -110,7 +110,7 @@ class Admission:
         seed = None if req.seed is None else req.seed % (MAX_SEED + 1)
         return Sampling(temperature, top_p, seed)
 
-    def _turns(self, messages: Messages | None, n: int) -> tuple[list[int], list[bool], int]:
+    def turns(self, messages: Messages | None, n: int) -> tuple[list[int], list[bool], int]:
         if messages is None:  # a raw completion prompt: all of it the user's, exchange 0
             return [0] * n, [False] * n, 0
         turn, asst, reply = segment(self.handle, messages)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import logging
 import secrets
 import time
 from collections.abc import AsyncIterator
@@ -14,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
 from steerable.serve import schemas
 from steerable.serve.admission import Admitted, usage
@@ -23,8 +25,17 @@ from steerable.serve.jobs import Delta, Done, Event, Failed, Job
 if TYPE_CHECKING:
     from steerable.serve.server import ServerState
 
+log = logging.getLogger("steerable.serve")
 CHAT, COMPLETIONS = "/v1/chat/completions", "/v1/completions"
 DISCONNECTED = 499  # nginx's "client closed request": counted, never sent
+MAX_DEPTH = 32  # JSON nesting a request body may have (a plan with 8 nested conditionals needs about 20)
+ENDPOINTS = frozenset({CHAT, COMPLETIONS, "/v1/models", "/health", "/metrics"})
+
+
+def endpoint_label(request: Request) -> str:
+    """The endpoint a request went to, as a metric label: known paths only, so labels stay few."""
+    path = request.url.path
+    return path if path in ENDPOINTS else "other"
 
 
 def error_response(e: ApiError) -> JSONResponse:
@@ -55,14 +66,17 @@ async def read_json(request: Request, limit: int) -> Any:
             raise ApiError(413, f"request body of {length} bytes exceeds this server's limit of {limit} bytes",
                            code="body_too_large", kind="body_too_large")
     chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise ApiError(413, f"request body exceeds this server's limit of {limit} bytes", code="body_too_large",
-                           kind="body_too_large")
-        chunks.append(chunk)
     try:
-        return json.loads(b"".join(chunks).decode("utf-8"), parse_constant=_reject_constant,
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                raise ApiError(413, f"request body exceeds this server's limit of {limit} bytes",
+                               code="body_too_large", kind="body_too_large")
+            chunks.append(chunk)
+    except ClientDisconnect:  # the client left (or its framing broke) before the body was read
+        raise ApiError(DISCONNECTED, "client disconnected", kind="disconnect") from None
+    try:
+        body = json.loads(b"".join(chunks).decode("utf-8"), parse_constant=_reject_constant,
                           parse_float=_finite_float)
     except UnicodeDecodeError:
         raise bad_request("the request body is not UTF-8", None, "invalid_json") from None
@@ -72,6 +86,43 @@ async def read_json(request: Request, limit: int) -> Any:
     except (ValueError, RecursionError) as e:
         msg = str(e) if isinstance(e, ValueError) else "nested too deeply"
         raise bad_request(f"the request body is not valid JSON: {msg[:120]}", None, "invalid_json") from None
+    check_tree(body)
+    return body
+
+
+def _where(path: tuple[str | int, ...]) -> str:
+    out = ""
+    for p in path:
+        out += f"[{p}]" if isinstance(p, int) else (f".{p}" if out else p)
+    return out[:200]
+
+
+def check_tree(body: Any, max_depth: int = MAX_DEPTH) -> None:
+    """400 for JSON nested deeper than `max_depth` or holding text that is not Unicode (a lone surrogate
+    such as "\\udc00" decodes to a str that cannot be encoded as UTF-8, so no tokenizer can take it)."""
+    stack: list[tuple[Any, tuple[str | int, ...]]] = [(body, ())]
+    while stack:
+        value, path = stack.pop()
+        if len(path) > max_depth:
+            raise bad_request(f"the request body is nested too deeply (at most {max_depth} levels) at "
+                              f"{_where(path[:8])}…", _where(path[:1]) or None, "invalid_json")
+        if isinstance(value, str):
+            _check_text(value, path, path)
+        elif isinstance(value, dict):
+            for k, v in value.items():
+                _check_text(k, (*path, "<key>"), path)
+                stack.append((v, (*path, k)))
+        elif isinstance(value, list):
+            stack.extend((v, (*path, i)) for i, v in enumerate(value))
+
+
+def _check_text(text: str, where: tuple[str | int, ...], path: tuple[str | int, ...]) -> None:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        field = _where(where) or "the request body"
+        raise bad_request(f"{field}: the text is not valid Unicode (it holds a lone surrogate such as \\udc00, "
+                          "which cannot be encoded as UTF-8)", _where(path) or None, "invalid_text") from None
 
 
 class Watch:
@@ -170,15 +221,17 @@ def create_app(state: ServerState) -> FastAPI:
     metrics = state.metrics
 
     @app.exception_handler(StarletteHTTPException)
-    async def http_error(_request: Request, exc: StarletteHTTPException) -> Response:
+    async def http_error(request: Request, exc: StarletteHTTPException) -> Response:
         status = exc.status_code
         msg = "no such endpoint" if status == 404 else str(exc.detail)
-        metrics.error("not_found" if status == 404 else "http_" + str(status))
+        metrics.answered(endpoint_label(request), status, error="not_found" if status == 404 else f"http_{status}")
         return error_response(ApiError(status, msg, code="not_found" if status == 404 else None))
 
     @app.exception_handler(Exception)
-    async def internal_error(_request: Request, _exc: Exception) -> Response:
-        metrics.error("internal")
+    async def internal_error(request: Request, exc: Exception) -> Response:
+        log.error("unhandled error answering %s %s", request.method, endpoint_label(request),
+                  exc_info=(type(exc), exc, exc.__traceback__))
+        metrics.answered(endpoint_label(request), 500, error="internal")
         return error_response(ApiError(500, "internal server error", code="internal_error"))
 
     async def complete(request: Request, chat: bool) -> Response:
@@ -191,12 +244,13 @@ def create_app(state: ServerState) -> FastAPI:
                 admitted = state.admission.chat(req, grant)
             else:
                 admitted = state.admission.completion(req, grant)
+            reply = Reply(admitted, state.model_id, chat)
+            admitted.job.request_id = reply.id
             state.scheduler.submit(admitted.job)
         except ApiError as e:
             metrics.answered(endpoint, e.status, error=e.kind)
             return error_response(e)
         metrics.admitted(len(admitted.job.prompt_ids))
-        reply = Reply(admitted, state.model_id, chat)
         watch = Watch(admitted.job, request, state)
         if admitted.stream:
             return await stream(endpoint, reply, watch)
@@ -215,8 +269,9 @@ def create_app(state: ServerState) -> FastAPI:
             if isinstance(event, Delta):
                 parts.append(event.text)
             elif isinstance(event, Done):
+                response = JSONResponse(reply.full("".join(parts), event))  # before counting: it may raise
                 finished(endpoint, job, 200)
-                return JSONResponse(reply.full("".join(parts), event))
+                return response
             else:
                 finished(endpoint, job, event.error.status, event.error.kind)
                 return error_response(event.error)
@@ -257,6 +312,11 @@ def create_app(state: ServerState) -> FastAPI:
                             yield sse("[DONE]")
                         return
                     event = await job.events.get()
+            except Exception:  # the status line is sent: the client gets an error event instead of a 500
+                log.exception("request %s failed while streaming", job.request_id)
+                status, error = 500, "internal"
+                yield sse(ApiError(500, "internal server error", code="internal_error").body())
+                yield sse("[DONE]")
             finally:
                 watch.close()
                 watch.cancel("disconnect")  # a no-op unless the client left mid-stream

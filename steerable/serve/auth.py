@@ -78,6 +78,8 @@ class ApiKeys:
             raise SteerableError(f"no such API keys file: {path}") from None
         except json.JSONDecodeError as e:
             raise SteerableError(f"{path}: API keys file is not valid JSON ({e.msg})") from None
+        except (OSError, ValueError, RecursionError) as e:
+            raise SteerableError(f"{path}: cannot read the API keys file ({type(e).__name__})") from None
         if not isinstance(raw, dict) or not raw:
             raise SteerableError(f"{path}: API keys file must be a non-empty JSON object of key → grant")
         grants: dict[str, Grant] = {}

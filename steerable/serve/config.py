@@ -49,6 +49,18 @@ class ServeConfig:
     device: str | None = None
     limits: Limits = field(default_factory=Limits)
 
+    def check(self) -> None:
+        """Start-up arguments that cannot work: a SteerableError naming the flag (the CLI exits 2)."""
+        self.limits.check()
+        if isinstance(self.port, bool) or not isinstance(self.port, int) or not 0 <= self.port <= 65535:
+            raise SteerableError(f"--port must be within 0 … 65535 (0: any free port), got {self.port}")
+        if not self.host or any(c.isspace() or not c.isprintable() for c in self.host):
+            raise SteerableError(f"--host {self.host!r} is not a host name or address")
+        if self.vectors.exists() and not self.vectors.is_dir():
+            raise SteerableError(f"--vectors {self.vectors}: not a directory (it is a file)")
+        if self.presets is not None and self.presets.exists() and not self.presets.is_dir():
+            raise SteerableError(f"--presets {self.presets}: not a directory (it is a file)")
+
     @property
     def model_id(self) -> str:
         if self.served_name:

@@ -16,10 +16,12 @@ import logging
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from transformers import DynamicCache
 
+from steerable.errors import SteerableError
 from steerable.evaluate.monitor import AxisMonitor
 from steerable.models.batch import PromptBatch, pad_token_id, stop_token_ids
 from steerable.models.load import ModelHandle
@@ -46,6 +48,32 @@ class Row:
     done: bool = False
     failure: ApiError | None = None
     ttft: list[float] = field(default_factory=list)
+    sent: int = 0  # characters of text handed to the client so far
+    skip: int = 0  # characters a rerun must not hand out again (the client has them already)
+    seed_state: torch.Tensor | None = None  # the generator's starting state, so a rerun draws the same tokens
+
+    @classmethod
+    def start(cls, index: int, job: Job, tok: Any, skip: int = 0) -> Row:
+        g = job.sampling.generator()
+        return cls(index, job, TextStream(tok, job.stop), g, skip=skip,
+                   seed_state=g.get_state() if g is not None else None)
+
+    def again(self, tok: Any) -> Row:
+        """A fresh row for the same job, drawing the same tokens, that suppresses the text already sent."""
+        row = Row(0, self.job, TextStream(tok, self.job.stop), None, skip=max(self.sent, self.skip))
+        if self.seed_state is not None:
+            row.generator = torch.Generator(device="cpu")
+            row.generator.set_state(self.seed_state)
+            row.seed_state = self.seed_state
+        return row
+
+    def out(self, text: str) -> str:
+        """The part of `text` (the next piece of the reply) the client has not received yet."""
+        start = self.sent
+        self.sent += len(text)
+        if self.skip <= start:
+            return text
+        return text[self.skip - start:] if self.skip < self.sent else ""
 
 
 class Engine:
@@ -62,19 +90,49 @@ class Engine:
 
     @torch.inference_mode()
     def run(self, jobs: Sequence[Job], emit: Emit) -> None:
+        """Decode `jobs` as one batch. If the batch raises, every row still open is rerun alone: only the
+        rows that fail alone fail (400 if their plan is at fault, 500 otherwise); the others complete with
+        the tokens they would have had alone (the text a client already has is not sent twice)."""
         tok = self.handle.tokenizer
-        rows = [Row(i, j, TextStream(tok, j.stop), j.sampling.generator()) for i, j in enumerate(jobs)]
+        rows = [Row.start(i, j, tok) for i, j in enumerate(jobs)]
         self.metrics.batch_started(len(rows))
         try:
-            self._decode(rows, emit)
-        except Exception:
-            log.exception("batch of %d rows failed", len(rows))
-            err = ApiError(500, "internal error while generating", code="internal_error", kind="internal")
-            emit([(r.job, Failed(err)) for r in rows if not r.job.finished])
-            for r in rows:
-                r.job.finished = True
+            try:
+                self._decode(rows, emit)
+            except Exception as e:
+                open_rows = [r for r in rows if not r.job.finished]
+                log.warning("batch of %d rows failed (%s: %s); rerunning its %d open rows alone", len(rows),
+                            type(e).__name__, e, len(open_rows))
+                self.metrics.batch_failed()
+                for r in open_rows:
+                    self._alone(r, emit)
         finally:
             self.metrics.idle()
+
+    @torch.inference_mode()
+    def trial(self, job: Job) -> None:
+        """Decode `job` alone and let any failure raise (start-up checks of presets and the default plan)."""
+        self._decode([Row.start(0, job, self.handle.tokenizer)], lambda _events: None)
+
+    def _alone(self, row: Row, emit: Emit) -> None:
+        job = row.job
+        if job.cancelled:
+            job.finished = True
+            return
+        again = row.again(self.handle.tokenizer)
+        try:
+            self._decode([again], emit)
+        except Exception as e:
+            if job.finished:
+                return
+            job.finished = True
+            err = failure(e, job.plan is not None)
+            if err.status >= 500:
+                log.error("request %s failed while generating", job.request_id or "?",
+                          exc_info=(type(e), e, e.__traceback__))
+            else:
+                log.warning("request %s: its plan failed while generating: %s", job.request_id or "?", e)
+            emit([(job, Failed(err))])
 
     def _decode(self, rows: list[Row], emit: Emit) -> None:
         model = self.handle.model
@@ -143,7 +201,7 @@ class Engine:
             if t in self.eos:
                 r.finish = "stop"
             else:
-                delta = r.text.push(t)
+                delta = r.out(r.text.push(t))
                 if delta:
                     events.append((job, Delta(delta)))
                 if r.text.stopped:
@@ -159,17 +217,18 @@ class Engine:
 
     def _finish(self, rows: list[Row], monitors: dict[tuple[str, int, str], AxisMonitor], emit: Emit) -> None:
         events: list[tuple[Job, Event]] = []
+        ended: list[Job] = []
         for r in rows:
             job = r.job
             if job.finished:
                 continue
-            job.finished = True
+            ended.append(job)  # marked finished only once its last event is out (a fault before: rerun)
             if r.failure is not None:
                 events.append((job, Failed(r.failure)))
                 continue
             if job.cancelled:
                 continue  # nobody is listening
-            tail = r.text.finish()
+            tail = r.out(r.text.finish())
             if tail:
                 events.append((job, Delta(tail)))
             report = None
@@ -179,3 +238,15 @@ class Engine:
             events.append((job, Done(r.finish or "stop", len(job.prompt_ids), r.tokens, report)))
         if events:
             emit(events)
+        for job in ended:
+            job.finished = True
+
+
+def failure(e: BaseException, has_plan: bool) -> ApiError:
+    """What a row that failed alone is told: a 400 when its own plan is at fault, else a 500 (engine fault)."""
+    if isinstance(e, ApiError):
+        return e
+    if has_plan and isinstance(e, SteerableError):
+        return ApiError(400, f"steering: the plan cannot run on this request: {e}"[:1000], param="steering",
+                        code="invalid_plan", kind="plan_failed")
+    return ApiError(500, "internal error while generating", code="internal_error", kind="internal")

@@ -56,6 +56,7 @@ class Job:
     events: asyncio.Queue[Event] = field(default_factory=asyncio.Queue)
     cancelled: str | None = None
     finished: bool = False
+    request_id: str = ""  # the response's id, for the log
 
     @property
     def deadline(self) -> float:

@@ -53,6 +53,8 @@ class VectorLibrary:
                 sets[stem] = load_directions(path, handle)
             except SteerableError as e:
                 raise SteerableError(f"vector library: {e}" if str(path) in str(e) else f"{path}: {e}") from None
+            except Exception as e:  # a file corrupt in a way the loader does not name: still a start-up fault
+                raise SteerableError(f"vector library: {path}: cannot be read ({type(e).__name__}: {e})") from None
         return cls(directory, sets)
 
     @property

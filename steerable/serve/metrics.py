@@ -131,6 +131,8 @@ class Metrics:
         self.cancelled = Counter(p + "cancelled_total",
                                  "Generations stopped early because the client went away or timed out.", ("reason",))
         self.batches = Counter(p + "batches_total", "Batches the worker ran.")
+        self.batch_failures = Counter(p + "batch_failures_total",
+                                      "Batches that raised; their open rows were rerun alone.")
         self.steps = Counter(p + "decode_steps_total", "Forward passes (prefill and decode steps) the worker ran.")
         self.queue_depth = Gauge(p + "queue_depth", "Requests waiting for a batch.", queue_depth)
         self.running = Gauge(p + "running_rows", "Rows in the batch being decoded.")
@@ -142,7 +144,8 @@ class Metrics:
         self.duration = Histogram(p + "request_duration_seconds", "Admission to the answer's last event.",
                                   DURATION_BUCKETS, ("endpoint",))
         self._all: list[_Metric] = [self.requests, self.errors, self.prompt_tokens, self.generated_tokens,
-                                    self.cancelled, self.batches, self.steps, self.queue_depth, self.running,
+                                    self.cancelled, self.batches, self.batch_failures, self.steps,
+                                    self.queue_depth, self.running,
                                     self.batch_rows, self.ttft, self.itl, self.duration]
 
     def answered(self, endpoint: str, status: int, seconds: float | None = None, error: str | None = None) -> None:
@@ -170,6 +173,10 @@ class Metrics:
             self.batches.inc()
             self.batch_rows.observe(rows)
             self.running.set(rows)
+
+    def batch_failed(self) -> None:
+        with self.lock:
+            self.batch_failures.inc()
 
     def step(self, rows: int, tokens: int, ttft: Sequence[float], itl: Sequence[float]) -> None:
         with self.lock:

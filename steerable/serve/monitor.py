@@ -10,6 +10,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+import torch
+
+from steerable.capture.sites import SITES
 from steerable.directions.artifact import DirectionSet, layer_ranges
 from steerable.serve.auth import Grant
 from steerable.serve.errors import bad_request
@@ -30,13 +33,14 @@ class MonitorSpec:
         return self.vector, self.layer, self.site
 
     def report(self, projection: float, tokens: int) -> dict[str, Any]:
-        lo = self.vectors.percentile(self.layer, "pos", 5)
-        hi = self.vectors.percentile(self.layer, "pos", 95)
-        finite = math.isfinite(projection)
-        return {"vector": self.vector, "layer": self.layer, "site": self.site,
-                "projection": round(projection, 6) if finite else None, "tokens": tokens,
-                "band": [round(lo, 6), round(hi, 6)],
-                "drift": round(max(0.0, lo - projection), 6) if finite else None}
+        try:
+            lo = float(self.vectors.percentile(self.layer, "pos", 5))
+            hi = float(self.vectors.percentile(self.layer, "pos", 95))
+        except (IndexError, KeyError, TypeError, ValueError, RuntimeError):  # no usable percentiles stored
+            lo = hi = math.nan
+        drift = max(0.0, lo - projection) if math.isfinite(lo) and math.isfinite(projection) else math.nan
+        return {"vector": self.vector, "layer": self.layer, "site": self.site, "projection": _finite(projection),
+                "tokens": tokens, "band": [_finite(lo), _finite(hi)], "drift": _finite(drift)}
 
 
 def parse_monitor(value: Any, library: VectorLibrary, grant: Grant) -> MonitorSpec | None:
@@ -53,8 +57,34 @@ def parse_monitor(value: Any, library: VectorLibrary, grant: Grant) -> MonitorSp
     ds = library.get(name, f"{PARAM}.vector")
     layer = value.get("layer")
     if layer is None:
-        layer = int(ds.meta.get("axis", {}).get("monitor_layer", ds.layers[len(ds.layers) // 2]))
+        layer = default_layer(ds, name)
     if isinstance(layer, bool) or not isinstance(layer, int) or layer not in ds.layers:
         raise bad_request(f"{PARAM}.layer must be one of the vector's calibrated layers "
                           f"({layer_ranges(ds.layers)}), got {layer!r}", f"{PARAM}.layer")
-    return MonitorSpec(name, layer, str(ds.meta.get("site", "resid_post")), ds)
+    site = ds.meta.get("site", "resid_post")
+    if site not in SITES:
+        raise bad_request(f"{PARAM}: vector {name!r} names an unknown hook site ({str(site)[:40]!r}) in its metadata; "
+                          "it cannot be monitored", f"{PARAM}.vector", "monitor_unavailable")
+    direction = ds.direction(layer)
+    if not bool(torch.isfinite(direction).all()) or float(direction.norm()) == 0:
+        raise bad_request(f"{PARAM}: vector {name!r} has no finite non-zero direction at layer {layer}; it cannot "
+                          "be monitored", f"{PARAM}.vector", "monitor_unavailable")
+    return MonitorSpec(name, layer, str(site), ds)
+
+
+def default_layer(ds: DirectionSet, name: str) -> int:
+    """An axis file's monitor layer (checked: an integer among the calibrated layers), else the middle one."""
+    axis = ds.meta.get("axis")
+    if axis is None or (isinstance(axis, Mapping) and "monitor_layer" not in axis):
+        return ds.layers[len(ds.layers) // 2]
+    layer = axis.get("monitor_layer") if isinstance(axis, Mapping) else None
+    if isinstance(layer, bool) or not isinstance(layer, int) or layer not in ds.layers:
+        raise bad_request(f"{PARAM}: vector {name!r} has malformed axis metadata (monitor_layer "
+                          f"{str(layer)[:40]!r} is not one of its calibrated layers {layer_ranges(ds.layers)}); "
+                          f"give {PARAM}.layer", f"{PARAM}.layer", "monitor_unavailable")
+    return layer
+
+
+def _finite(x: float) -> float | None:
+    """JSON has no NaN or infinity: a number that is not finite is reported as null."""
+    return round(x, 6) if math.isfinite(x) else None

@@ -115,12 +115,12 @@ class PlanBook:
                 name = path.stem
                 if not _PRESET.fullmatch(name) or name in RESERVED:
                     raise SteerableError(f"{path}: {name!r} cannot be a preset name (reserved or odd characters)")
-                presets[name] = _checked(read_plan_file(path), handle, file_resolver(library, f"preset {name}"),
+                presets[name] = _checked(_read(path), handle, file_resolver(library, f"preset {name}"),
                                          f"preset {name} ({path})")
         default, default_name = None, None
         if default_plan is not None:
             if Path(default_plan).is_file():
-                default = _checked(read_plan_file(default_plan), handle,
+                default = _checked(_read(default_plan), handle,
                                    file_resolver(library, "default plan"), f"default plan {default_plan}")
                 default_name = str(default_plan)
             elif default_plan in presets:
@@ -166,6 +166,15 @@ class PlanBook:
         return Chosen(self.presets[name], "preset", name)
 
 
+def _read(path: str | Path) -> Any:
+    try:
+        return read_plan_file(path)
+    except SteerableError:
+        raise
+    except (OSError, ValueError, RecursionError) as e:
+        raise SteerableError(f"{path}: cannot read plan file ({type(e).__name__}: {e})") from None
+
+
 def _checked(spec: Any, handle: ModelHandle, resolve: VectorResolver, origin: str) -> SteeringPlan:
     try:
         return build_plan(spec, handle, resolve)
@@ -173,3 +182,5 @@ def _checked(spec: Any, handle: ModelHandle, resolve: VectorResolver, origin: st
         raise SteerableError(f"{origin}: {e}") from None
     except ApiError as e:
         raise SteerableError(f"{origin}: {e.message}") from None
+    except Exception as e:  # e.g. a plan nested too deeply: a start-up fault all the same
+        raise SteerableError(f"{origin}: {type(e).__name__}: {e}") from None

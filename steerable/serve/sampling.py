@@ -30,7 +30,10 @@ class Sampling:
 
 def sample(logits: torch.Tensor, sampling: Sampling, generator: torch.Generator) -> int:
     """One token from a [V] row of logits at `sampling.temperature`, nucleus-filtered to `top_p`."""
-    probs = torch.softmax(logits.float().cpu() / sampling.temperature, dim=-1)
+    x = logits.double().cpu()  # float64: a temperature as small as 5e-324 is not 0 here
+    # shifted so that the largest logit is 0: a tiny temperature then sharpens towards greedy instead of
+    # overflowing to inf (and NaN probabilities)
+    probs = torch.softmax((x - x.max()) / sampling.temperature, dim=-1)
     if sampling.top_p < 1.0:
         sorted_p, order = probs.sort(descending=True)
         # keep the smallest prefix whose mass reaches top_p (always at least the top token)

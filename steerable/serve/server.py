@@ -2,24 +2,30 @@
 
 from __future__ import annotations
 
+import json
 import socket
 import sys
 import time
 from dataclasses import dataclass
 
+import h11
 import torch
 import uvicorn
+from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from steerable.errors import SteerableError
-from steerable.models.load import ModelHandle, load_model
+from steerable.models.load import Messages, ModelHandle, load_model
 from steerable.serve.admission import Admission
 from steerable.serve.auth import ApiKeys
 from steerable.serve.config import Limits, ServeConfig
 from steerable.serve.engine import Engine
+from steerable.serve.errors import ApiError
+from steerable.serve.jobs import Job
 from steerable.serve.library import VectorLibrary
 from steerable.serve.metrics import Metrics
 from steerable.serve.plans import PlanBook
 from steerable.serve.scheduler import Scheduler
+from steerable.steering.plan import SteeringPlan
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -40,7 +46,7 @@ class ServerState:
     @classmethod
     def build(cls, handle: ModelHandle, config: ServeConfig) -> ServerState:
         """Everything but the model is loaded here; any bad file stops the server before it listens."""
-        config.limits.check()
+        config.check()
         library = VectorLibrary.load(config.vectors, handle)
         book = PlanBook.load(handle, library, config.presets, config.default_plan, config.limits.max_plan_entries)
         keys = ApiKeys.load(config.api_keys)
@@ -49,6 +55,12 @@ class ServerState:
         scheduler = Scheduler(Engine(handle, metrics), config.limits, metrics)
         scheduler_box.append(scheduler)
         admission = Admission(handle, book, config.limits, config.model_id)
+        # a preset or default plan that cannot run is refused now, not at every request that uses it
+        trial = Engine(handle, Metrics())
+        for name, plan in sorted(book.presets.items()):
+            trial_run(trial, admission, plan, f"preset {name}")
+        if book.default is not None and all(book.default is not p for p in book.presets.values()):
+            trial_run(trial, admission, book.default, f"default plan {book.default_name}")
         return cls(config.model_id, handle, library, book, keys, config.limits, metrics, scheduler, admission,
                    int(time.time()))
 
@@ -71,12 +83,49 @@ class ServerState:
         return "\n".join(lines)
 
 
+def trial_run(engine: Engine, admission: Admission, plan: SteeringPlan, origin: str) -> None:
+    """Decode two tokens of a short chat under `plan`; a SteerableError naming `origin` if it cannot run."""
+    handle = engine.handle
+    messages: Messages = [{"role": "user", "content": "Hello"}]
+    ids = list(handle.tokenizer(handle.render(messages), add_special_tokens=not handle.has_chat_template)["input_ids"])
+    turns = admission.turns(messages, len(ids)) if plan.needs_turns else None
+    try:
+        engine.trial(Job(ids, plan, 2, turns=turns))
+    except Exception as e:
+        kind = "" if isinstance(e, SteerableError) else f"{type(e).__name__}: "
+        raise SteerableError(f"{origin} cannot run on {handle.name}: {kind}{e}") from None
+
+
+def json_http_protocol(metrics: Metrics) -> type[H11Protocol]:
+    """uvicorn's h11 protocol, but a request whose HTTP framing h11 cannot parse (a garbled request line,
+    a bad Content-Length or chunk size, …) gets the server's JSON error body instead of plain text, and is
+    counted in /metrics. Everything else is uvicorn's own."""
+
+    class JsonErrorsH11Protocol(H11Protocol):
+        def send_400_response(self, msg: str) -> None:
+            metrics.answered("other", 400, error="bad_http")
+            body = json.dumps(ApiError(400, f"malformed HTTP request: {msg}", code="invalid_http",
+                                       kind="bad_http").body()).encode()
+            headers = [(b"content-type", b"application/json"), (b"connection", b"close"),
+                       (b"content-length", str(len(body)).encode())]
+            try:
+                self.transport.write(self.conn.send(h11.Response(status_code=400, headers=headers,
+                                                                 reason=b"Bad Request")) or b"")
+                self.transport.write(self.conn.send(h11.Data(data=body)) or b"")
+                self.transport.write(self.conn.send(h11.EndOfMessage()) or b"")
+            except h11.LocalProtocolError:  # a response had already started: nothing more can be said
+                pass
+            self.transport.close()
+
+    return JsonErrorsH11Protocol
+
+
 def uvicorn_server(state: ServerState, host: str, port: int, log_level: str = "warning") -> uvicorn.Server:
     """The app on uvicorn, not yet running: `serve` runs it in the foreground, tests in a thread."""
     from steerable.serve.app import create_app
 
     config = uvicorn.Config(create_app(state), host=host, port=port, log_level=log_level, access_log=False,
-                            timeout_graceful_shutdown=5, lifespan="on")
+                            timeout_graceful_shutdown=5, lifespan="on", http=json_http_protocol(state.metrics))
     return uvicorn.Server(config)
 
 
@@ -88,8 +137,10 @@ def serve(config: ServeConfig) -> None:
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
         sock.bind((config.host, config.port))
-    except OSError as e:
-        raise SteerableError(f"cannot listen on {config.host}:{config.port}: {e.strerror}") from None
+    except (OSError, OverflowError, UnicodeError) as e:
+        sock.close()
+        reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
+        raise SteerableError(f"cannot listen on {config.host}:{config.port}: {reason}") from None
     host = f"[{config.host}]" if ":" in config.host else config.host
     print(state.banner(f"http://{host}:{sock.getsockname()[1]}"), file=sys.stderr, flush=True)
     server.run(sockets=[sock])
