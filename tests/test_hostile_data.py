@@ -306,6 +306,7 @@ BIG = "1" + "0" * 400
     (["drift", "--axis", "a", "--out", "o", "--layer", "-2"], "out of range"),
     (["bake", "--steer", "v", "--out", "o", "--direction", BIG], "not a whole number"),
     (["sim", "--out", "o", "--seed", "-1"], "out of range"),
+    (["axis", "--out", "o", "--responses", "/dev/null"], "not a regular file"),
 ], ids=lambda v: "-".join(v[:1] + [a for a in v if a.startswith("--")][-1:]) if isinstance(v, list) else None)
 def test_numeric_flags_are_bounded(capsys, argv, needle):
     bad_flag(argv, capsys, needle)
@@ -354,3 +355,13 @@ def test_random_jsonl_files_load_or_raise_data_error(tmp_path, lines):
                 for r in out:
                     assert isinstance(r["prompt"], str) or check_messages(r["prompt"]) == r["prompt"]
                     json.dumps(r, ensure_ascii=False).encode("utf-8")  # the output file can be written
+
+
+def test_reused_responses_file_is_read_safely(tmp_path, capsys):
+    responses = tmp_path / "r.responses.jsonl"
+    responses.write_bytes(b'{"persona": "a"}\n{"persona": "caf\xe9"}\n')
+    bad_flag(["axis", "--out", str(tmp_path / "a.safetensors"), "--responses", str(responses)], capsys,
+             "r.responses.jsonl:2: not UTF-8")
+    responses.write_text('{"n": ' + "9" * 5000 + "}\n", encoding="utf-8")
+    bad_flag(["axis", "--out", str(tmp_path / "a.safetensors"), "--responses", str(responses)], capsys,
+             "r.responses.jsonl:1: not valid JSON")

@@ -41,6 +41,19 @@ def _plan_file(text: str) -> str:
     return text
 
 
+def _responses_file(text: str) -> str:
+    """--responses FILE: a regular UTF-8 JSONL file of objects (read once here, so a FIFO, non-UTF-8 text or a
+    line json cannot parse is an argparse error naming the file and line; the recipe checks each row's keys)."""
+    from steerable.data.jsonl import read_jsonl
+    from steerable.errors import DataError
+
+    try:
+        read_jsonl(text, "responses file")
+    except DataError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    return text
+
+
 def add_persona_parsers(sub: Any) -> None:
     from steerable.directions.axis import AXIS_ESTIMATORS
 
@@ -52,7 +65,8 @@ def add_persona_parsers(sub: Any) -> None:
     s.add_argument("--personas", type=positive, help="use the first N training personas (default all)")
     s.add_argument("--questions", type=positive, help="use the first N training questions (default all)")
     s.add_argument("--per-persona", type=int_flag(1, 10**4), default=4, help="questions each persona answers")
-    s.add_argument("--responses", help="reuse the answers of an earlier run (its .responses.jsonl): no generation")
+    s.add_argument("--responses", type=_responses_file,
+                   help="reuse the answers of an earlier run (its .responses.jsonl): no generation")
     s.add_argument("--max-new-tokens", type=new_tokens, default=48)
     s.add_argument("--batch-size", type=batch_size, default=16)
     s.add_argument("--bootstrap", type=int_flag(0, 10**4), default=20,
