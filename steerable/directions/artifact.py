@@ -398,12 +398,27 @@ def _read_tensors(path: Path) -> tuple[str | None, dict[str, torch.Tensor]]:
                 if dtype not in _FLOAT_DTYPES:
                     raise ArtifactError(f"{path}: tensor {name!r} has dtype {dtype}; direction files hold "
                                         f"floating-point tensors ({', '.join(_FLOAT_DTYPES)})")
-                tensors[name] = f.get_tensor(name).to(torch.float32)
+                stored = f.get_tensor(name)
+                tensors[name] = stored.to(torch.float32)
+                if name == "directions" and stored.dtype.itemsize < 4:
+                    tensors[name] = _renormalised(tensors[name], torch.finfo(stored.dtype).eps)
     except (SafetensorError, OSError, ValueError, TypeError, KeyError, RuntimeError, OverflowError) as e:
         if isinstance(e, SteerableError):
             raise
         raise ArtifactError(f"{path}: not a readable safetensors file ({e})") from None
     return raw_meta, tensors
+
+
+def _renormalised(directions: torch.Tensor, eps: float) -> torch.Tensor:
+    """Unit directions stored in a half (or narrower) float type are unit only to that type's precision: they
+    are made unit again in float32 when they are within a few of its rounding steps of it (else left as they
+    are, for validate to refuse)."""
+    if directions.dim() != 2 or not bool(torch.isfinite(directions).all()):
+        return directions
+    norms = directions.double().norm(dim=1, keepdim=True)
+    if not bool(((norms - 1).abs() <= max(1e-3, 4 * eps)).all()):
+        return directions
+    return (directions.double() / norms).float()
 
 
 # safetensors dtype names of the floating types torch reads (converted once to float32 on load)
@@ -415,7 +430,8 @@ def load_directions(path: str | Path, model: Any | None = None) -> DirectionSet:
     """Load and validate an artifact; with `model` (a ModelHandle) also check it fits that model.
 
     Every failure is an ArtifactError naming the file (ModelMismatchError for another model's file); a FIFO
-    or device is refused without being opened; float16/bfloat16/float64 tensors become float32.
+    or device is refused without being opened; float16/bfloat16/float64 tensors become float32 (directions
+    stored in half precision are made unit again in float32).
     """
     path = check_regular(path, "direction file")
     raw_meta, tensors = _read_tensors(path)

@@ -4,6 +4,7 @@ and CAST condition its criteria would choose (library code: the CLI and the demo
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 from collections.abc import Callable
 from typing import Any
@@ -93,7 +94,7 @@ def selection_summary(ds: DirectionSet) -> tuple[dict[str, Any], dict[str, Any] 
     }
     # what a conditional plan with layer and threshold "auto" would decide with, for each score (and "auto")
     scores = available_scores(ds)
-    choices = {s: attempt(lambda s=s: choose_cast(ds, score=s)) for s in (*scores, "auto") if scores}
+    choices = {s: attempt(functools.partial(choose_cast, ds, score=s)) for s in (*scores, "auto") if scores}
     sel["conditions"] = {s: dataclasses.asdict(c) for s, c in choices.items() if c is not None}
     choice = choices.get("cast")
     return sel, dataclasses.asdict(choice) if choice is not None else None
