@@ -62,3 +62,36 @@ def response_means(
             bar.update(len(idx))
     bar.close()
     return out
+
+
+@torch.inference_mode()
+def prompt_features(
+    handle: ModelHandle,
+    prompts: Sequence[str | Messages],
+    layers: Sequence[int],
+    *,
+    site: str = "resid_post",
+    batch_size: int = 16,
+    progress: bool = True,
+) -> torch.Tensor:
+    """[len(layers), n, d] float32: each rendered prompt's activation at its last token (where a CAST
+    condition reads it), kept whole for small sets that are validated by leaving groups out."""
+    check_site(site)
+    layers = list(layers)
+    for layer in layers:
+        site_module(handle.layout, site, layer)
+    out = torch.empty(len(layers), len(prompts), handle.hidden_size)
+    order = sorted(range(len(prompts)), key=lambda i: len(handle.render(prompts[i])))
+    sink: dict[int, torch.Tensor] = {}
+    bar = tqdm(total=len(prompts), desc=f"capture {site}", unit="prompt", disable=not progress, leave=False)
+    with reading_hooks(handle, layers, site, sink):
+        for start in range(0, len(order), batch_size):
+            idx = order[start : start + batch_size]
+            enc = handle.encode([handle.render(prompts[i]) for i in idx])
+            with contextlib.suppress(StopForward):
+                handle.model(**enc, position_ids=position_ids(enc["attention_mask"]), use_cache=False)
+            for j, layer in enumerate(layers):
+                out[j, idx] = sink.pop(layer)[:, -1].float().cpu()  # left padding: the last token is at -1
+            bar.update(len(idx))
+    bar.close()
+    return out

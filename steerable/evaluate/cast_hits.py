@@ -26,7 +26,7 @@ def cast_hits(handle: ModelHandle, plan: Any, prompts: Sequence[str | Messages],
     for start in range(0, len(prompts), batch_size):
         batch = PromptBatch.encode(handle, prompts[start : start + batch_size], system)
         with steer(handle, checked, batch=batch) as session:
-            handle.model(input_ids=batch.ids, attention_mask=batch.mask)
+            handle.model(**batch.inputs())  # the positions generate() uses, so decisions match generation
             out += session.decisions[conds[0]].flatten().bool().tolist()
     return out
 

@@ -85,6 +85,9 @@ class CastCondition:
         if self.choice is not None:
             out.update(heldout_recall=self.choice.recall, heldout_precision=self.choice.precision,
                        heldout_fpr=self.choice.fpr)
+        fixed = self.vectors.meta.get("condition")
+        if isinstance(fixed, dict) and fixed.get("layer") == self.layer and fixed.get("score") == self.score:
+            out.update(leave_one_source_out=fixed.get("loso"), fires_per_source=fixed.get("fires_per_source"))
         return out
 
 
@@ -111,6 +114,12 @@ def build_condition(entry: Mapping[str, Any], name: str, ds: DirectionSet, handl
         raise PlanError(f"condition score must be one of {', '.join((*SCORES, 'auto'))}, got {str(score)[:20]!r}")
     if score == "auto" and threshold != "auto":
         raise PlanError('score "auto" chooses the threshold too: give threshold "auto", or a score for the number')
+    fixed = ds.meta.get("condition")
+    if isinstance(fixed, dict) and layer == "auto" and threshold == "auto" and entry.get("score") in (None, "auto",
+                                                                                                   fixed.get("score")):
+        # chosen at calibration by leaving each source out (directions/multi_source.py)
+        layer, threshold, score = int(fixed["layer"]), float(fixed["threshold"]), str(fixed["score"])
+        compare = compare or str(fixed["compare"])
     choice = None
     if score in available_scores(ds) or (score == "auto" and available_scores(ds)):
         choice = choose_cast(ds, layer=None if layer == "auto" else layer,

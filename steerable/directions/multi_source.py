@@ -1,0 +1,191 @@
+"""A CAST condition fitted on several sources per class and chosen by leave-one-source-out validation.
+
+A condition calibrated on one harmful set (advbench vs benign) places its threshold at that set's margin and
+fires on only part of other harmful distributions. Here every candidate (score × layer) is validated the way
+real traffic tests it: for each source in turn, the direction and the threshold are fitted without it and its
+recall (a harmful source) or false-positive rate (a benign one) is measured on all of its prompts. The
+candidate whose worst held-out source still meets the targets (recall ≥ `min_recall`, FPR ≤ `max_fpr`) wins;
+among those, or failing that among all, the one with the best mean balanced accuracy over held-out sources.
+
+The direction is the source-balanced mean difference (every source weighs the same, whatever its size), read
+at the last prompt token, where a condition reads it; the threshold rule is cast_calibration's: the midpoint
+of the gap between the `recall`-quantile of the positives and the (1 − recall)… quantile of the negatives
+when they leave one, else the positives' recall-quantile. The artifact records the choice and the
+leave-one-source-out table in `meta["condition"]`; a conditional plan with layer and threshold "auto" uses it.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from steerable.capture.features import prompt_features
+from steerable.directions.artifact import DirectionSet
+from steerable.directions.calibrate import artifact_meta
+from steerable.directions.cast_calibration import SCORES
+from steerable.directions.quality import auroc, cast_score, cohens_d, percentiles
+from steerable.errors import DataError
+from steerable.models.load import ModelHandle
+
+HELDOUT_EVERY = 5  # prompt k of a source is in the held-out fold when k % 5 == 4 (quality statistics)
+
+
+@dataclass(frozen=True)
+class Source:
+    name: str
+    label: int  # 1: the condition should fire (e.g. harmful), 0: it should not
+    prompts: Sequence[Any]
+
+
+def _unit(v: torch.Tensor) -> torch.Tensor:
+    return v / v.norm().clamp_min(1e-12)
+
+
+def _balanced_direction(x: torch.Tensor, groups: list[torch.Tensor], labels: list[int]) -> torch.Tensor:
+    """mean over positive sources of their means − the same over negative sources, as a unit vector."""
+    pos = torch.stack([x[g].mean(0) for g, y in zip(groups, labels, strict=True) if y == 1]).mean(0)
+    neg = torch.stack([x[g].mean(0) for g, y in zip(groups, labels, strict=True) if y == 0]).mean(0)
+    return _unit(pos - neg)
+
+
+def _score(x: torch.Tensor, unit: torch.Tensor, score: str) -> torch.Tensor:
+    return x @ unit if score == "projection" else cast_score(x, unit)
+
+
+def _threshold(pos: torch.Tensor, neg: torch.Tensor, recall: float) -> tuple[float, str]:
+    """(threshold, compare) from positive and negative scores, by cast_calibration's max-margin rule."""
+    compare = ">" if float(pos.median()) > float(neg.median()) else "<"
+    q = torch.tensor([1 - recall, recall], dtype=pos.dtype)
+    if compare == ">":
+        t_rec, t_neg = float(torch.quantile(pos, q[0])), float(torch.quantile(neg, q[1]))
+        gap = t_rec - t_neg
+    else:
+        t_rec, t_neg = float(torch.quantile(pos, q[1])), float(torch.quantile(neg, q[0]))
+        gap = t_neg - t_rec
+    return ((t_rec + t_neg) / 2 if gap > 0 else t_rec), compare
+
+
+def _fires(s: torch.Tensor, threshold: float, compare: str) -> torch.Tensor:
+    return s > threshold if compare == ">" else s < threshold
+
+
+def _loso(x: torch.Tensor, groups: list[torch.Tensor], labels: list[int], names: list[str], score: str,
+          recall: float) -> dict[str, float]:
+    """Per source, the rate of firing on its prompts when direction and threshold are fitted without it."""
+    out = {}
+    for k in range(len(groups)):
+        rest = [i for i in range(len(groups)) if i != k]
+        if len({labels[i] for i in rest}) < 2:
+            out[names[k]] = math.nan  # the last source of its class cannot be left out
+            continue
+        unit = _balanced_direction(x, [groups[i] for i in rest], [labels[i] for i in rest])
+        pos = torch.cat([_score(x[groups[i]], unit, score) for i in rest if labels[i] == 1])
+        neg = torch.cat([_score(x[groups[i]], unit, score) for i in rest if labels[i] == 0])
+        t, cmp = _threshold(pos, neg, recall)
+        out[names[k]] = float(_fires(_score(x[groups[k]], unit, score), t, cmp).double().mean())
+    return out
+
+
+def calibrate_condition(handle: ModelHandle, sources: Sequence[Source], *, layers: Sequence[int] | None = None,
+                        site: str = "resid_post", recall: float = 0.9, max_fpr: float = 0.1, batch_size: int = 16,
+                        progress: bool = True) -> DirectionSet:
+    """A condition artifact from several sources per class, with the leave-one-source-out choice in its meta."""
+    if not any(s.label == 1 for s in sources) or not any(s.label == 0 for s in sources):
+        raise DataError("a condition needs at least one source of each class (label 1 and label 0)")
+    empty = [s.name for s in sources if len(s.prompts) < HELDOUT_EVERY]
+    if empty:
+        raise DataError(f"sources {empty} have fewer than {HELDOUT_EVERY} prompts")
+    if not 0 < recall < 1 or not 0 <= max_fpr < 1:
+        raise DataError(f"recall must be in (0, 1) and max_fpr in [0, 1), got {recall}, {max_fpr}")
+    layers = list(range(handle.n_layers)) if layers is None else sorted(set(layers))
+    prompts = [p for s in sources for p in s.prompts]
+    feats = prompt_features(handle, prompts, layers, site=site, batch_size=batch_size, progress=progress)
+    groups, start = [], 0
+    for s in sources:
+        groups.append(torch.arange(start, start + len(s.prompts)))
+        start += len(s.prompts)
+    labels, names = [s.label for s in sources], [s.name for s in sources]
+    label = torch.tensor([s.label for s in sources for _ in s.prompts])
+    held = torch.cat([torch.arange(len(s.prompts)) % HELDOUT_EVERY == HELDOUT_EVERY - 1 for s in sources])
+    train_groups = [g[~held[g]] for g in groups]
+
+    rows, table = [], []
+    for j, layer in enumerate(layers):
+        x = feats[j].double()
+        unit = _balanced_direction(x, train_groups, labels)
+        rows.append(_layer_stats(x, unit, label, held, train_groups, labels))
+        for score in SCORES:
+            rates = _loso(x, groups, labels, names, score, recall)
+            hits = [rates[n] for n, y in zip(names, labels, strict=True) if y == 1 and not math.isnan(rates[n])]
+            fprs = [rates[n] for n, y in zip(names, labels, strict=True) if y == 0 and not math.isnan(rates[n])]
+            table.append({"layer": layer, "score": score, "rates": rates,
+                          "min_recall": min(hits, default=math.nan), "max_fpr": max(fprs, default=math.nan),
+                          "balanced": (sum(hits) / max(len(hits), 1) + 1 - sum(fprs) / max(len(fprs), 1)) / 2})
+
+    def rank(r: dict[str, Any]) -> tuple[int, float, int]:
+        meets = r["min_recall"] >= recall and r["max_fpr"] <= max_fpr
+        return (0 if meets else 1, -r["balanced"], r["layer"])
+    best = min(table, key=rank)
+    j = layers.index(best["layer"])
+    x = feats[j].double()
+    unit = rows[j]["direction"].double()
+    train = torch.cat(train_groups)
+    s_all = _score(x, unit, best["score"])
+    threshold, compare = _threshold(s_all[train][label[train] == 1], s_all[train][label[train] == 0], recall)
+    fires = _fires(s_all, threshold, compare)
+    per_source = {n: {"class": "positive" if y else "negative", "n": len(g),
+                      "fires": float(fires[g].double().mean())} for n, g, y in zip(names, groups, labels, strict=True)}
+    meta = artifact_meta(handle, {"sources": [{"name": n, "label": y, "n": len(g)}
+                                              for n, g, y in zip(names, groups, labels, strict=True)],
+                                  "heldout_rule": f"prompt index within its source % {HELDOUT_EVERY} == "
+                                                  f"{HELDOUT_EVERY - 1}"})
+    meta.update(estimator="mean-diff (source-balanced)", site=site, position="last",
+                counts={"train_pos": int((label[train] == 1).sum()), "train_neg": int((label[train] == 0).sum()),
+                        "heldout_pos": int((label[held] == 1).sum()), "heldout_neg": int((label[held] == 0).sum())},
+                condition={"layer": best["layer"], "score": best["score"], "compare": compare, "threshold": threshold,
+                           "recall_target": recall, "max_fpr": max_fpr,
+                           "meets_targets": rank(best)[0] == 0, "loso": best["rates"],
+                           "loso_min_recall": best["min_recall"], "loso_max_fpr": best["max_fpr"],
+                           "fires_per_source": per_source,
+                           "candidates": table})
+    return _direction_set(layers, rows, meta)
+
+
+def _layer_stats(x: torch.Tensor, unit: torch.Tensor, label: torch.Tensor, held: torch.Tensor,
+                 train_groups: list[torch.Tensor], labels: list[int]) -> dict[str, torch.Tensor]:
+    pos_mean = torch.stack([x[g].mean(0) for g, y in zip(train_groups, labels, strict=True) if y == 1]).mean(0)
+    neg_mean = torch.stack([x[g].mean(0) for g, y in zip(train_groups, labels, strict=True) if y == 0]).mean(0)
+    proj = x @ unit
+    unit_x = x / x.norm(dim=1, keepdim=True).clamp_min(1e-12)
+    tr = ~held
+
+    def fold_pct(values: torch.Tensor) -> torch.Tensor:
+        return torch.stack([torch.stack([percentiles(values[f & (label == c)].float()) for c in (1, 0)])
+                            for f in (tr, held)])
+    return {
+        "direction": unit.float(), "raw_norm": (pos_mean - neg_mean).norm().float(),
+        "scale": ((pos_mean - neg_mean) @ unit).float(), "mean_pos": pos_mean.float(), "mean_neg": neg_mean.float(),
+        "percentiles": torch.stack([percentiles(proj[label == 1].float()), percentiles(proj[label == 0].float())]),
+        "auroc": torch.tensor(auroc(proj[held & (label == 1)].float(), proj[held & (label == 0)].float())),
+        "cohens_d": torch.tensor(cohens_d(proj[held & (label == 1)].float(), proj[held & (label == 0)].float())),
+        "mean_unit_pos": unit_x[tr & (label == 1)].mean(0).float(),
+        "mean_unit_neg": unit_x[tr & (label == 0)].mean(0).float(),
+        "cast_percentiles": fold_pct(cast_score(x, unit)), "projection_percentiles": fold_pct(proj),
+    }
+
+
+def _direction_set(layers: list[int], rows: list[dict[str, torch.Tensor]], meta: dict[str, Any]) -> DirectionSet:
+    def stack(key: str) -> torch.Tensor:
+        return torch.stack([r[key] for r in rows])
+    n = len(layers)
+    return DirectionSet(
+        layers=layers, directions=stack("direction"), raw_norms=stack("raw_norm"), scales=stack("scale"),
+        bias=torch.full((n,), math.nan), mean_pos=stack("mean_pos"), mean_neg=stack("mean_neg"),
+        percentiles=stack("percentiles"), auroc=stack("auroc"), cohens_d=stack("cohens_d"),
+        mean_unit_pos=stack("mean_unit_pos"), mean_unit_neg=stack("mean_unit_neg"),
+        cast_percentiles=stack("cast_percentiles"), projection_percentiles=stack("projection_percentiles"),
+        meta=meta)
