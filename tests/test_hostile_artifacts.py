@@ -114,6 +114,9 @@ BAD_META = {
     "axis-monitor-string": _with(axis={"monitor_layer": "2"}),
     "axis-monitor-uncalibrated": _with(axis={"monitor_layer": 0}),
     "data-string": _with(data="advbench"),
+    "condition-missing-threshold": _with(condition={"layer": 2, "score": "cast", "compare": ">"}),
+    "condition-layer-uncalibrated": _with(condition={"layer": 0, "score": "cast", "compare": ">", "threshold": 0.1}),
+    "condition-compare": _with(condition={"layer": 2, "score": "cast", "compare": ">=", "threshold": 0.1}),
 }
 
 
@@ -416,7 +419,8 @@ _json = st.recursive(
 )
 _KEYS = ["format", "format_version", "layers", "model", "site", "position", "estimator", "counts", "axis", "data",
          "name", "combined", "dropped", "skipped_layers", "model.name", "model.n_layers", "model.hidden_size",
-         "model.config_hash", "axis.monitor_layer", "counts.heldout_pos", "other"]
+         "model.config_hash", "axis.monitor_layer", "counts.heldout_pos", "condition", "condition.layer",
+         "condition.threshold", "condition.score", "other"]
 
 
 def test_fuzz_artifact_metadata(tmp_path):
@@ -428,6 +432,7 @@ def test_fuzz_artifact_metadata(tmp_path):
     def check(changes: list[tuple[str, Any]]) -> None:
         meta = base_meta()
         meta["axis"] = {"monitor_layer": 2, "cap_layers": "2-3"}
+        meta["condition"] = {"layer": 2, "score": "cast", "compare": ">", "threshold": 0.1}
         for key, value in changes:
             outer, _, inner = key.partition(".")
             if inner and isinstance(meta.get(outer), dict):

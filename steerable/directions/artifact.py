@@ -283,6 +283,15 @@ _OBJECT = _Spec(lambda x: isinstance(x, dict), "an object")
 _COMBINED = _Spec(lambda x: isinstance(x, dict) and isinstance(x.get("vector"), str) and _NUMBER.ok(x.get("weight")),
                   'an object {"vector": string, "weight": number}')
 
+_FINITE = _Spec(lambda x: _NUMBER.ok(x) and math.isfinite(x), "a finite number")
+_CONDITION_SCORES = ("cast", "projection")  # cast_calibration.SCORES (which imports this module)
+# multi_source.py's leave-one-source-out choice; steering/cast.py reads these four keys
+_CONDITION = _Spec(lambda x: isinstance(x, dict) and _is_int(x.get("layer")) and x["layer"] >= 0
+                   and _FINITE.ok(x.get("threshold")) and x.get("compare") in (">", "<")
+                   and x.get("score") in _CONDITION_SCORES,
+                   'an object with "layer" (a calibrated layer), "threshold" (a finite number), "compare" (">" or '
+                   '"<") and "score" (' + " or ".join(_CONDITION_SCORES) + ")")
+
 META_SCHEMA: dict[str, Any] = {
     "format": _Spec(lambda x: x == FORMAT, repr(FORMAT)),
     "format_version": _int(1, FORMAT_VERSION),
@@ -297,6 +306,7 @@ META_SCHEMA: dict[str, Any] = {
     "combined": _list_of(_COMBINED),
     "dropped": _list_of(_STR),
     "data": _OBJECT,
+    "condition": _CONDITION,
 }
 
 
@@ -340,10 +350,10 @@ def check_meta(meta: Any, layers: Sequence[int]) -> None:
     if not all(isinstance(k, str) for k in meta):
         raise ArtifactError("metadata keys must be strings")
     _check_against(meta, META_SCHEMA, "")
-    monitor = meta.get("axis", {}).get("monitor_layer")
-    if monitor is not None and monitor not in layers:
-        raise ArtifactError(f"metadata 'axis.monitor_layer' {monitor} is not a calibrated layer "
-                            f"({layer_ranges(list(layers))})")
+    for where, layer in (("axis.monitor_layer", meta.get("axis", {}).get("monitor_layer")),
+                         ("condition.layer", meta.get("condition", {}).get("layer"))):
+        if layer is not None and layer not in layers:
+            raise ArtifactError(f"metadata {where!r} {layer} is not a calibrated layer ({layer_ranges(list(layers))})")
 
 
 # -- files ----------------------------------------------------------------------------------------------
