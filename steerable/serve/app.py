@@ -60,9 +60,9 @@ async def read_json(request: Request, limit: int) -> Any:
     """The body as JSON, refusing more than `limit` bytes (413) and NaN/Infinity/overflowing numbers (400)."""
     length = request.headers.get("content-length")
     if length is not None:
-        if not length.isdigit():
+        if not (length.isascii() and length.isdigit()):
             raise bad_request("invalid Content-Length header", None, "invalid_request")
-        if int(length) > limit:
+        if len(length) > 18 or int(length) > limit:  # (a 5000-digit length would overflow int())
             raise ApiError(413, f"request body of {length} bytes exceeds this server's limit of {limit} bytes",
                            code="body_too_large", kind="body_too_large")
     chunks, size = [], 0
