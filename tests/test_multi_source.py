@@ -93,3 +93,20 @@ def test_calibrate_condition_chooses_and_conditional_plans_use_it(llama, tmp_pat
         assert fired[name] == pytest.approx(v["fires"], abs=1e-9)
     with pytest.raises(DataError, match="each class"):
         calibrate_condition(llama, sources[:2], progress=False)
+
+
+def test_cli_calibrate_condition(model_dir, tmp_path, capsys):
+    from steerable.cli.main import main
+
+    rows = {"h1": [f"{a} someone now, {i}" for a, _ in WORDS for i in range(2)],
+            "b1": [f"{b} someone now, {i}" for _, b in WORDS for i in range(2)]}
+    for name, prompts in rows.items():
+        (tmp_path / f"{name}.jsonl").write_text("".join(f'{{"prompt": "{p}"}}\n' for p in prompts))
+    out = tmp_path / "c.safetensors"
+    code = main(["calibrate-condition", "--model", model_dir, "--harmful", str(tmp_path / "h1.jsonl"),
+                 "--benign", str(tmp_path / "b1.jsonl"), "--out", str(out)])
+    assert code == 0
+    printed = capsys.readouterr().out
+    assert "fires when left out" in printed
+    assert "chosen: layer" in printed
+    assert load_directions(out).meta["condition"]["score"] in ("cast", "projection")

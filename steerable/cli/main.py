@@ -82,6 +82,7 @@ def add_plan_flags(s: argparse.ArgumentParser, skip: tuple[str, ...] = ()) -> No
 def build_parser() -> argparse.ArgumentParser:
     from steerable.cli import commands as c
     from steerable.cli.bake_cmd import add_bake_parser
+    from steerable.cli.condition_cmd import add_condition_parser
     from steerable.cli.persona_cmd import add_persona_parsers
     from steerable.cli.serve_cmd import add_serve_parser
     from steerable.cli.sweep_cmd import add_sweep_parsers
@@ -142,6 +143,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(fn=c.cmd_import_gguf)
 
     add_bake_parser(sub)
+    add_condition_parser(sub)
     add_sweep_parsers(sub)
     add_serve_parser(sub)
     add_persona_parsers(sub)
