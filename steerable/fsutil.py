@@ -36,6 +36,41 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
             os.unlink(tmp)
 
 
+def default_modes(where: str | os.PathLike) -> tuple[int, int]:
+    """(file mode, directory mode) that open() and mkdir() give in directory `where` under the current umask,
+    found by making and removing a probe of each (the umask is never changed, not even for a moment)."""
+    probe = Path(where) / f".mode-probe.{secrets.token_hex(6)}"
+    os.mkdir(probe, 0o777)
+    try:
+        dir_mode = stat.S_IMODE(os.stat(probe).st_mode)
+    finally:
+        os.rmdir(probe)
+    os.close(os.open(probe, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666))
+    try:
+        file_mode = stat.S_IMODE(os.stat(probe).st_mode)
+    finally:
+        os.unlink(probe)
+    return file_mode, dir_mode
+
+
+def apply_umask(root: str | os.PathLike) -> None:
+    """Give `root` and, for a directory, everything under it the modes a plain open()/mkdir() would have given
+    (writers such as safetensors' save_file and tempfile.mkdtemp leave 0600 / 0700). For a directory written
+    whole and then renamed into place: call it on the temporary directory before the rename."""
+    root = Path(root)
+    file_mode, dir_mode = default_modes(root.parent)
+    if not root.is_dir():
+        os.chmod(root, file_mode)
+        return
+    os.chmod(root, dir_mode)
+    for parent, dirs, files in os.walk(root):
+        for name in dirs:
+            os.chmod(os.path.join(parent, name), dir_mode)
+        for name in files:
+            if not os.path.islink(os.path.join(parent, name)):
+                os.chmod(os.path.join(parent, name), file_mode)
+
+
 def write_text_atomic(path: str | os.PathLike, text: str) -> None:
     with atomic_path(path) as tmp:
         tmp.write_text(text, encoding="utf-8")

@@ -25,7 +25,7 @@ from steerable.directions.artifact import FORMAT, DirectionSet, load_directions,
 from steerable.directions.gguf_cv import export_control_vector, import_control_vector
 from steerable.directions.summary import inspect_table, printable, safe_json
 from steerable.errors import ArtifactError, ModelMismatchError
-from steerable.fsutil import atomic_path
+from steerable.fsutil import apply_umask, atomic_path
 
 N, D = 3, 8
 LAYERS = [1, 2, 3]
@@ -241,6 +241,21 @@ def test_outputs_honour_the_umask(tmp_path):
     for path in (vec, cv, tmp_path / "plain.txt"):
         assert stat.S_IMODE(path.stat().st_mode) == 0o644, path
     assert stat.S_IMODE(private.stat().st_mode) == 0o600
+
+
+def test_apply_umask_fixes_whole_directories(tmp_path):
+    import tempfile
+
+    old = os.umask(0o022)
+    try:
+        tmp = Path(tempfile.mkdtemp(dir=tmp_path))  # 0700, as bake and the model cache make them
+        (tmp / "sub").mkdir(mode=0o700)
+        save_file({"a": torch.ones(2)}, str(tmp / "sub" / "model.safetensors"))  # 0600
+        apply_umask(tmp)
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(tmp.stat().st_mode) == stat.S_IMODE((tmp / "sub").stat().st_mode) == 0o755
+    assert stat.S_IMODE((tmp / "sub" / "model.safetensors").stat().st_mode) == 0o644
 
 
 # -- what inspect prints ----------------------------------------------------------------------------------
