@@ -55,6 +55,60 @@ def test_logistic_keeps_intercept_as_boundary():
     assert acc > 0.8
 
 
+def spurious_coordinate(d: int = 16, n: int = 300, seed: int = 0):
+    """Classes ±1 along a planted u, overlapping there (within-class spread 0.7), tiny isotropic noise (0.01), and
+    a coordinate v ⟂ u of tiny variance that separates the training sample perfectly (±0.003 ± 0.0005): the trap
+    of a probe on standardised features, which blows v and the noise coordinates up to unit variance."""
+    g = torch.Generator().manual_seed(seed)
+    u = torch.randn(d, generator=g, dtype=torch.float64)
+    u /= u.norm()
+    v = torch.randn(d, generator=g, dtype=torch.float64)
+    v -= (v @ u) * u
+    v /= v.norm()
+    centre = 3.0 + torch.randn(d, generator=g, dtype=torch.float64)
+
+    def draw(sign: float) -> torch.Tensor:
+        along = sign + 0.7 * torch.randn(n, 1, generator=g, dtype=torch.float64)
+        x = centre + along * u + 0.01 * torch.randn(n, d, generator=g, dtype=torch.float64)
+        x -= ((x - centre) @ v)[:, None] * v  # v carries only the spurious signal
+        return (x + (sign * 0.003 + 0.0005 * torch.randn(n, 1, generator=g, dtype=torch.float64)) * v).float()
+
+    pos, neg = draw(1.0), draw(-1.0)
+    st = LayerStats(d, reservoir_cap=n)
+    st.add(pos, torch.ones(n, dtype=torch.long), torch.zeros(n, dtype=torch.bool))
+    st.add(neg, torch.zeros(n, dtype=torch.long), torch.zeros(n, dtype=torch.bool))
+    return st, u.float(), v.float()
+
+
+def test_logistic_ignores_a_low_variance_coordinate_that_separates_the_sample():
+    st, u, v = spurious_coordinate()
+    xp, xn = st.pos.sample.rows, st.neg.sample.rows
+    assert float((xp @ v).min()) > float((xn @ v).max())  # v separates the training sample perfectly
+    assert float((xp @ u).min()) < float((xn @ u).max())  # u does not
+    est = get_estimator("logistic").fn(st)
+    assert abs(float(est.direction.norm()) - 1) < 1e-5
+    cos = float(est.direction @ u)
+    assert cos >= 0.99, f"cos={cos:.4f}"
+    # the intercept puts the boundary (score 0) between the class means, near the middle (symmetric classes)
+    s_pos = float(st.pos.mean.float() @ est.direction) + est.bias
+    s_neg = float(st.neg.mean.float() @ est.direction) + est.bias
+    assert s_pos > 0 > s_neg
+    assert abs(s_pos + s_neg) < 0.1 * (s_pos - s_neg)
+
+
+def test_logistic_bias_follows_a_shift_of_the_activations():
+    """bias is in projection units on raw features: shifting every activation by c moves it by −ŵ·c."""
+    st, _u, _v = spurious_coordinate(seed=1)
+    shift = torch.full((st.d,), 5.0)
+    moved = LayerStats(st.d, reservoir_cap=len(st.pos.sample.rows))
+    n = len(st.pos.sample.rows)
+    moved.add(st.pos.sample.rows + shift, torch.ones(n, dtype=torch.long), torch.zeros(n, dtype=torch.bool))
+    moved.add(st.neg.sample.rows + shift, torch.zeros(n, dtype=torch.long), torch.zeros(n, dtype=torch.bool))
+    a, b = get_estimator("logistic").fn(st), get_estimator("logistic").fn(moved)
+    assert float(a.direction @ b.direction) > 1 - 1e-4
+    assert b.bias == pytest.approx(a.bias - float(b.direction @ shift), abs=1e-3)
+
+
 def test_unknown_estimator_named():
     with pytest.raises(SteerableError, match="unknown estimator 'svm'"):
         get_estimator("svm")

@@ -5,14 +5,19 @@ Every direction is oriented so that the positive class projects higher than the 
 
 from __future__ import annotations
 
+import logging
 import math
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from steerable.capture.stats import LayerStats
 from steerable.errors import SteerableError
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -54,31 +59,64 @@ def lda(stats: LayerStats, shrinkage: float = 0.1) -> Estimate:
     return Estimate(_oriented(_unit(v), stats))
 
 
-def logistic(stats: LayerStats, l2: float = 1e-2, steps: int = 200) -> Estimate:
-    """L2-regularised logistic regression on standardised features, mapped back (w/σ), intercept kept."""
+def logistic(stats: LayerStats, l2: float = 1.0, max_iter: int = 1000) -> Estimate:
+    """L2-regularised logistic regression (scikit-learn, lbfgs) on the centred raw features, intercept kept.
+
+    The fit minimises  mean_i ℓ(y_i, w·z_i + b) + (l2/2)‖w‖²  over z = (h − h̄)/s, where h̄ is the mean of the
+    training sample and s² = tr Σ / d its average per-coordinate variance. s is one scalar, so the geometry is
+    the raw one: no coordinate is amplified (standardising each coordinate, as this probe used to, made a
+    near-constant coordinate that happens to separate the sample as cheap as the signal). On raw features this
+    is scikit-learn's C = d / (l2 · N · tr Σ), N the number of training rows.
+
+    The rule for the strength (ours) is scale- and size-free: `l2` is a penalty per training row in units of
+    the average variance. For small weights the optimum is w ∝ (Σ_z + 4·l2·I)⁻¹(μ_P − μ_N) (balanced classes),
+    a ridge discriminant on the total covariance with a ridge of 4·l2 times the average variance: with the
+    default l2 = 1 the probe leaves the mean difference only along directions whose variance is well above
+    average. In the synthetic lab (docs/persona.md) it recovers the planted axis as well as the mean
+    difference at low noise and slightly better at high noise; a weaker penalty leans on sampling noise
+    (l2 = 0.01: cosine 0.98 at σ = 0.1, n = 1000, against 0.9998).
+
+    The direction is oriented so that the positive class projects higher; `bias` is the intercept in
+    projection units on raw features: score = direction·h + bias (= (w_raw·h + b_raw)/‖w_raw‖).
+    """
+    # imported here: scikit-learn takes seconds to import, and only this estimator needs it
+    from sklearn.exceptions import ConvergenceWarning
+    from sklearn.linear_model import LogisticRegression
+
     xp, xn = stats.pos.sample.rows, stats.neg.sample.rows
     if len(xp) == 0 or len(xn) == 0:
         raise SteerableError("logistic needs samples of both classes")
-    x = torch.cat([xp, xn]).double()
-    y = torch.cat([torch.ones(len(xp)), torch.zeros(len(xn))]).double()
-    mu, sigma = x.mean(0), x.std(0).clamp_min(1e-6)
-    z = (x - mu) / sigma
-    w = torch.zeros(z.shape[1], dtype=torch.float64, requires_grad=True)
-    b = torch.zeros(1, dtype=torch.float64, requires_grad=True)
-    opt = torch.optim.LBFGS([w, b], lr=1, max_iter=steps, line_search_fn="strong_wolfe")
-
-    def loss_fn() -> torch.Tensor:
-        opt.zero_grad()
-        loss = torch.nn.functional.binary_cross_entropy_with_logits(z @ w + b, y) + l2 * (w @ w) / 2
-        loss.backward()
-        return loss
-
-    with torch.enable_grad():
-        opt.step(loss_fn)
-    w_raw = w.detach() / sigma
-    b_raw = float(b.detach()) - float(w_raw @ mu)
+    if not (math.isfinite(l2) and l2 > 0):
+        raise SteerableError(f"logistic: l2 must be a positive finite number, got {l2!r}")
+    x = torch.cat([xp, xn]).double().cpu().numpy()
+    y = np.concatenate([np.ones(len(xp)), np.zeros(len(xn))])
+    mu = x.mean(0)
+    xc = x - mu
+    scale = math.sqrt(float(np.mean(np.sum(xc * xc, axis=1))) / x.shape[1])
+    if not (math.isfinite(scale) and scale > 0):
+        raise SteerableError("logistic: the training sample has no variance (are both classes different?)")
+    model = LogisticRegression(C=1.0 / (l2 * len(x)), l1_ratio=0.0, solver="lbfgs", tol=1e-6, max_iter=max_iter)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", ConvergenceWarning)
+        model.fit(xc / scale, y)
+    for w in caught:
+        if not issubclass(w.category, ConvergenceWarning):
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+    if any(issubclass(w.category, ConvergenceWarning) for w in caught):
+        log.warning(
+            "logistic probe did not converge in %d iterations (l2=%g, %d rows, d=%d)", max_iter, l2, len(x), x.shape[1]
+        )
+    w_raw = torch.from_numpy(np.asarray(model.coef_[0], dtype=np.float64) / scale)
     norm = float(w_raw.norm())
-    return Estimate(_unit(w_raw), b_raw / norm)
+    if not (math.isfinite(norm) and norm > 0):
+        raise SteerableError("logistic: the fitted weights are zero or not finite (are both classes different?)")
+    # logit = w·(h − h̄)/s + b = w_raw·h + b_raw
+    b_raw = float(model.intercept_[0]) - float(w_raw @ torch.from_numpy(mu))
+    bias = b_raw / norm
+    direction = _unit(w_raw)
+    if float((stats.pos.mean - stats.neg.mean) @ w_raw) < 0:  # the same boundary, scored toward the positive class
+        direction, bias = -direction, -bias
+    return Estimate(direction, bias)
 
 
 @dataclass(frozen=True)
