@@ -93,8 +93,8 @@ def check_regular(path: str | os.PathLike, what: str = "file",
         mode = os.stat(path).st_mode
     except FileNotFoundError:
         raise error(f"no such {what}: {path}") from None
-    except OSError as e:
-        raise error(f"{path}: cannot read {what} ({e.strerror or e})") from None
+    except (OSError, ValueError) as e:  # ValueError: a NUL byte in the name
+        raise error(f"{path}: cannot read {what} ({getattr(e, 'strerror', None) or e})") from None
     if not stat.S_ISREG(mode):
         raise error(f"{path}: not a regular file (a {_kind(mode)}); a {what} must be a regular file")
     return path
@@ -107,8 +107,8 @@ def open_regular(path: str | os.PathLike, what: str = "file",
     check_regular(path, what, error)  # the clear "no such file" message
     try:
         fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0))
-    except OSError as e:
-        raise error(f"{path}: cannot read {what} ({e.strerror or e})") from None
+    except (OSError, ValueError) as e:
+        raise error(f"{path}: cannot read {what} ({getattr(e, 'strerror', None) or e})") from None
     try:
         mode = os.fstat(fd).st_mode
         if not stat.S_ISREG(mode):  # swapped since check_regular

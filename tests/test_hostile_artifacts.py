@@ -104,6 +104,7 @@ BAD_META = {
     "layers-bools": _with(layers=[True, 2, 3]),
     "layers-negative": _with(layers=[-1, 2, 3]),
     "layers-string": _with(layers="1-3"),
+    "layers-huge": _with(layers=[1, 2, 10**30]),
     "site-unknown": _with(site="resid_mid"),
     "position-number": _with(position=3),
     "estimator-list": _with(estimator=["mean-diff"]),
@@ -220,6 +221,8 @@ def test_a_fifo_is_refused_without_being_opened(tmp_path):
         err = _finishes(fn, fifo)
         assert isinstance(err, ArtifactError)
         assert "not a regular file (a FIFO)" in str(err)
+    with pytest.raises(ArtifactError, match="cannot read"):
+        load_directions(str(tmp_path / "a\0b"))
     err = _finishes(load_directions, tmp_path)  # a directory is no direction file either
     assert isinstance(err, ArtifactError)
     assert "directory" in str(err)
@@ -342,6 +345,8 @@ def test_gguf_names_must_be_canonical(tmp_path):
     path = write_gguf(tmp_path / "dup.gguf", {"direction.1": vec(), "direction.01": vec(seed=1)})
     with pytest.raises(ArtifactError, match=r"'direction\.01' is not named direction\.N"):
         import_control_vector(path)
+    with pytest.raises(ArtifactError, match="beyond any model"):
+        import_control_vector(write_gguf(tmp_path / "big.gguf", {"direction.99999999999999999999": vec()}))
     for name in ("direction.+1", "direction.1.0", "direction.\u0661", "direction."):
         with pytest.raises(ArtifactError, match=r"is not named direction\.N"):
             import_control_vector(write_gguf(tmp_path / "n.gguf", {name: vec()}))

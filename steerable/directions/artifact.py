@@ -25,6 +25,7 @@ from steerable.errors import ArtifactError, ModelMismatchError, PlanError, Steer
 from steerable.fsutil import atomic_path, check_regular
 
 FORMAT = "steerable.directions"
+MAX_LAYER = (1 << 20) - 1  # no model has more decoder blocks; larger "layer" numbers in a file are refused
 FORMAT_VERSION = 2  # 2 added the optional tensors; version 1 files still load (they are None)
 # Tensor name -> (shape given n layers and d) used to validate files we did not write.
 _TENSORS = {
@@ -170,8 +171,8 @@ class DirectionSet:
         if not layers:
             raise ArtifactError("the direction set has no layer")
         n = len(layers)
-        if len(set(layers)) != n or any(layer < 0 for layer in layers):
-            raise ArtifactError(f"bad layer list {_show(layers)} (layers must be distinct and non-negative)")
+        if len(set(layers)) != n or any(not 0 <= layer <= MAX_LAYER for layer in layers):
+            raise ArtifactError(f"bad layer list {_show(layers)} (layers must be distinct, in 0..{MAX_LAYER})")
         for name in (*_TENSORS, *_OPTIONAL):
             t = getattr(self, name)
             if t is None and name in _OPTIONAL:
@@ -301,7 +302,7 @@ META_SCHEMA: dict[str, Any] = {
     "position": _choice(POSITIONS),
     "estimator": _STR, "name": _STR, "source": _STR, "layer_convention": _STR, "created": _STR, "tool": _STR,
     "counts": _object_of(_int(0)),
-    "axis": {"monitor_layer": _int(0), "cap_layers": _STR, "estimator": _STR, "recipe": _STR},
+    "axis": {"monitor_layer": _int(0, MAX_LAYER), "cap_layers": _STR, "estimator": _STR, "recipe": _STR},
     "skipped_layers": _object_of(_STR),
     "combined": _list_of(_COMBINED),
     "dropped": _list_of(_STR),

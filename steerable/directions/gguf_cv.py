@@ -21,7 +21,7 @@ from typing import Any, BinaryIO
 import numpy as np
 import torch
 
-from steerable.directions.artifact import DirectionSet
+from steerable.directions.artifact import MAX_LAYER, DirectionSet
 from steerable.errors import ArtifactError, ModelMismatchError, SteerableError
 from steerable.fsutil import atomic_path, open_regular
 
@@ -201,6 +201,8 @@ def _read_gguf_directions(f: BinaryIO, size: int) -> dict[int, torch.Tensor]:
         if m is None:
             raise _Refused(f"tensor {name!r} is not named direction.N (N a layer number in decimal, without "
                                 "leading zeros)")
+        if int(m.group(1)) > MAX_LAYER:
+            raise _Refused(f"tensor {name!r}: layer {m.group(1)} is beyond any model (at most {MAX_LAYER})")
         if len(dims) != 1:
             raise _Refused(f"tensor {name!r} has shape {list(reversed(dims))}; a control vector's tensors "
                                 "are 1-D")
