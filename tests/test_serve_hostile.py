@@ -14,6 +14,7 @@ import re
 import socket
 import threading
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -528,7 +529,8 @@ PLAN_ENTRY = st.dictionaries(st.sampled_from(sorted(PLAN_KEYS | set(CONDITIONAL_
 # near-valid plans reach the hooks: the nice vector, a real method with its own keys and sensible values,
 # now and then one random key more
 _BOUND = st.one_of(st.floats(-5, 5), st.sampled_from(["p5", "p50", "p95", "n10"]))
-_OWN = {"add": {"strength": st.floats(-8, 8)}, "ablate": {}, "cap": {"cap_floor": _BOUND, "cap_ceiling": _BOUND},
+_OWN: dict[str, dict[str, st.SearchStrategy[Any]]] = {
+        "add": {"strength": st.floats(-8, 8)}, "ablate": {}, "cap": {"cap_floor": _BOUND, "cap_ceiling": _BOUND},
         "rotate": {"angle": st.floats(-360, 360)}, "angular": {"angle": st.floats(-360, 360)},
         "angular-adaptive": {"angle": st.floats(-360, 360)}, "sttp": {"threshold": _BOUND, "target": _BOUND},
         "stmp": {"threshold": _BOUND, "target": _BOUND}}
@@ -577,14 +579,21 @@ NEAR_CHAT = st.builds(lambda extra, messages: {"model": "tiny", "messages": mess
 NEAR_COMPLETION = st.builds(lambda extra, prompt: {"model": "tiny", "prompt": prompt, **extra},
                             st.dictionaries(st.sampled_from(sorted(COMMON)), st.one_of(*COMMON.values()),
                                             max_size=2), st.text(min_size=1, max_size=20))
-FUZZ = {"examples": 0, "seconds": 0.0, "statuses": {}}
+@dataclass
+class Tally:
+    examples: int = 0
+    seconds: float = 0.0
+    statuses: dict[int, int] = field(default_factory=dict)
+
+
+FUZZ = Tally()
 
 
 def _check_answer(live: Served, path: str, body: Any) -> None:
     raw = json.dumps(body, ensure_ascii=True)  # lone surrogates travel as \udc00 escapes, as a client sends them
     status, data = live.raw("POST", path, raw.encode())
-    FUZZ["examples"] += 1
-    FUZZ["statuses"][status] = FUZZ["statuses"].get(status, 0) + 1
+    FUZZ.examples += 1
+    FUZZ.statuses[status] = FUZZ.statuses.get(status, 0) + 1
     assert status < 500, (path, body, data[:300])
     if body.get("stream") is True and status == 200:
         assert data.startswith(b"data: ")
@@ -604,7 +613,7 @@ def test_fuzz_random_bodies_never_get_a_500(live: Served, chat: bool, chat_body:
         _check_answer(live, "/v1/chat/completions", chat_body)
     else:
         _check_answer(live, "/v1/completions", completion_body)
-    FUZZ["seconds"] += time.monotonic() - t
+    FUZZ.seconds += time.monotonic() - t
 
 
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture,
@@ -614,11 +623,10 @@ def test_fuzz_random_plans_never_get_a_500(live: Served, plan: Any, monitor: Any
     t = time.monotonic()
     _check_answer(live, "/v1/completions", {"model": "tiny", "prompt": prompt, "max_tokens": 3, "steering": plan,
                                             **({} if monitor is None else {"steering_monitor": monitor})})
-    FUZZ["seconds"] += time.monotonic() - t
+    FUZZ.seconds += time.monotonic() - t
 
 
 def test_the_server_is_healthy_after_the_fuzz(live: Served) -> None:
     status, body = live.post("/v1/completions", {"model": "tiny", "prompt": "x", "max_tokens": 2})
     assert status == 200, body
-    print(f"\nfuzz: {FUZZ['examples']} requests in {FUZZ['seconds']:.1f} s, "
-          f"statuses {sorted(FUZZ['statuses'].items())}")
+    print(f"\nfuzz: {FUZZ.examples} requests in {FUZZ.seconds:.1f} s, statuses {sorted(FUZZ.statuses.items())}")

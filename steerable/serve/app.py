@@ -229,8 +229,8 @@ def create_app(state: ServerState) -> FastAPI:
 
     @app.exception_handler(Exception)
     async def internal_error(request: Request, exc: Exception) -> Response:
-        log.error("unhandled error answering %s %s", request.method, endpoint_label(request),
-                  exc_info=(type(exc), exc, exc.__traceback__))
+        # (the traceback itself is logged by uvicorn, to which Starlette re-raises it)
+        log.error("unhandled %s answering %s %s", type(exc).__name__, request.method, endpoint_label(request))
         metrics.answered(endpoint_label(request), 500, error="internal")
         return error_response(ApiError(500, "internal server error", code="internal_error"))
 

@@ -84,13 +84,17 @@ class ServerState:
 
 
 def trial_run(engine: Engine, admission: Admission, plan: SteeringPlan, origin: str) -> None:
-    """Decode two tokens of a short chat under `plan`; a SteerableError naming `origin` if it cannot run."""
+    """Decode two tokens of a short chat and of a raw completion prompt under `plan`, as admission prepares
+    them; a SteerableError naming `origin` if it cannot run."""
     handle = engine.handle
     messages: Messages = [{"role": "user", "content": "Hello"}]
-    ids = list(handle.tokenizer(handle.render(messages), add_special_tokens=not handle.has_chat_template)["input_ids"])
-    turns = admission.turns(messages, len(ids)) if plan.needs_turns else None
     try:
-        engine.trial(Job(ids, plan, 2, turns=turns))
+        text = handle.render(messages)
+        for ids, chat in ((handle.tokenizer(text, add_special_tokens=not handle.has_chat_template), messages),
+                          (handle.tokenizer("Hello", add_special_tokens=True), None)):
+            prompt = list(ids["input_ids"])
+            turns = admission.turns(chat, len(prompt)) if plan.needs_turns else None
+            engine.trial(Job(prompt, plan, 2, turns=turns))
     except Exception as e:
         kind = "" if isinstance(e, SteerableError) else f"{type(e).__name__}: "
         raise SteerableError(f"{origin} cannot run on {handle.name}: {kind}{e}") from None
