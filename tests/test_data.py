@@ -177,3 +177,17 @@ def test_wheel_files_are_checked_and_logged_not_printed(tmp_path, monkeypatch, c
         "downloading otherpkg==2.0 …"
     ]
     assert capsys.readouterr().err == ""
+
+
+def test_prompt_rows_know_their_lines(tmp_path):
+    from steerable.data.loaders import load_prompt_rows_located
+
+    f = tmp_path / "rows.jsonl"
+    f.write_text('\n{"prompt": "a"}\n\n  \n{"prompt": [{"role": "user", "content": "b"}], "plan": null}\n',
+                 encoding="utf-8")
+    located = load_prompt_rows_located(str(f))
+    assert [w for w, _ in located] == [f"{f}:2", f"{f}:5"]
+    assert [r["prompt"] for _, r in located] == ["a", [{"role": "user", "content": "b"}]]
+    assert load_prompt_rows(str(f)) == [r for _, r in located]
+    assert [w for w, _ in load_prompt_rows_located("persona-harmful")][:2] == ["persona-harmful row 1",
+                                                                                "persona-harmful row 2"]
