@@ -24,7 +24,7 @@ from steerable.cli.main import main
 from steerable.directions.artifact import FORMAT, DirectionSet, load_directions, save_directions
 from steerable.directions.gguf_cv import export_control_vector, import_control_vector
 from steerable.directions.summary import inspect_table, printable, safe_json
-from steerable.errors import ArtifactError, ModelMismatchError
+from steerable.errors import ArtifactError, ModelMismatchError, SteerableError
 from steerable.fsutil import apply_umask, atomic_path
 
 N, D = 3, 8
@@ -380,6 +380,12 @@ def test_gguf_truncated_and_flipped_files(tmp_path):
     err = _finishes(import_control_vector, tmp_path / "f.gguf")
     assert isinstance(err, ArtifactError)
     assert "truncated" in str(err)
+
+
+def test_gguf_export_refuses_overflowing_vectors(tmp_path):
+    with pytest.raises(SteerableError, match="not a finite"):
+        export_control_vector(small_set(), tmp_path / "cv.gguf", strength=1e39)
+    assert not (tmp_path / "cv.gguf").exists()
 
 
 def test_gguf_all_zero_vectors(tmp_path):

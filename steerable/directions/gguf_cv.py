@@ -44,14 +44,17 @@ def export_control_vector(
     if not chosen:
         raise SteerableError("no exportable layers (llama.cpp control vectors cover blocks ≥ 1)")
     model = ds.meta.get("model", {})
+    vectors = {layer: (strength * ds.scales[ds.row(layer)].double() * ds.directions[ds.row(layer)].double())
+               .float().numpy().astype(np.float32) for layer in chosen}
+    for layer, vec in vectors.items():
+        if not np.isfinite(vec).all():
+            raise SteerableError(f"strength {strength} × scale at layer {layer} is not a finite float32 vector")
     path = Path(path)
     with atomic_path(path) as tmp:
         writer = gguf.GGUFWriter(str(tmp), "controlvector")
         writer.add_string("controlvector.model_hint", _ARCH_HINT.get(model.get("family", ""), model.get("family", "")))
         writer.add_uint32("controlvector.layer_count", len(chosen))
-        for layer in chosen:
-            r = ds.row(layer)
-            vec = (strength * ds.scales[r] * ds.directions[r]).float().numpy().astype(np.float32)
+        for layer, vec in vectors.items():
             writer.add_tensor(f"direction.{layer}", vec)
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
