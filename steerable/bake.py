@@ -26,6 +26,7 @@ from torch import nn
 from steerable.capture.sites import get_hidden, replace_hidden
 from steerable.directions.artifact import DirectionSet
 from steerable.errors import SteerableError
+from steerable.fsutil import apply_umask
 from steerable.models.layout import find_layout
 
 BAKE_FORMAT = "steerable.baked"
@@ -171,6 +172,7 @@ def _atomic_dir(out: Path) -> Iterator[Path]:
     old: Path | None = None
     try:
         yield tmp
+        apply_umask(tmp)  # mkdtemp and save_pretrained leave 0700 / 0600: give the outputs plain modes
         if out.exists() and any(out.iterdir()):
             # os.replace cannot replace a non-empty directory: move the old one aside, then drop it.
             old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old.", dir=out.parent))

@@ -369,6 +369,20 @@ def test_lone_surrogates_get_a_400_naming_the_field(live: Served, body: str, fie
     assert "not valid Unicode" in got["error"]["message"]
 
 
+def test_bad_input_found_while_admitting_is_a_400(live: Served, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A SteerableError raised while a request is admitted (e.g. a chat template refusing the messages, which
+    ModelHandle.render turns into a DataError) is the request's fault: 400, never 500."""
+    from steerable.errors import DataError
+
+    def refuse(*_args: Any, **_kwargs: Any) -> str:
+        raise DataError("the chat template refused the messages: roles must alternate")
+    monkeypatch.setattr(live.state.admission.handle, "render", refuse)
+    status, got = live.post("/v1/chat/completions", {"model": "tiny", "messages": CHAT, "max_tokens": 2})
+    assert status == 400, got
+    assert is_error(status, got)
+    assert "roles must alternate" in got["error"]["message"]
+
+
 # -- steering_monitor on vectors it cannot apply to ----------------------------------------------------
 
 

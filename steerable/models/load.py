@@ -24,6 +24,7 @@ import torch
 from steerable.data.messages import Messages as Messages  # re-exported: callers import it from here
 from steerable.data.messages import chat_messages, check_text
 from steerable.errors import ArtifactError, DataError
+from steerable.fsutil import apply_umask
 from steerable.models.builtin import BUILTIN_MODELS, DEFAULT_MODEL
 from steerable.models.layout import Layout, config_hash, find_layout
 from steerable.sources.wheels import cache_dir, fetch_files
@@ -171,6 +172,7 @@ def _cache_gguf_as_f32(gguf: Path, out: Path) -> Path:
         with quiet_transformers():
             model.save_pretrained(tmp)
             tok.save_pretrained(tmp)
+        apply_umask(tmp)  # mkdtemp and save_pretrained leave 0700 / 0600
         os.replace(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

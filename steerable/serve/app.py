@@ -17,6 +17,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse, Response, Streami
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
+from steerable.errors import SteerableError
 from steerable.serve import schemas
 from steerable.serve.admission import Admitted, usage
 from steerable.serve.errors import ApiError, bad_request
@@ -247,6 +248,10 @@ def create_app(state: ServerState) -> FastAPI:
             reply = Reply(admitted, state.model_id, chat)
             admitted.job.request_id = reply.id
             state.scheduler.submit(admitted.job)
+        except SteerableError as e:  # bad input found while admitting (e.g. a chat template refusing the messages)
+            err = bad_request(str(e), None, "invalid_request")
+            metrics.answered(endpoint, err.status, error=err.kind)
+            return error_response(err)
         except ApiError as e:
             metrics.answered(endpoint, e.status, error=e.kind)
             return error_response(e)
