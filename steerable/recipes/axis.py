@@ -8,7 +8,6 @@ The recipe lives here, not in directions/, because it generates text (stage 5) b
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -16,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from steerable.data import roles
+from steerable.data.jsonl import read_jsonl_numbered
 from steerable.data.roles import Persona, Question
 from steerable.directions.artifact import DirectionSet
 from steerable.directions.axis import AXIS_ESTIMATORS, AxisData, RoleRow, capture_axis_data, fit_axis, role_rows
@@ -39,11 +39,15 @@ def answer(handle: ModelHandle, rows: Sequence[RoleRow], *, max_new_tokens: int 
 
 
 def read_responses(path: str | Path) -> list[RoleRow]:
-    """The answers of an earlier run (its `.responses.jsonl`: one `RoleRow.to_json()` per line)."""
-    try:
-        return [RoleRow(**json.loads(line)) for line in Path(path).read_text("utf-8").splitlines() if line.strip()]
-    except (OSError, TypeError, json.JSONDecodeError) as e:
-        raise DataError(f"{path}: not a responses file written by `steerable axis` ({e})") from e
+    """The answers of an earlier run (its `.responses.jsonl`: one `RoleRow.to_json()` per line); read like every
+    JSONL input (a FIFO, bad bytes or bad JSON are DataErrors naming the line)."""
+    out = []
+    for line, row in read_jsonl_numbered(path, "responses file"):
+        try:
+            out.append(RoleRow(**row))
+        except TypeError as e:
+            raise DataError(f"{path}:{line}: not a row written by `steerable axis` ({e})") from None
+    return out
 
 
 @dataclass
