@@ -1,22 +1,41 @@
-"""Capability (methods.md §8): zero-shot MMLU accuracy on a fixed stratified subset, and its change under
-a plan with a paired-bootstrap interval."""
+"""Capability (methods.md §8): MMLU accuracy on a fixed stratified subset, in one of several answer formats,
+and its change under a plan with a paired-bootstrap interval.
+
+Formats (by name; `-Kshot` after any of them prepends K solved items of the same subject as earlier chat
+turns, e.g. "cue-3shot"):
+
+- "letter": the highest of the letter logits A–D at the start of the reply (the format of seeds 000–003);
+- "cue": the reply opens with the answer cue `CUE` ("The answer is (") and the letter logit is read after it;
+- "choice-loglik": the question alone, each choice's full text scored as the reply, the highest mean
+  per-token log-likelihood wins (four continuations per item).
+
+Every format runs batched through `score_batches`, under one plan or a plan per item.
+"""
 
 from __future__ import annotations
 
 import json
 import random
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+import torch
 
 from steerable.data.sources import data_file
+from steerable.errors import SteerableError
 from steerable.evaluate.logits import score_batches, single_token_id
 from steerable.evaluate.refusal import Rate, rate
-from steerable.models.load import ModelHandle
+from steerable.models.load import Messages, ModelHandle
 
 LETTERS = ("A", "B", "C", "D")
+CUE = "The answer is ("
+BASE_FORMATS = ("letter", "cue", "choice-loglik")
+DEFAULT_FORMAT = "letter"
+DEV_PER_SUBJECT = 5
+_SHOTS = re.compile(r"^(?P<base>[a-z-]+?)(?:-(?P<k>\d+)shot)?$")
 
 
 @dataclass(frozen=True)
@@ -40,18 +59,42 @@ def load_mmlu() -> list[MCItem]:
     return out
 
 
-def stratified(items: Sequence[MCItem], n_per_subject: int, seed: int = 0) -> list[MCItem]:
-    """`n_per_subject` items of each subject (all if fewer), drawn by a generator seeded with (seed, subject):
-    a subject's draw depends only on its own items, so the subset is fixed. Ordered by subject, then file."""
+def _by_subject(items: Sequence[MCItem]) -> dict[str, list[int]]:
     by_subject: dict[str, list[int]] = {}
     for i, it in enumerate(items):
         by_subject.setdefault(it.subject, []).append(i)
+    return by_subject
+
+
+def stratified(items: Sequence[MCItem], n_per_subject: int, seed: int = 0) -> list[MCItem]:
+    """`n_per_subject` items of each subject (all if fewer), drawn by a generator seeded with (seed, subject):
+    a subject's draw depends only on its own items, so the subset is fixed. Ordered by subject, then file."""
+    by_subject = _by_subject(items)
     out = []
     for subject in sorted(by_subject):
         idx = by_subject[subject]
         pick = random.Random(f"{seed}:{subject}").sample(idx, min(n_per_subject, len(idx)))
         out += [items[i] for i in sorted(pick)]
     return out
+
+
+def dev_items(items: Sequence[MCItem], n_per_subject: int = DEV_PER_SUBJECT) -> dict[str, list[MCItem]]:
+    """Per subject, the fixed few-shot pool: `n_per_subject` items drawn with the seed "dev:SUBJECT"
+    (independent of `stratified`'s draw), in file order."""
+    out = {}
+    for subject, idx in _by_subject(items).items():
+        pick = random.Random(f"dev:{subject}").sample(idx, min(n_per_subject, len(idx)))
+        out[subject] = [items[i] for i in sorted(pick)]
+    return out
+
+
+def parse_format(name: str) -> tuple[str, int]:
+    """"cue-3shot" → ("cue", 3); a plain base name → (name, 0)."""
+    m = _SHOTS.match(name)
+    if m is None or m["base"] not in BASE_FORMATS:
+        raise SteerableError(f"unknown capability format {name!r}: one of {', '.join(BASE_FORMATS)}, "
+                             "optionally with -Kshot (e.g. cue-3shot)")
+    return m["base"], int(m["k"] or 0)
 
 
 def mc_prompt(item: MCItem) -> str:
@@ -61,27 +104,143 @@ def mc_prompt(item: MCItem) -> str:
     return "\n".join(lines)
 
 
-def mc_correct(handle: ModelHandle, items: Sequence[MCItem], plan: Any = None, *, batch_size: int = 16,
-               system: str | None = None, plans: Sequence[Any] | None = None) -> list[bool]:
-    """Per item, whether the letter with the highest logit at the start of the reply is the correct one
-    (under `plan`, or under each item's own plan in `plans`)."""
+def question_prompt(item: MCItem) -> str:
+    """The question without its lettered choices (the choice-loglik format scores each choice as the reply)."""
+    return f"The following is a question about {item.subject}.\n\n{item.question}"
+
+
+def shot_answer(item: MCItem, base: str) -> str:
+    """A solved example's reply in format `base`."""
+    if base == "letter":
+        return item.answer
+    if base == "cue":
+        return f"{CUE}{item.answer})"
+    return item.choices[LETTERS.index(item.answer)]
+
+
+def shots_for(item: MCItem, k: int, pool: dict[str, list[MCItem]]) -> list[MCItem]:
+    """Up to `k` solved examples for `item`: its subject's dev items other than itself (the subject's pool
+    being too small, other subjects' dev items in sorted-subject order)."""
+    own = [d for d in pool.get(item.subject, []) if d != item]
+    rest = [d for s in sorted(pool) if s != item.subject for d in pool[s] if d != item]
+    return (own + rest)[:k]
+
+
+def format_prompt(item: MCItem, fmt: str, pool: dict[str, list[MCItem]] | None = None) -> str | Messages:
+    """The prompt of `item` in format `fmt`: one user turn, or with -Kshot the K examples as earlier
+    user / assistant turns. The reply's opening (the cue, a choice text) is not part of it."""
+    base, k = parse_format(fmt)
+    ask = question_prompt if base == "choice-loglik" else mc_prompt
+    if k == 0:
+        return ask(item)
+    if pool is None:
+        pool = dev_items(load_mmlu())
+    messages: Messages = []
+    for s in shots_for(item, k, pool):
+        messages += [{"role": "user", "content": ask(s)}, {"role": "assistant", "content": shot_answer(s, base)}]
+    return [*messages, {"role": "user", "content": ask(item)}]
+
+
+def _pool_for(fmt: str, pool: dict[str, list[MCItem]] | None) -> dict[str, list[MCItem]] | None:
+    return dev_items(load_mmlu()) if pool is None and parse_format(fmt)[1] else pool
+
+
+def mc_scores(handle: ModelHandle, items: Sequence[MCItem], plan: Any = None, *, format: str = DEFAULT_FORMAT,
+              batch_size: int = 16, system: str | None = None, plans: Sequence[Any] | None = None,
+              pool: dict[str, list[MCItem]] | None = None) -> list[list[float]]:
+    """Per item, one score per choice in format `format` (letter log-probs, or mean choice log-likelihood);
+    the highest is the model's answer."""
+    base, _ = parse_format(format)
+    pool = _pool_for(format, pool)
+    prompts = [format_prompt(it, format, pool) for it in items]
+    if base == "choice-loglik":
+        return _loglik_scores(handle, items, prompts, plan, batch_size, system, plans)
+    tail = CUE if base == "cue" else ""
     letter_ids = [single_token_id(handle.tokenizer, c) for c in LETTERS]
-    out = [False] * len(items)
-    prompts = [mc_prompt(it) for it in items]
-    for b in score_batches(handle, prompts, [""] * len(items), plan, batch_size, system=system,
-                            plans=plans):
+    out: list[list[float]] = [[] for _ in items]
+    for b in score_batches(handle, prompts, [tail] * len(items), plan, batch_size, system=system, plans=plans):
         for r, i in enumerate(b.rows):
             k = len(items[i].choices)
-            choice = int(b.logprobs[r, 0, letter_ids[:k]].argmax())
-            out[i] = LETTERS[choice] == items[i].answer
+            out[i] = b.logprobs[r, int(b.tail_lengths[r]), letter_ids[:k]].tolist()
     return out
 
 
+def _loglik_scores(handle: ModelHandle, items: Sequence[MCItem], prompts: Sequence[str | Messages], plan: Any,
+                   batch_size: int, system: str | None, plans: Sequence[Any] | None) -> list[list[float]]:
+    rows = [(i, c) for i, it in enumerate(items) for c in range(len(it.choices))]
+    out = [[float("-inf")] * len(it.choices) for it in items]
+    row_plans = None if plans is None else [plans[i] for i, _ in rows]
+    for b in score_batches(handle, [prompts[i] for i, _ in rows], [items[i].choices[c] for i, c in rows], plan,
+                           batch_size, system=system, plans=row_plans):
+        target = b.ids[:, b.width :]
+        real = b.mask[:, b.width :].bool()
+        lp = b.logprobs[:, :-1].gather(-1, target.unsqueeze(-1)).squeeze(-1)  # [:, j] predicts token W + j
+        mean = torch.where(real, lp, 0.0).sum(1) / real.sum(1).clamp(min=1)
+        for r, j in enumerate(b.rows):
+            if real[r].any():
+                i, c = rows[j]
+                out[i][c] = float(mean[r])
+    return out
+
+
+def mc_correct(handle: ModelHandle, items: Sequence[MCItem], plan: Any = None, *, batch_size: int = 16,
+               system: str | None = None, plans: Sequence[Any] | None = None, format: str = DEFAULT_FORMAT,
+               pool: dict[str, list[MCItem]] | None = None) -> list[bool]:
+    """Per item, whether the model's answer in format `format` is the correct one (under `plan`, or under
+    each item's own plan in `plans`). The default, "letter", takes the highest letter logit at the start
+    of the reply."""
+    scores = mc_scores(handle, items, plan, format=format, batch_size=batch_size, system=system, plans=plans,
+                       pool=pool)
+    return [p == it.answer for p, it in zip(predicted(scores), items, strict=True)]
+
+
+def mc_scores_formats(handle: ModelHandle, items: Sequence[MCItem], formats: Sequence[str], plan: Any = None, *,
+                      batch_size: int = 16, pool: dict[str, list[MCItem]] | None = None
+                      ) -> dict[str, list[list[float]]]:
+    """`mc_scores` for several formats; "letter" and "cue" with the same shots share one pass (the letter
+    is read at the reply start, the cue's letter after the cue, in the same forward)."""
+    out: dict[str, list[list[float]]] = {}
+    letter_ids = [single_token_id(handle.tokenizer, c) for c in LETTERS]
+    todo = list(formats)
+    for fmt in formats:
+        base, k = parse_format(fmt)
+        pair = f"letter-{k}shot" if k else "letter", f"cue-{k}shot" if k else "cue"
+        if base in ("letter", "cue") and fmt in todo and all(p in todo for p in pair):
+            p = _pool_for(fmt, pool)
+            prompts = [format_prompt(it, pair[1], p) for it in items]
+            lt: list[list[float]] = [[] for _ in items]
+            cu: list[list[float]] = [[] for _ in items]
+            for b in score_batches(handle, prompts, [CUE] * len(items), plan, batch_size):
+                for r, i in enumerate(b.rows):
+                    n = len(items[i].choices)
+                    lt[i] = b.logprobs[r, 0, letter_ids[:n]].tolist()
+                    cu[i] = b.logprobs[r, int(b.tail_lengths[r]), letter_ids[:n]].tolist()
+            out[pair[0]], out[pair[1]] = lt, cu
+            todo = [f for f in todo if f not in pair]
+    for fmt in todo:
+        out[fmt] = mc_scores(handle, items, plan, format=fmt, batch_size=batch_size, pool=pool)
+    return {f: out[f] for f in formats}
+
+
+def predicted(scores: Sequence[Sequence[float]]) -> list[str]:
+    """The letter each item's scores pick."""
+    return [LETTERS[int(np.argmax(s))] for s in scores]
+
+
+def mc_correct_formats(handle: ModelHandle, items: Sequence[MCItem], formats: Sequence[str], plan: Any = None, *,
+                       batch_size: int = 16, pool: dict[str, list[MCItem]] | None = None
+                       ) -> dict[str, list[bool]]:
+    """`mc_correct` for several formats, "letter" and "cue" sharing a pass (`mc_scores_formats`)."""
+    scores = mc_scores_formats(handle, items, formats, plan, batch_size=batch_size, pool=pool)
+    return {f: [p == it.answer for p, it in zip(predicted(s), items, strict=True)] for f, s in scores.items()}
+
+
 def mmlu_accuracy(handle: ModelHandle, n_per_subject: int = 10, plan: Any = None, *,
-                  items: Sequence[MCItem] | None = None, batch_size: int = 16, seed: int = 0) -> Rate:
-    """Zero-shot accuracy on `items` (default: the stratified subset of the bundled MMLU), k/n with a CI."""
+                  items: Sequence[MCItem] | None = None, batch_size: int = 16, seed: int = 0,
+                  format: str = DEFAULT_FORMAT) -> Rate:
+    """Accuracy on `items` (default: the stratified subset of the bundled MMLU) in `format`, k/n with a CI."""
     items = stratified(load_mmlu(), n_per_subject, seed) if items is None else items
-    return rate(mc_correct(handle, items, plan, batch_size=batch_size))
+    return rate(mc_correct(handle, items, plan, batch_size=batch_size, format=format))
 
 
 @dataclass(frozen=True)
@@ -117,9 +276,9 @@ def paired_change(steered: Sequence[bool], base: Sequence[bool], resamples: int 
 
 
 def mmlu_change(handle: ModelHandle, plan: Any, n_per_subject: int = 10, *, items: Sequence[MCItem] | None = None,
-                batch_size: int = 16, seed: int = 0) -> dict[str, Rate | Change]:
+                batch_size: int = 16, seed: int = 0, format: str = DEFAULT_FORMAT) -> dict[str, Rate | Change]:
     """Accuracy unsteered and under `plan` on the same items, and the paired change with its interval."""
     items = stratified(load_mmlu(), n_per_subject, seed) if items is None else items
-    base = mc_correct(handle, items, None, batch_size=batch_size)
-    steered = mc_correct(handle, items, plan, batch_size=batch_size)
+    base = mc_correct(handle, items, None, batch_size=batch_size, format=format)
+    steered = mc_correct(handle, items, plan, batch_size=batch_size, format=format)
     return {"base": rate(base), "steered": rate(steered), "change": paired_change(steered, base, seed=seed)}
