@@ -3,6 +3,7 @@ fitted on every harmful and benign source with leave-one-source-out selection, b
 (test) split of every source.
 
     .venv/bin/python experiments/condition_sources.py --model smollm2-135m --out experiments/results/condition_sources.json
+    (--rule margin: cast_calibration's max-margin threshold at the recall target instead of the FPR budget)
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ def main() -> None:
     ap.add_argument("--model", default="smollm2-135m")
     ap.add_argument("--recall", type=float, default=0.9)
     ap.add_argument("--max-fpr", type=float, default=0.1)
+    ap.add_argument("--rule", default="fpr", choices=["fpr", "margin"])
     ap.add_argument("--out", default="experiments/results/condition_sources.json")
     args = ap.parse_args()
     t0 = time.time()
@@ -42,14 +44,20 @@ def main() -> None:
     single = calibrate(handle, contrastive_examples(positive="advbench", negative="benign"), position="last",
                        progress=False)
     multi = calibrate_condition(handle, [Source(n, int(n in HARMFUL_SOURCES), condition_source(f"{n}:train")[1])
-                                         for n in names], recall=args.recall, max_fpr=args.max_fpr, progress=False)
+                                         for n in names], recall=args.recall, max_fpr=args.max_fpr, rule=args.rule,
+                                progress=False)
+    cands = multi.meta["condition"]["candidates"]
+    best_tradeoffs = sorted(cands, key=lambda r: -r["balanced"])[:5]
     out = {"model": args.model, "recall_target": args.recall, "max_fpr": args.max_fpr,
            "test_sizes": {n: len(p) for n, p in test.items()},
            "single_source": {"fitted_on": "advbench:train vs benign:train",
                              "fires_on_test": {n: fires(handle, single, p) for n, p in test.items()}},
            "multi_source": {"fitted_on": [f"{n}:train" for n in names],
                             "choice": {k: v for k, v in multi.meta["condition"].items() if k != "candidates"},
-                            "fires_on_test": {n: fires(handle, multi, p) for n, p in test.items()}},
+                            "fires_on_test": {n: fires(handle, multi, p) for n, p in test.items()},
+                            "best_balanced_candidates": best_tradeoffs,
+                            "fpr_ok_candidates": sorted([r for r in cands if r["max_fpr"] <= args.max_fpr],
+                                                        key=lambda r: -r["min_recall"])[:5]},
            "seconds": round(time.time() - t0)}
     write_text_atomic(args.out, json.dumps(out, indent=2))
     for key in ("single_source", "multi_source"):

@@ -8,9 +8,11 @@ candidate whose worst held-out source still meets the targets (recall ≥ `min_r
 among those, or failing that among all, the one with the best mean balanced accuracy over held-out sources.
 
 The direction is the source-balanced mean difference (every source weighs the same, whatever its size), read
-at the last prompt token, where a condition reads it; the threshold rule is cast_calibration's: the midpoint
-of the gap between the `recall`-quantile of the positives and the (1 − recall)… quantile of the negatives
-when they leave one, else the positives' recall-quantile. The artifact records the choice and the
+at the last prompt token, where a condition reads it. The threshold lets at most `max_fpr` of every fitted
+benign source through (rule "fpr", the default: over-refusal is what users notice), or follows
+cast_calibration's max-margin rule at the recall target (rule "margin"). Candidates meeting both targets on
+every held-out source rank first; then those meeting the false-positive budget, by their worst held-out
+recall; then the rest by balanced accuracy. The artifact records the choice and the
 leave-one-source-out table in `meta["condition"]`; a conditional plan with layer and threshold "auto" uses it.
 """
 
@@ -56,6 +58,16 @@ def _score(x: torch.Tensor, unit: torch.Tensor, score: str) -> torch.Tensor:
     return x @ unit if score == "projection" else cast_score(x, unit)
 
 
+def _fpr_threshold(pos: torch.Tensor, negs: list[torch.Tensor], max_fpr: float) -> tuple[float, str]:
+    """(threshold, compare) that lets at most `max_fpr` of *every* negative source through: the false-positive
+    budget is what real traffic punishes, so it is met first and recall is whatever remains."""
+    neg = torch.cat(negs)
+    compare = ">" if float(pos.median()) > float(neg.median()) else "<"
+    if compare == ">":
+        return max(float(torch.quantile(n, 1 - max_fpr)) for n in negs), compare
+    return min(float(torch.quantile(n, max_fpr)) for n in negs), compare
+
+
 def _threshold(pos: torch.Tensor, neg: torch.Tensor, recall: float) -> tuple[float, str]:
     """(threshold, compare) from positive and negative scores, by cast_calibration's max-margin rule."""
     compare = ">" if float(pos.median()) > float(neg.median()) else "<"
@@ -73,8 +85,15 @@ def _fires(s: torch.Tensor, threshold: float, compare: str) -> torch.Tensor:
     return s > threshold if compare == ">" else s < threshold
 
 
+def _fit(x: torch.Tensor, unit: torch.Tensor, groups: list[torch.Tensor], labels: list[int], score: str,
+         recall: float, max_fpr: float | None) -> tuple[float, str]:
+    pos = torch.cat([_score(x[g], unit, score) for g, y in zip(groups, labels, strict=True) if y == 1])
+    negs = [_score(x[g], unit, score) for g, y in zip(groups, labels, strict=True) if y == 0]
+    return _threshold(pos, torch.cat(negs), recall) if max_fpr is None else _fpr_threshold(pos, negs, max_fpr)
+
+
 def _loso(x: torch.Tensor, groups: list[torch.Tensor], labels: list[int], names: list[str], score: str,
-          recall: float) -> dict[str, float]:
+          recall: float, max_fpr: float | None = None) -> dict[str, float]:
     """Per source, the rate of firing on its prompts when direction and threshold are fitted without it."""
     out = {}
     for k in range(len(groups)):
@@ -83,17 +102,22 @@ def _loso(x: torch.Tensor, groups: list[torch.Tensor], labels: list[int], names:
             out[names[k]] = math.nan  # the last source of its class cannot be left out
             continue
         unit = _balanced_direction(x, [groups[i] for i in rest], [labels[i] for i in rest])
-        pos = torch.cat([_score(x[groups[i]], unit, score) for i in rest if labels[i] == 1])
-        neg = torch.cat([_score(x[groups[i]], unit, score) for i in rest if labels[i] == 0])
-        t, cmp = _threshold(pos, neg, recall)
+        t, cmp = _fit(x, unit, [groups[i] for i in rest], [labels[i] for i in rest], score, recall, max_fpr)
         out[names[k]] = float(_fires(_score(x[groups[k]], unit, score), t, cmp).double().mean())
     return out
 
 
 def calibrate_condition(handle: ModelHandle, sources: Sequence[Source], *, layers: Sequence[int] | None = None,
-                        site: str = "resid_post", recall: float = 0.9, max_fpr: float = 0.1, batch_size: int = 16,
-                        progress: bool = True) -> DirectionSet:
-    """A condition artifact from several sources per class, with the leave-one-source-out choice in its meta."""
+                        site: str = "resid_post", recall: float = 0.9, max_fpr: float = 0.1, rule: str = "fpr",
+                        batch_size: int = 16, progress: bool = True) -> DirectionSet:
+    """A condition artifact from several sources per class, with the leave-one-source-out choice in its meta.
+
+    `rule` places each threshold: "fpr" (default) lets at most `max_fpr` of every fitted negative source
+    through; "margin" is cast_calibration's max-margin rule at the `recall` target.
+    """
+    if rule not in ("fpr", "margin"):
+        raise DataError(f"rule must be \"fpr\" or \"margin\", got {rule!r}")
+    fpr_rule = max_fpr if rule == "fpr" else None
     if not any(s.label == 1 for s in sources) or not any(s.label == 0 for s in sources):
         raise DataError("a condition needs at least one source of each class (label 1 and label 0)")
     empty = [s.name for s in sources if len(s.prompts) < HELDOUT_EVERY]
@@ -119,7 +143,7 @@ def calibrate_condition(handle: ModelHandle, sources: Sequence[Source], *, layer
         unit = _balanced_direction(x, train_groups, labels)
         rows.append(_layer_stats(x, unit, label, held, train_groups, labels))
         for score in SCORES:
-            rates = _loso(x, groups, labels, names, score, recall)
+            rates = _loso(x, groups, labels, names, score, recall, fpr_rule)
             hits = [rates[n] for n, y in zip(names, labels, strict=True) if y == 1 and not math.isnan(rates[n])]
             fprs = [rates[n] for n, y in zip(names, labels, strict=True) if y == 0 and not math.isnan(rates[n])]
             table.append({"layer": layer, "score": score, "rates": rates,
@@ -127,15 +151,19 @@ def calibrate_condition(handle: ModelHandle, sources: Sequence[Source], *, layer
                           "balanced": (sum(hits) / max(len(hits), 1) + 1 - sum(fprs) / max(len(fprs), 1)) / 2})
 
     def rank(r: dict[str, Any]) -> tuple[int, float, int]:
-        meets = r["min_recall"] >= recall and r["max_fpr"] <= max_fpr
-        return (0 if meets else 1, -r["balanced"], r["layer"])
+        # both targets met; else the false-positive budget met, most recall first; else the best balance
+        if r["min_recall"] >= recall and r["max_fpr"] <= max_fpr:
+            return (0, -r["balanced"], r["layer"])
+        if r["max_fpr"] <= max_fpr:
+            return (1, -r["min_recall"], r["layer"])
+        return (2, -r["balanced"], r["layer"])
     best = min(table, key=rank)
     j = layers.index(best["layer"])
     x = feats[j].double()
     unit = rows[j]["direction"].double()
     train = torch.cat(train_groups)
     s_all = _score(x, unit, best["score"])
-    threshold, compare = _threshold(s_all[train][label[train] == 1], s_all[train][label[train] == 0], recall)
+    threshold, compare = _fit(x, unit, train_groups, labels, best["score"], recall, fpr_rule)
     fires = _fires(s_all, threshold, compare)
     per_source = {n: {"class": "positive" if y else "negative", "n": len(g),
                       "fires": float(fires[g].double().mean())} for n, g, y in zip(names, groups, labels, strict=True)}
@@ -147,7 +175,7 @@ def calibrate_condition(handle: ModelHandle, sources: Sequence[Source], *, layer
                 counts={"train_pos": int((label[train] == 1).sum()), "train_neg": int((label[train] == 0).sum()),
                         "heldout_pos": int((label[held] == 1).sum()), "heldout_neg": int((label[held] == 0).sum())},
                 condition={"layer": best["layer"], "score": best["score"], "compare": compare, "threshold": threshold,
-                           "recall_target": recall, "max_fpr": max_fpr,
+                           "recall_target": recall, "max_fpr": max_fpr, "rule": rule,
                            "meets_targets": rank(best)[0] == 0, "loso": best["rates"],
                            "loso_min_recall": best["min_recall"], "loso_max_fpr": best["max_fpr"],
                            "fires_per_source": per_source,
