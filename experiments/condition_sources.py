@@ -2,7 +2,7 @@
 fitted on every harmful and benign source with leave-one-source-out selection, both measured on the held-out
 (test) split of every source.
 
-    .venv/bin/python experiments/condition_sources.py --model smollm2-135m --out experiments/results/condition_sources.json
+    .venv/bin/python experiments/condition_sources.py --out experiments/results/condition_sources.json
     (--rule margin: cast_calibration's max-margin threshold at the recall target instead of the FPR budget)
 """
 
