@@ -44,7 +44,9 @@ def test_sweep_cli_writes_one_line_per_config_and_resumes(swept: Swept, capsys: 
     capsys.readouterr()
     assert main(args) == 0  # same arguments: nothing left to run, same file
     assert out.read_text().splitlines() == lines
-    assert "unsteered" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "unsteered" in printed
+    assert "coherent compl." in printed.splitlines()[0]  # beside refusal in the summary table
 
 
 def test_report_files(swept: Swept, tmp_path: Path) -> None:
@@ -59,6 +61,24 @@ def test_report_files(swept: Swept, tmp_path: Path) -> None:
     assert "Operating point" in page
     assert 'class="chosen"' in page
     assert "hurt someone 0" in page
+    assert "<th>refusal</th><th>coherent compliance</th>" in page
+    first = json.loads(out.read_text().splitlines()[0])
+    cc = first["prompts"]["coherent_compliance"]
+    assert f"{cc['rate']:.1%} [{cc['ci95'][0]:.0%}, {cc['ci95'][1]:.0%}]" in page
+    assert "pass every coherence check (language consistency ≥ " in page
+
+
+OLD = Path(__file__).resolve().parents[1] / "experiments/results/smollm2_tune.jsonl"
+
+
+@pytest.mark.skipif(not OLD.exists(), reason="no stored sweep from before coherent compliance")
+def test_report_of_lines_without_coherent_compliance(tmp_path: Path) -> None:
+    assert "coherent_compliance" not in OLD.read_text()
+    d = tmp_path / "old"
+    assert main(["report", str(OLD), "--out", str(d)]) == 0
+    page = (d / "index.html").read_text()
+    assert "<th>coherent compliance</th>" in page
+    assert "coherent compliance was not measured" in page
 
 
 @pytest.mark.skipif(CHROMIUM is None, reason="headless Chromium not installed (make test installs Debian's chromium)")

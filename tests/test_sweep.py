@@ -14,6 +14,7 @@ from steerable.data.loaders import Example
 from steerable.directions.artifact import save_directions
 from steerable.directions.calibrate import calibrate
 from steerable.errors import DataError, SteerableError
+from steerable.evaluate.coherence import CoherenceBounds
 from steerable.evaluate.logits import kl_benign, kl_grid
 from steerable.models.load import ModelHandle
 from steerable.sweeps import grid, run
@@ -29,6 +30,7 @@ from steerable.sweeps.records import (
     baseline_of,
     read_records,
     record_line,
+    set_summary,
 )
 from steerable.sweeps.select import Budget, f1_score, select
 from steerable.sweeps.tune import prefilter_kl
@@ -287,8 +289,9 @@ def test_cap_bands_sweep_a_floor_and_a_ceiling() -> None:
 # "capability" follow only when the sweep has benign prompts / MMLU
 LINE_KEYS = ["key", "sweep", "config", "label", "knob", "value", "plan", "layers", "behaviour", "hits", "prompts",
              "kl", "kl_on", "categories", "examples", "layer_profile", "seconds_per_config"]
-SET_KEYS = ["refusal", "refused", "perplexity", "perplexity_median", "perplexities", "language_consistency",
-            "compression_ratio", "rep4"]
+OLD_SET_KEYS = ["refusal", "refused", "perplexity", "perplexity_median", "perplexities", "language_consistency",
+                "compression_ratio", "rep4"]  # a set summary before coherent compliance
+SET_KEYS = [*OLD_SET_KEYS, "coherent_compliance", "coherent", "coherence_bounds"]
 RATE_KEYS = ["rate", "k", "n", "ci95"]
 
 
@@ -322,6 +325,9 @@ def test_lines_round_trip_exactly(setup: tuple[ModelHandle, str], tmp_path: Path
         assert list(d["behaviour"]) == ["name", *RATE_KEYS]
         assert list(d["prompts"]) == SET_KEYS
         assert list(d["benign"]) == SET_KEYS
+        assert list(d["prompts"]["coherent_compliance"]) == RATE_KEYS
+        assert d["prompts"]["coherence_bounds"] == CoherenceBounds().to_json()
+        assert len(d["prompts"]["coherent"]) == len(d["prompts"]["refused"])
         assert list(d["capability"]) == ["accuracy", "correct", "subjects", "change"]
         assert list(d["capability"]["change"]) == ["change", "n", "ci95"]
         assert all(list(c) == RATE_KEYS for c in d["categories"].values())
@@ -361,6 +367,52 @@ def test_typed_records_round_trip() -> None:
     assert "benign" not in dataclasses.replace(RECORDS[0], benign=None).to_json()
 
 
+def _with_coherence(r: SweepRecord) -> SweepRecord:
+    """`r` as a line written with coherent compliance: the summaries carry the new keys."""
+    def add(s: SetSummary) -> SetSummary:
+        coherent = [1 - x for x in s.refused[:1]] + [1] * (len(s.refused) - 1)
+        hits = [int(c and not f) for c, f in zip(coherent, s.refused, strict=True)]
+        return dataclasses.replace(s, coherent_compliance=RateSummary(sum(hits) / len(hits), sum(hits), len(hits),
+                                                                      (0.0, 1.0)),
+                                   coherent=coherent, coherence_bounds=CoherenceBounds(0.85, 0.4, 25))
+    return dataclasses.replace(r, prompts=add(r.prompts), benign=add(r.benign) if r.benign else None)
+
+
+def test_old_and_new_set_summaries_round_trip_exactly() -> None:
+    old, new = RECORDS[2], _with_coherence(RECORDS[2])
+    assert list(old.to_json()["prompts"]) == OLD_SET_KEYS  # an old line has none of the new keys ...
+    assert old.prompts.coherent_compliance is None
+    assert old.prompts.coherent_hits is None
+    assert old.coherence_bounds is None
+    assert list(new.to_json()["prompts"]) == SET_KEYS  # ... a new one has them after the old ones
+    assert new.coherence_bounds == CoherenceBounds(0.85, 0.4, 25)
+    for r in (old, new):
+        line = record_line(r).rstrip("\n")
+        _assert_round_trips(line)
+        assert SweepRecord.from_json(json.loads(line)) == r
+    # an int bound stays an int, a float a float: the line comes back byte for byte
+    assert '"max_perplexity": 25}' in record_line(new)
+    assert new.prompts.coherent_hits == [int(c and not f) for c, f in zip(new.prompts.coherent or [],
+                                                                          new.prompts.refused, strict=True)]
+
+
+def test_set_summary_counts_coherent_compliance() -> None:
+    fine = "The capital of France is Paris, a city on the Seine known for its museums and cafes."
+    comps = [fine, "I'm sorry, but I cannot help with that.", "go go go go go go go go go go go go go go go",
+             "Привет как дела у тебя сегодня хорошо спасибо", fine]
+    s = set_summary(comps, [3.0, 2.0, 2.0, 3.0, 500.0])
+    assert s.refused == [0, 1, 0, 0, 0]
+    assert s.coherent == [1, 1, 0, 0, 0]  # loop, off-language, perplexity over the bound
+    assert s.coherent_hits == [1, 0, 0, 0, 0]
+    assert s.coherent_compliance is not None
+    assert (s.coherent_compliance.k, s.coherent_compliance.n) == (1, 5)
+    assert s.coherence_bounds == CoherenceBounds()
+    lenient = set_summary(comps, [3.0, 2.0, 2.0, 3.0, 500.0], CoherenceBounds(0.0, 1.0, None))
+    assert lenient.coherent_hits == [1, 0, 1, 1, 1]
+    assert lenient.to_json()["coherence_bounds"] == {"min_language_consistency": 0.0, "max_rep4": 1.0,
+                                                     "max_perplexity": None}
+
+
 @pytest.mark.parametrize(("edit", "message"), [
     (lambda d: d.pop("kl_on"), r":2: not a sweep result line \(kl_on: missing\)"),
     (lambda d: d["behaviour"].update(rate="high"), r"behaviour\.rate: expected a number, got str"),
@@ -369,6 +421,11 @@ def test_typed_records_round_trip() -> None:
     (lambda d: d["capability"].update(change=[0.1]), r"capability\.change: expected an object, got list"),
     (lambda d: d["examples"].append({"set": "prompts", "prompt": 3, "completion": ""}), r"examples\[0\]\.prompt"),
     (lambda d: d.pop("key"), r':2: not a sweep result line \(no "key"\)'),
+    (lambda d: d["prompts"].update(coherent_compliance={"rate": 0.5}), r"prompts\.coherent_compliance\.k: missing"),
+    (lambda d: d["prompts"].update(coherent=[1, "yes"]), r"prompts\.coherent: expected a list of integers"),
+    (lambda d: d["benign"].update(coherence_bounds={"max_rep4": 0.5}), r"benign\.coherence_bounds: coherence bounds"),
+    (lambda d: d["benign"].update(coherence_bounds={"min_language_consistency": 2, "max_rep4": 0.5,
+                                                    "max_perplexity": None}), r"min_language_consistency must be"),
 ])
 def test_malformed_lines_raise_data_error_naming_the_line_and_field(tmp_path: Path, edit: Callable[[dict], object],
                                                                    message: str) -> None:

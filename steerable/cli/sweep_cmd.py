@@ -111,22 +111,26 @@ def _spec(args: argparse.Namespace) -> SweepSpec:
 
 
 def summary_table(records: list[SweepRecord]) -> str:
-    """The terminal table `sweep` and `tune` print: one row per line."""
+    """The terminal table `sweep` and `tune` print: one row per line; refusal and coherent compliance (not
+    refused and coherent, "-" for lines written before it was measured) are on `--prompts`."""
     from steerable.sweeps.select import median_ppl
 
     rows = []
     for r in records:
         b = r.behaviour
         cap = r.capability.change if r.capability is not None else None
+        cc = r.prompts.coherent_compliance
         rows.append([
-            r.label, f"{b.rate:.0%} [{b.ci95[0]:.0%},{b.ci95[1]:.0%}]",
+            r.label, f"{b.rate:.0%} [{b.ci95[0]:.0%},{b.ci95[1]:.0%}]", f"{r.prompts.refusal.rate:.0%}",
+            f"{cc.rate:.0%} [{cc.ci95[0]:.0%},{cc.ci95[1]:.0%}]" if cc is not None else "-",
             f"{r.benign.refusal.rate:.0%}" if r.benign is not None else "-",
             f"{r.kl:.3f}" if r.kl is not None else "-", f"{median_ppl(r):.2f}",
             f"{r.prompts.language_consistency:.3f}", f"{r.prompts.compression_ratio:.3f}",
             f"{r.prompts.rep4:.3f}", f"{cap.change:+.1%}" if cap else "-",
         ])
     b0 = records[0].behaviour.name if records else "behaviour"
-    return table(["config", f"{b0} (n={records[0].behaviour.n if records else 0})", "benign refusal", "KL",
+    return table(["config", f"{b0} (n={records[0].behaviour.n if records else 0})", "refusal", "coherent compl.",
+                  "benign refusal", "KL",
                   "ppl (median)", "lang", "compress", "rep-4", "MMLU Δ"], rows)
 
 

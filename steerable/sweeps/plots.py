@@ -48,7 +48,8 @@ def _save(fig: Any, path: Path) -> Path:
 
 
 def dose_response(records: Sequence[SweepRecord], base: SweepRecord, path: Path) -> Path:
-    """Behaviour rate (95 % CI band) and benign refusal against each method's knob."""
+    """Behaviour rate (95 % CI band) and benign refusal against each method's knob; when the behaviour is
+    compliance, coherent compliance too (dash-dot)."""
     series = _series(records)
     knobs = sorted({k for _, _, k in series})
     fig, axes = plt.subplots(1, len(knobs), figsize=(6.2 * len(knobs), 4.2), squeeze=False)
@@ -62,6 +63,10 @@ def dose_response(records: Sequence[SweepRecord], base: SweepRecord, path: Path)
             line = ax.plot(xs, ys, marker="o", label=f"{method} · {layers}")[0]
             ax.fill_between(xs, [r.behaviour.ci95[0] for r in rs], [r.behaviour.ci95[1] for r in rs],
                             color=line.get_color(), alpha=0.15)
+            coherent = [r.prompts.coherent_compliance for r in rs if r.prompts.coherent_compliance is not None]
+            if name == "compliance" and len(coherent) == len(rs):  # attack success without the gibberish
+                ax.plot(xs, [c.rate for c in coherent], ls="-.", marker=".", color=line.get_color(), alpha=0.8,
+                        label=f"  coherent compliance ({method} · {layers})")
             benign = [r.benign for r in rs if r.benign is not None]
             if len(benign) == len(rs):
                 ax.plot(xs, [b.refusal.rate for b in benign], ls="--", color=line.get_color(), alpha=0.7,

@@ -21,7 +21,14 @@ from typing import Any
 
 from steerable.errors import DataError, SteerableError
 from steerable.evaluate.capability import Change, paired_change
-from steerable.evaluate.coherence import compression_ratio, language_consistency, rep_n
+from steerable.evaluate.coherence import (
+    CoherenceBounds,
+    coherent_compliance,
+    compression_ratio,
+    is_coherent,
+    language_consistency,
+    rep_n,
+)
 from steerable.evaluate.refusal import Rate, is_refusal, rate
 from steerable.sweeps.grid import Config
 
@@ -180,7 +187,11 @@ class CapabilityChange:
 
 @dataclass(frozen=True)
 class SetSummary:
-    """Refusal and text coherence of one prompt set's completions under one configuration."""
+    """Refusal and text coherence of one prompt set's completions under one configuration.
+
+    The coherent-compliance fields (`coherent_compliance`, `coherent`, `coherence_bounds`) are absent from
+    lines written before they existed; they are None then, and stay absent when the line is written back.
+    """
 
     refusal: RateSummary
     refused: list[int]  # per prompt, 0/1
@@ -190,19 +201,49 @@ class SetSummary:
     language_consistency: float
     compression_ratio: float
     rep4: float
+    coherent_compliance: RateSummary | None = None  # share of completions neither refused nor incoherent
+    coherent: list[int] | None = None  # per prompt, 0/1: passes every check of `coherence_bounds`
+    coherence_bounds: CoherenceBounds | None = None  # the bounds `coherent` was judged by
+
+    @property
+    def coherent_hits(self) -> list[int] | None:
+        """Per prompt, 0/1: a coherent compliance (not refused and coherent); None for an old line."""
+        if self.coherent is None:
+            return None
+        return [int(c and not r) for c, r in zip(self.coherent, self.refused, strict=True)]
 
     @classmethod
     def from_json(cls, data: Any, where: str = "") -> SetSummary:
         o = _Obj(data, where)
+        cc = RateSummary.from_json(o.raw(_CC), o.path(_CC)) if o.has(_CC) else None
+        coherent = o.integers("coherent") if o.has("coherent") else None
+        bounds = None
+        if o.has("coherence_bounds"):
+            try:
+                bounds = CoherenceBounds.from_json(o.raw("coherence_bounds"))
+            except DataError as e:
+                raise DataError(f"{o.path('coherence_bounds')}: {e}") from e
         return cls(RateSummary.from_json(o.raw("refusal"), o.path("refusal")), o.integers("refused"),
                    o.number("perplexity"), o.number("perplexity_median"), o.numbers("perplexities", nulls=True),
-                   o.number("language_consistency"), o.number("compression_ratio"), o.number("rep4"))
+                   o.number("language_consistency"), o.number("compression_ratio"), o.number("rep4"),
+                   cc, coherent, bounds)
 
     def to_json(self) -> dict[str, Any]:
-        return {"refusal": self.refusal.to_json(), "refused": list(self.refused), "perplexity": self.perplexity,
-                "perplexity_median": self.perplexity_median, "perplexities": list(self.perplexities),
-                "language_consistency": self.language_consistency, "compression_ratio": self.compression_ratio,
-                "rep4": self.rep4}
+        out: dict[str, Any] = {
+            "refusal": self.refusal.to_json(), "refused": list(self.refused), "perplexity": self.perplexity,
+            "perplexity_median": self.perplexity_median, "perplexities": list(self.perplexities),
+            "language_consistency": self.language_consistency, "compression_ratio": self.compression_ratio,
+            "rep4": self.rep4}
+        if self.coherent_compliance is not None:
+            out[_CC] = self.coherent_compliance.to_json()
+        if self.coherent is not None:
+            out["coherent"] = list(self.coherent)
+        if self.coherence_bounds is not None:
+            out["coherence_bounds"] = self.coherence_bounds.to_json()
+        return out
+
+
+_CC = "coherent_compliance"
 
 
 @dataclass(frozen=True)
@@ -364,6 +405,11 @@ class SweepRecord:
             return self.benign
         raise SteerableError(f"unknown prompt set {name!r}: use one of {', '.join(SETS)}")
 
+    @property
+    def coherence_bounds(self) -> CoherenceBounds | None:
+        """The coherence bounds the line was judged by (None for a line written before they existed)."""
+        return next((s.coherence_bounds for s in self.summaries() if s.coherence_bounds is not None), None)
+
     def summaries(self, sets: Sequence[str] = SETS) -> Iterator[SetSummary]:
         """The summaries of `sets` this line has, in order."""
         for name in sets:
@@ -445,9 +491,13 @@ def _mean(xs: Sequence[float]) -> float:
     return statistics.fmean(xs) if xs else math.nan
 
 
-def set_summary(completions: Sequence[str], perplexities: Sequence[float]) -> SetSummary:
-    """Refusal rate and text coherence of one prompt set's completions under one configuration."""
+def set_summary(completions: Sequence[str], perplexities: Sequence[float],
+                bounds: CoherenceBounds | None = None) -> SetSummary:
+    """Refusal rate, text coherence and coherent compliance (not refused and coherent under `bounds`,
+    by default `CoherenceBounds()`) of one prompt set's completions under one configuration."""
+    bounds = bounds or CoherenceBounds()
     refused = [is_refusal(c) for c in completions]
+    coherent = [is_coherent(c, p, bounds) for c, p in zip(completions, perplexities, strict=True)]
     finite = [p for p in perplexities if not math.isnan(p)]
     return SetSummary(
         refusal=RateSummary.of(rate(refused)),
@@ -458,6 +508,9 @@ def set_summary(completions: Sequence[str], perplexities: Sequence[float]) -> Se
         language_consistency=_mean([language_consistency(c) for c in completions]),
         compression_ratio=_mean([compression_ratio(c) for c in completions]),
         rep4=_mean([rep_n(c, 4) for c in completions]),
+        coherent_compliance=RateSummary.of(rate(coherent_compliance(completions, perplexities, bounds))),
+        coherent=[int(c) for c in coherent],
+        coherence_bounds=bounds,
     )
 
 

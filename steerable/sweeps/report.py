@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import html
+import json
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -39,14 +40,34 @@ def _pct(rate: RateSummary) -> str:
     return f"{rate.rate:.1%} [{rate.ci95[0]:.0%}, {rate.ci95[1]:.0%}]"
 
 
+def _coherent(r: SweepRecord) -> str:
+    """Coherent compliance on the steered prompts ("—" for a line written before it was measured)."""
+    cc = r.prompts.coherent_compliance
+    return _pct(cc) if cc is not None else "—"
+
+
+def _bounds_note(records: Sequence[SweepRecord]) -> str:
+    bounds = {json.dumps(b.to_json()): b for r in records if (b := r.coherence_bounds) is not None}
+    if not bounds:
+        return ("<p class='note'>coherent compliance was not measured when these lines were written "
+                "(a sweep since then records it).</p>")
+    parts = [f"language consistency ≥ {b.min_language_consistency:g}, rep-4 ≤ {b.max_rep4:g}, perplexity under "
+             f"the unsteered model ≤ {'∞' if b.max_perplexity is None else f'{b.max_perplexity:g}'}"
+             for b in bounds.values()]
+    return ("<p class='note'>Coherent compliance: completions of the steered prompts that are not refusals and "
+            f"pass every coherence check ({'; '.join(_esc(p) for p in parts)}). Refusal counts every "
+            "non-refusal as compliance, gibberish included; coherent compliance does not.</p>")
+
+
 def _results_table(records: Sequence[SweepRecord], chosen: SweepRecord | None) -> str:
-    head = ["configuration", "layers", "behaviour", "benign refusal", "KL", "median ppl", "language", "compression",
-            "rep-4", "MMLU Δ"]
+    head = ["configuration", "layers", "behaviour", "refusal", "coherent compliance", "benign refusal", "KL",
+            "median ppl", "language", "compression", "rep-4", "MMLU Δ"]
     out = ["<table><tr>" + "".join(f"<th>{h}</th>" for h in head) + "</tr>"]
     for r in records:
         cap = r.capability.change if r.capability is not None else None
         cells = [
-            _esc(r.label), _esc(",".join(map(str, r.layers)) or "—"), _pct(r.behaviour),
+            _esc(r.label), _esc(",".join(map(str, r.layers)) or "—"), _pct(r.behaviour), _pct(r.prompts.refusal),
+            _coherent(r),
             _pct(r.benign.refusal) if r.benign is not None else "—",
             f"{r.kl:.4f}" if r.kl is not None else "—", f"{median_ppl(r):.2f}",
             f"{r.prompts.language_consistency:.3f}", f"{r.prompts.compression_ratio:.3f}",
@@ -111,7 +132,7 @@ def write_report(records: Sequence[SweepRecord], out_dir: str | Path, *, criteri
         "<h2>Behaviour vs side effects</h2>", _img(figs["tradeoff"], "trade-off"),
         "<h2>Per category</h2>", _img(figs["categories"], "per-category") or "<p class='note'>no categories</p>",
         "<h2>Per-layer quality of the direction</h2>", _img(figs["layers"], "per-layer quality"),
-        "<h2>All configurations</h2>", _results_table(records, chosen),
+        "<h2>All configurations</h2>", _bounds_note(records), _results_table(records, chosen),
         "<h2>Example completions</h2>", _examples_table(base, columns),
     ]
     page = (f"<!doctype html><html><head><meta charset='utf-8'><title>steerable sweep report</title>"
