@@ -137,7 +137,8 @@ def calibrate_condition(handle: ModelHandle, sources: Sequence[Source], *, layer
     held = torch.cat([torch.arange(len(s.prompts)) % HELDOUT_EVERY == HELDOUT_EVERY - 1 for s in sources])
     train_groups = [g[~held[g]] for g in groups]
 
-    rows, table = [], []
+    rows: list[dict[str, torch.Tensor]] = []
+    table: list[dict[str, Any]] = []
     for j, layer in enumerate(layers):
         x = feats[j].double()
         unit = _balanced_direction(x, train_groups, labels)
