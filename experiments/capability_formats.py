@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from steerable.evaluate.capability import (
+    debiased,
     dev_items,
     format_prompt,
     load_mmlu,
@@ -64,6 +65,8 @@ def main() -> None:
         scores = mc_scores_formats(handle, items, formats, batch_size=args.batch_size, pool=pool)
         picks = {f: predicted(s) for f, s in scores.items()}
         correct = {f: [p == it.answer for p, it in zip(ps, items, strict=True)] for f, ps in picks.items()}
+        unbiased = {f: [p == it.answer for p, it in zip(predicted(debiased(s)), items, strict=True)]
+                    for f, s in scores.items()}
         seconds = time.time() - t0
         peek = items[:: max(1, len(items) // args.first_tokens)][: args.first_tokens]
         firsts: dict[str, list[dict[str, Any]]] = {}
@@ -83,7 +86,8 @@ def main() -> None:
                                      "seconds_for_job": round(seconds, 1), "job": group,
                                      "first_tokens": firsts.get(fmt, []),
                                      "picked": {c: picks[fmt].count(c) for c in "ABCD"},
-                                     "key": {c: sum(it.answer == c for it in items) for c in "ABCD"}}
+                                     "key": {c: sum(it.answer == c for it in items) for c in "ABCD"},
+                                     "debiased_accuracy": rate(unbiased[fmt]).to_json()}
         base = model["formats"].get("letter", {}).get("correct")
         for fmt, rec in model["formats"].items():
             if base is not None and fmt != "letter":

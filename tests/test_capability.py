@@ -16,14 +16,17 @@ from steerable.evaluate.capability import (
     CUE,
     LETTERS,
     MCItem,
+    debiased,
     dev_items,
     format_prompt,
     mc_correct,
     mc_correct_formats,
     mc_prompt,
     mc_scores,
+    mc_scores_formats,
     mmlu_accuracy,
     parse_format,
+    predicted,
     question_prompt,
     shots_for,
 )
@@ -176,3 +179,16 @@ def test_mmlu_accuracy_takes_a_format(llama: ModelHandle) -> None:
     acc = mmlu_accuracy(llama, items=items, format="cue")
     assert acc.k == sum(mc_correct(llama, items, format="cue"))
     assert acc.n == len(items)
+
+
+def test_debiased_removes_a_constant_letter_preference() -> None:
+    scores = [[5.0, 1.0, 0.0, 0.0], [5.0, 0.0, 2.0, 0.0], [5.5, 0.0, 0.0, 0.0]]
+    assert predicted(scores) == ["A", "A", "A"]
+    assert predicted(debiased(scores)) == ["B", "C", "A"]
+
+
+def test_scores_formats_match_mc_scores(llama: ModelHandle) -> None:
+    items = _items(per=2)
+    together = mc_scores_formats(llama, items, ["letter", "cue"], batch_size=4)
+    for f in ("letter", "cue"):
+        assert torch.tensor(together[f]) == pytest.approx(torch.tensor(mc_scores(llama, items, format=f)), abs=1e-4)

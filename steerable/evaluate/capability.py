@@ -227,6 +227,13 @@ def predicted(scores: Sequence[Sequence[float]]) -> list[str]:
     return [LETTERS[int(np.argmax(s))] for s in scores]
 
 
+def debiased(scores: Sequence[Sequence[float]]) -> list[list[float]]:
+    """Scores with each choice position's mean over the items subtracted: a diagnostic that removes a constant
+    letter preference (no labels used; the prior is estimated on the same items). Items need equal choices."""
+    arr = np.asarray(scores, dtype=np.float64)
+    return (arr - arr.mean(0, keepdims=True)).tolist()
+
+
 def mc_correct_formats(handle: ModelHandle, items: Sequence[MCItem], formats: Sequence[str], plan: Any = None, *,
                        batch_size: int = 16, pool: dict[str, list[MCItem]] | None = None
                        ) -> dict[str, list[bool]]:
