@@ -9,6 +9,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import pytest
 import torch
+from hypothesis import settings
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from transformers import (
     Gemma3ForCausalLM,
@@ -24,6 +25,12 @@ from transformers.utils import logging as hf_logging
 from steerable.models.load import ModelHandle, from_model
 
 hf_logging.set_verbosity_error()
+
+# CI (and anyone who sets CI=1) replays the same examples every run: a fuzz failure there is a real one, found
+# again by rerunning; local runs keep exploring new examples (and remember failures in .hypothesis/).
+settings.register_profile("ci", derandomize=True, database=None, print_blob=True)
+if os.environ.get("CI"):
+    settings.load_profile("ci")
 
 CHATML = (
     "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
