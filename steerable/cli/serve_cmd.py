@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from steerable.models.builtin import DEFAULT_MODEL
-from steerable.serve.config import Limits, ServeConfig
+from steerable.serve.config import BATCHING, Limits, ServeConfig
 
 _D = Limits()
 
@@ -34,13 +34,15 @@ def add_serve_parser(sub: Any) -> None:
     s.add_argument("--max-body-bytes", type=int, default=_D.max_body_bytes)
     s.add_argument("--batch-window", type=float, default=_D.batch_window * 1000, metavar="MS",
                    help="how long a batch waits for more requests after its first one arrives (ms)")
+    s.add_argument("--batching", default=_D.batching, choices=BATCHING,
+                   help="continuous: requests join the running batch at the next step; dynamic: they wait for it")
     s.set_defaults(fn=cmd_serve)
 
 
 def config_from_args(args: argparse.Namespace) -> ServeConfig:
     limits = Limits(max_tokens=args.max_tokens, max_prompt_tokens=args.max_prompt_tokens, max_batch=args.max_batch,
                     max_queue=args.max_queue, timeout=args.timeout, max_body_bytes=args.max_body_bytes,
-                    batch_window=args.batch_window / 1000)
+                    batch_window=args.batch_window / 1000, batching=args.batching)
     return ServeConfig(model=args.model, vectors=args.vectors, presets=args.presets, default_plan=args.default_plan,
                        api_keys=args.api_keys, host=args.host, port=args.port, served_name=args.served_name,
                        dtype=args.dtype, device=args.device, limits=limits)

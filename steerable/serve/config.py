@@ -7,6 +7,8 @@ from pathlib import Path
 
 from steerable.errors import SteerableError
 
+BATCHING = ("continuous", "dynamic")
+
 
 @dataclass(frozen=True)
 class Limits:
@@ -24,6 +26,9 @@ class Limits:
     max_stop: int = 4  # stop strings per request (OpenAI's limit)
     max_plan_entries: int = 32  # interventions one request may ask for, conditionals' `then` included
     max_messages: int = 512
+    # "continuous": a request joins the running batch at its next decoding step (its own prefill, merged into
+    # the batch's KV cache); "dynamic": it waits for the running batch to end (the server before issue 17)
+    batching: str = "continuous"
 
     def check(self) -> None:
         for name in ("max_tokens", "max_prompt_tokens", "max_batch", "max_queue", "max_body_bytes"):
@@ -31,6 +36,8 @@ class Limits:
                 raise SteerableError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
         if not self.timeout > 0:
             raise SteerableError(f"--timeout must be positive, got {self.timeout}")
+        if self.batching not in BATCHING:
+            raise SteerableError(f"--batching must be one of {', '.join(BATCHING)}, got {self.batching!r}")
         if not 0 <= self.batch_window <= 1:
             raise SteerableError(f"--batch-window must be within 0 … 1 s, got {self.batch_window}")
 
