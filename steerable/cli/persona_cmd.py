@@ -1,4 +1,5 @@
-"""`steerable axis` (estimate the Assistant Axis from the role data) and `steerable drift` (persona drift over
+"""`steerable axis` (estimate the Assistant Axis from the role data), `steerable persona-vector` (a trait's
+persona vector from answers under trait / opposite system prompts) and `steerable drift` (persona drift over
 scripted conversations, optionally under plans)."""
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ import stat
 from pathlib import Path
 from typing import Any
 
-from steerable.cli.main import MAX_SEED, batch_size, int_flag, layer_index, new_tokens, positive
+from steerable.cli.main import MAX_SEED, batch_size, float_flag, int_flag, layer_index, new_tokens, positive
 from steerable.data.messages import MAX_MESSAGES
 from steerable.errors import PlanError, SteerableError
 from steerable.models.builtin import DEFAULT_MODEL
@@ -54,8 +55,14 @@ def _responses_file(text: str) -> str:
     return text
 
 
+def _questions(text: str) -> int | str:
+    """--questions: N (the first N training questions of the role data) or a questions JSONL file."""
+    return text if text.endswith(".jsonl") else positive(text)
+
+
 def add_persona_parsers(sub: Any) -> None:
-    from steerable.directions.axis import AXIS_ESTIMATORS
+    from steerable.directions.axis import AXIS_ESTIMATORS, FILTERS
+    from steerable.recipes.persona_vector import JUDGES, READS
 
     s = sub.add_parser("axis", help="estimate the Assistant Axis (default Assistant answers − mean of role vectors)")
     s.add_argument("--model", default=DEFAULT_MODEL)
@@ -71,7 +78,42 @@ def add_persona_parsers(sub: Any) -> None:
     s.add_argument("--batch-size", type=batch_size, default=16)
     s.add_argument("--bootstrap", type=int_flag(0, 10**4), default=20,
                    help="bootstrap resamples for the stability report (0: off)")
+    s.add_argument("--filter", default="none", choices=list(FILTERS),
+                   help="drop role answers that stay in the Assistant's character before fitting (projection: "
+                        "below the midpoint of the classes' medians on a first-pass axis; default none)")
+    s.add_argument("--filter-layer", type=layer_index, help="layer the filter reads (default: the middle one)")
+    s.add_argument("--filter-margin", type=float_flag(0, 100), default=0.0,
+                   help="keep a role answer only this many pooled standard deviations below the midpoint")
     s.set_defaults(fn=cmd_axis)
+
+    s = sub.add_parser("persona-vector",
+                       help="a trait's persona vector: answers under trait vs opposite system prompts, judged, "
+                            "mean-diff of response-means")
+    s.add_argument("--model", default=DEFAULT_MODEL)
+    s.add_argument("--trait", help="a built-in trait (sycophantic, evil, hallucinating, myopic), a trait of "
+                                   "--prompts, or a description in words")
+    s.add_argument("--opposite", help="the opposite described in words (replaces the opposite system prompts)")
+    s.add_argument("--prompts", help="JSONL of {trait, positive: [system prompts], negative: [...]} to use instead "
+                                     "of the built-in prompts")
+    s.add_argument("--out", required=True, help="VECTOR.safetensors; answers and the report go beside it")
+    s.add_argument("--questions", type=_questions,
+                   help="N: the first N training questions of the role data (default all); or a JSONL of "
+                        "{question, split?}")
+    s.add_argument("--test-questions", type=positive, help="at most N held-out questions (default all)")
+    s.add_argument("--judge", default="projection", choices=list(JUDGES),
+                   help="which answers are kept: projection on a first-pass direction (default), the model's "
+                        "own A/B answer to the trait's question, or none")
+    s.add_argument("--judge-layer", type=layer_index, help="layer the projection judge reads (default: middle)")
+    s.add_argument("--judge-margin", type=float_flag(0, 100), default=0.0,
+                   help="keep an answer only this many pooled standard deviations past the midpoint")
+    s.add_argument("--read", default="answer", choices=list(READS),
+                   help="read answers back without the system prompt (answer, default) or with it (prompted)")
+    s.add_argument("--layers", help="layers to fit (default all), e.g. 4-20")
+    s.add_argument("--responses", type=_responses_file,
+                   help="reuse the answers of an earlier run (its .responses.jsonl): no generation")
+    s.add_argument("--max-new-tokens", type=new_tokens, default=48)
+    s.add_argument("--batch-size", type=batch_size, default=16)
+    s.set_defaults(fn=cmd_persona_vector)
 
     s = sub.add_parser("drift", help="persona drift: each assistant turn's projection on the axis, turn by turn")
     s.add_argument("--model", default=DEFAULT_MODEL)
@@ -125,7 +167,8 @@ def cmd_axis(args: argparse.Namespace) -> int:
     result = estimate_axis(
         handle, estimator=args.estimator, personas=args.personas, questions=args.questions,
         per_persona=args.per_persona, responses=args.responses, max_new_tokens=args.max_new_tokens,
-        batch_size=args.batch_size, bootstrap=args.bootstrap,
+        batch_size=args.batch_size, bootstrap=args.bootstrap, filter=args.filter, filter_layer=args.filter_layer,
+        filter_margin=args.filter_margin,
         info={"responses": args.responses or f"{stem.name}.responses.jsonl"},
         on_answers=lambda rows: _write_jsonl(Path(f"{stem}.responses.jsonl"), [r.to_json() for r in rows]))
     ds, report = result.directions, result.report
@@ -137,6 +180,47 @@ def cmd_axis(args: argparse.Namespace) -> int:
     print(f"\nmonitor layer {result.monitor_layer}; suggested cap layers {ds.meta['axis']['cap_layers']} "
           f"(e.g. {{\"vector\": \"{out}\", \"method\": \"cap\", \"cap_floor\": \"p25\", "
           f"\"layers\": \"{ds.meta['axis']['cap_layers']}\"}})")
+    print(f"wrote {out}, {stem}.report.json" + ("" if args.responses else f", {stem}.responses.jsonl"))
+    return 0
+
+
+def cmd_persona_vector(args: argparse.Namespace) -> int:
+    from steerable.data.persona_traits import resolve_trait
+    from steerable.directions.artifact import save_directions
+    from steerable.fsutil import write_text_atomic
+    from steerable.models.load import load_model
+    from steerable.recipes.persona_vector import best_layer, estimate_persona_vector
+    from steerable.steering.plan import parse_layers
+
+    trait = resolve_trait(args.trait, args.opposite, args.prompts)  # before loading the model: errors are cheap
+    out = Path(args.out)
+    stem = out.with_suffix("")
+    handle = load_model(args.model)
+    layers = None if args.layers is None else parse_layers(args.layers, handle.n_layers, range(handle.n_layers))
+    result = estimate_persona_vector(
+        handle, trait, questions=args.questions, test_questions=args.test_questions, judge=args.judge,
+        judge_layer=args.judge_layer, margin=args.judge_margin, read=args.read, layers=layers,
+        responses=args.responses, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
+        info={"responses": args.responses or f"{stem.name}.responses.jsonl"},
+        on_answers=lambda rows: _write_jsonl(Path(f"{stem}.responses.jsonl"), [r.to_json() for r in rows]))
+    ds, report = result.directions, result.report
+    if result.scores is not None:
+        keep = result.keep.tolist()
+        report["answers"] = [{"side": r.side, "question_id": r.question_id, "split": r.split, "score": s, "kept": k}
+                             for r, s, k in zip(result.rows, result.scores.tolist(), keep, strict=True)]
+    save_directions(ds, out)
+    write_text_atomic(Path(f"{stem}.report.json"), json.dumps(report, indent=1) + "\n")
+    best = best_layer(ds)
+    rows = [[f"{x['layer']}{'*' if x['layer'] == best else ''}", x["auroc"], x["auroc_unfiltered"], x["cohens_d"],
+             x["raw_norm"]] for x in report["layers"]]
+    c = report["counts"]
+    print(f"persona vector {trait.trait!r}: judge {args.judge}, kept trait {c['train_trait_kept']}/{c['train_trait']}"
+          f", opposite {c['train_opposite_kept']}/{c['train_opposite']} training answers; held-out "
+          f"{c['test_trait_kept']}/{c['test_trait']}, {c['test_opposite_kept']}/{c['test_opposite']}")
+    print("per layer (held-out questions; * = best middle layer)\n"
+          + table(["layer", "AUROC kept", "AUROC all", "cohen_d", "raw norm"], rows))
+    print(f"\nsteer toward the trait: steerable generate --prompts P.jsonl --out O.jsonl --steer {out} "
+          f"--method add --strength 2 --layers {best}")
     print(f"wrote {out}, {stem}.report.json" + ("" if args.responses else f", {stem}.responses.jsonl"))
     return 0
 

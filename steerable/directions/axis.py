@@ -14,6 +14,7 @@ percentile of the Assistant's own projections (the Assistant Axis paper's thresh
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import cached_property
@@ -32,6 +33,7 @@ from steerable.errors import SteerableError
 from steerable.models.load import Messages, ModelHandle
 
 AXIS_ESTIMATORS = ("assistant-axis", "pca", "lda", "logistic")
+FILTERS = ("none", "projection")  # the out-of-character filter of `steerable axis` and of persona vectors
 HELDOUT_EVERY = 5  # question k (in order of first appearance) is held out when k % 5 == 4
 
 
@@ -96,6 +98,11 @@ class AxisData:
     def x(self, layer: int) -> torch.Tensor:
         return self.feats[self.layers.index(layer)]
 
+    def subset(self, keep: torch.Tensor) -> AxisData:
+        """The rows where `keep` is true (their features with them)."""
+        idx = torch.nonzero(keep).squeeze(1)
+        return AxisData([self.rows[int(i)] for i in idx], self.layers, self.feats[:, idx], self.site)
+
     def stats(self, layer: int, idx: torch.Tensor, heldout: torch.Tensor | None = None) -> LayerStats:
         """LayerStats of rows `idx` (repeats allowed: bootstrap); pair differences for role rows in `idx`."""
         x = self.x(layer)
@@ -140,6 +147,76 @@ def capture_axis_data(handle: ModelHandle, rows: Sequence[RoleRow], layers: Sequ
     feats = response_means(handle, [r.messages() for r in rows], [r.response for r in rows], layers, site=site,
                            batch_size=batch_size, progress=progress)
     return AxisData(list(rows), layers, feats, site)
+
+
+@dataclass(frozen=True)
+class FilterResult:
+    """Which rows a judge keeps: `keep[i]`, from each row's judge `scores[i]` (higher = more like the positive
+    class) and the `threshold` between the classes."""
+
+    keep: torch.Tensor
+    scores: torch.Tensor
+    threshold: float
+    spread: float
+
+    def to_json(self) -> dict[str, Any]:
+        return {"threshold": self.threshold, "spread": self.spread, "kept": int(self.keep.sum()),
+                "dropped": int((~self.keep).sum())}
+
+
+def keep_by_score(scores: torch.Tensor, positive: torch.Tensor, fit_rows: torch.Tensor | None = None, *,
+                  filter_positive: bool = True, filter_negative: bool = True, margin: float = 0.0) -> FilterResult:
+    """The judge's keep rule on per-row scores (higher = more like the positive class).
+
+    The threshold t is the midpoint of the two classes' median scores over `fit_rows` (default: all rows) —
+    the pooled median when the classes are balanced, and not pulled toward the larger class when they are
+    not; s is the pooled within-class standard deviation. A positive row is kept when its score is above
+    t + margin·s, a negative row when it is below t − margin·s; a side not filtered keeps every row.
+    """
+    scores = scores.double()
+    positive = positive.bool()
+    fit = torch.ones_like(positive) if fit_rows is None else fit_rows.bool()
+    pos, neg = scores[positive & fit], scores[~positive & fit]
+    if len(pos) == 0 or len(neg) == 0:
+        raise SteerableError("the filter needs rows of both classes to place its threshold")
+    if not (math.isfinite(margin) and margin >= 0):
+        raise SteerableError(f"the filter margin must be a finite number >= 0, got {margin}")
+    t = float((pos.quantile(0.5) + neg.quantile(0.5)) / 2)
+    var = ((pos - pos.mean()).pow(2).sum() + (neg - neg.mean()).pow(2).sum()) / max(len(pos) + len(neg) - 2, 1)
+    s = float(var.sqrt())
+    keep = torch.where(positive, (scores > t + margin * s) | (not filter_positive),
+                       (scores < t - margin * s) | (not filter_negative))
+    return FilterResult(keep, scores.float(), t, s)
+
+
+def first_pass_direction(x: torch.Tensor, positive: torch.Tensor, fit_rows: torch.Tensor | None = None) -> torch.Tensor:
+    """Unit mean(positive rows) − mean(negative rows) over `fit_rows`: the projection judge's direction."""
+    fit = torch.ones_like(positive.bool()) if fit_rows is None else fit_rows.bool()
+    pos, neg = x[positive.bool() & fit].double(), x[~positive.bool() & fit].double()
+    if len(pos) == 0 or len(neg) == 0:
+        raise SteerableError("the projection filter needs rows of both classes")
+    v = pos.mean(0) - neg.mean(0)
+    norm = v.norm()
+    if not torch.isfinite(norm) or norm == 0:
+        raise SteerableError("the projection filter's direction is zero: both classes have the same mean")
+    return (v / norm).float()
+
+
+def projection_filter(x: torch.Tensor, positive: torch.Tensor, fit_rows: torch.Tensor | None = None,
+                      **rule: Any) -> FilterResult:
+    """The projection judge: each row's projection on the first-pass mean-difference direction (fitted on
+    `fit_rows`), kept or dropped by `keep_by_score` (`rule`: filter_positive, filter_negative, margin).
+
+    The direction is fitted on the very answers it judges, so it can only sharpen a difference the answers
+    already show: it drops the answers that sit on the wrong side of the classes' midpoint (an answer to a
+    trait prompt that reads like the opposite's, a role answer that reads like the Assistant's)."""
+    return keep_by_score(x.double() @ first_pass_direction(x, positive, fit_rows).double(), positive, fit_rows,
+                         **rule)
+
+
+def default_filter_layer(n_layers: int) -> int:
+    """The layer the projection filter reads unless told: the middle one."""
+    return n_layers // 2
 
 
 def default_cap_layers(n_layers: int) -> list[int]:

@@ -18,7 +18,17 @@ from steerable.data import roles
 from steerable.data.jsonl import read_jsonl_numbered
 from steerable.data.roles import Persona, Question
 from steerable.directions.artifact import DirectionSet
-from steerable.directions.axis import AXIS_ESTIMATORS, AxisData, RoleRow, capture_axis_data, fit_axis, role_rows
+from steerable.directions.axis import (
+    AXIS_ESTIMATORS,
+    FILTERS,
+    AxisData,
+    RoleRow,
+    capture_axis_data,
+    default_filter_layer,
+    fit_axis,
+    projection_filter,
+    role_rows,
+)
 from steerable.directions.axis_report import layer_agreement, stability
 from steerable.errors import DataError, SteerableError
 from steerable.generation import generate
@@ -87,6 +97,9 @@ def estimate_axis(
     info: Mapping[str, Any] | None = None,
     on_answers: Callable[[list[RoleRow]], None] | None = None,
     progress: bool = True,
+    filter: str = "none",
+    filter_layer: int | None = None,
+    filter_margin: float = 0.0,
 ) -> AxisResult:
     """Estimate the Assistant Axis on `handle`.
 
@@ -95,9 +108,20 @@ def estimate_axis(
     anything else runs (the CLI saves them there, so a failed fit can be rerun without generating).
     `responses` (answers, or a `.responses.jsonl` path) skips generation. `info` is added to the
     artifact's metadata. `bootstrap` resamples for the stability report (0: none).
+
+    `filter="projection"` drops role answers that stay in the Assistant's character before fitting (the
+    Assistant Axis paper keeps only answers a judge scores as playing the role): each answer's response-mean
+    at `filter_layer` (default: the middle layer) is projected on the first-pass mean difference
+    Assistant − role of the training questions, and a role answer is kept only if it lies below the midpoint
+    of the two classes' medians (by `filter_margin` pooled standard deviations); every Assistant answer is
+    kept. Held-out questions' answers are filtered by the same rule. `"none"` (the default) keeps every answer.
     """
     if estimator not in AXIS_ESTIMATORS:
         raise SteerableError(f"unknown axis estimator {estimator!r}: use one of {', '.join(AXIS_ESTIMATORS)}")
+    if filter not in FILTERS:
+        raise SteerableError(f"unknown axis filter {filter!r}: use one of {', '.join(FILTERS)}")
+    if filter_layer is not None and not 0 <= filter_layer < handle.n_layers:
+        raise SteerableError(f"filter layer {filter_layer} is outside the model's layers 0-{handle.n_layers - 1}")
     if responses is not None:
         rows = read_responses(responses) if isinstance(responses, (str, Path)) else list(responses)
         log.info("reusing %d answers", len(rows))
@@ -109,11 +133,28 @@ def estimate_axis(
         if on_answers is not None:
             on_answers(rows)
     data = capture_axis_data(handle, rows, batch_size=batch_size, progress=progress)
+    filtered: dict[str, Any] = {"method": "none"}
+    if filter == "projection":
+        layer = default_filter_layer(handle.n_layers) if filter_layer is None else filter_layer
+        res = projection_filter(data.x(layer), data.is_assistant, ~data.heldout, filter_positive=False,
+                                margin=filter_margin)
+        dropped = [r for r, k in zip(data.rows, res.keep.tolist(), strict=True) if not k]
+        filtered = {"method": "projection", "layer": layer, "margin": filter_margin, **res.to_json(),
+                    "dropped_rows": [f"{r.persona}/{r.question_id}" for r in dropped]}
+        log.info("out-of-character filter (layer %d): dropped %d of %d role answers", layer, len(dropped),
+                 int((~data.is_assistant).sum()))
+        data = data.subset(res.keep)
+        if not bool((~data.is_assistant).any()):
+            raise SteerableError("the out-of-character filter dropped every role answer")
     ds = fit_axis(handle, data, estimator,
                   {"per_persona": per_persona, "max_new_tokens": max_new_tokens, **(info or {})})
+    if filter != "none":
+        ds.meta["axis"]["filter"] = {k: v for k, v in filtered.items() if k != "dropped_rows"}
     agreement = layer_agreement(data, progress=progress)
     report: dict[str, Any] = {"model": handle.name, "estimator": estimator, "axis": ds.meta["axis"],
                               "layers": agreement}
+    if filter != "none":
+        report["filter"] = filtered
     if bootstrap > 0:
         report["stability"] = stability(data, ds.meta["axis"]["monitor_layer"], bootstrap=bootstrap,
                                         progress=progress)
