@@ -95,7 +95,6 @@ def reading_hooks(
             h.remove()
 
 
-@torch.inference_mode()
 def capture_stats(
     handle: ModelHandle,
     examples: Sequence[Example],
@@ -109,6 +108,27 @@ def capture_stats(
     progress: bool = True,
 ) -> CaptureResult:
     """Stream activations of `examples` at (site, layers, position) into per-class LayerStats."""
+    return capture_batches(handle, batch_examples(examples, batch_size), layers, site=site, position=position,
+                           second_moments=second_moments, reservoir_cap=reservoir_cap, progress=progress)
+
+
+@torch.inference_mode()
+def capture_batches(
+    handle: ModelHandle,
+    batches: Sequence[Batch],
+    layers: Sequence[int] | None = None,
+    *,
+    site: str = "resid_post",
+    position: str = "last",
+    second_moments: bool = False,
+    reservoir_cap: int = 2048,
+    progress: bool = True,
+) -> CaptureResult:
+    """`capture_stats` of the given batches of a set (all of `batch_examples(set)`, or a shard of them).
+
+    Held-out fold and reservoir keys come from each example's pair or index in the whole set, so the
+    `LayerStats.merge` of shards' results equals the result of all batches.
+    """
     check_site(site)
     check_position(position)
     layers = list(range(handle.n_layers)) if layers is None else sorted(set(layers))
@@ -117,10 +137,10 @@ def capture_stats(
     stats = {
         layer: LayerStats(handle.hidden_size, second_moments, reservoir_cap, seed=layer) for layer in layers
     }
-    batches = batch_examples(examples, batch_size)
+    n_examples = sum(len(b.examples) for b in batches)
     n_tokens = 0
     sink: dict[int, torch.Tensor] = {}
-    bar = tqdm(total=len(examples), desc=f"capture {site}", unit="ex", disable=not progress, leave=False)
+    bar = tqdm(total=n_examples, desc=f"capture {site}", unit="ex", disable=not progress, leave=False)
     with reading_hooks(handle, layers, site, sink):
         for batch in batches:
             enc, response_len = encode_examples(handle, batch.examples)
@@ -134,13 +154,22 @@ def capture_stats(
             for layer in layers:
                 h = sink.pop(layer).float().cpu()
                 feats, rows = select(h, mask, response_len, position)
-                stats[layer].add(feats, labels[rows], heldout[rows])
+                stats[layer].add(feats, labels[rows], heldout[rows], _row_keys(batch, mask, rows, position))
                 # pairwise PCA compares whole sequences: with position "all", their mean tokens
                 per_seq = feats if position != "all" else (h * mask[..., None]).sum(1) / mask.sum(1, keepdim=True)
                 _add_pair_diffs(stats[layer], per_seq, batch.examples, heldout)
             bar.update(len(batch.examples))
     bar.close()
-    return CaptureResult(stats, site, position, len(examples), n_tokens)
+    return CaptureResult(stats, site, position, n_examples, n_tokens)
+
+
+ROW_KEY_STRIDE = 1 << 20  # a row's key: its example's index in the set × stride + its token (position "all")
+
+
+def _row_keys(batch: Batch, mask: torch.Tensor, rows: torch.Tensor, position: str) -> torch.Tensor:
+    """Each feature row's key in the whole set, whatever shard or batch it was read in."""
+    token = (mask.cumsum(1) - 1)[mask.bool()] if position == "all" else torch.zeros(len(rows), dtype=torch.long)
+    return torch.tensor(batch.ids, dtype=torch.long)[rows] * ROW_KEY_STRIDE + token
 
 
 def _add_pair_diffs(stats: LayerStats, feats: torch.Tensor, examples: list[Example], heldout: torch.Tensor) -> None:
@@ -155,4 +184,4 @@ def _add_pair_diffs(stats: LayerStats, feats: torch.Tensor, examples: list[Examp
         stats.add_pair_diffs(feats[pos_rows] - feats[neg_rows])
 
 
-__all__ = ["SITES", "CaptureResult", "batch_examples", "capture_stats", "encode_examples"]
+__all__ = ["SITES", "CaptureResult", "batch_examples", "capture_batches", "capture_stats", "encode_examples"]

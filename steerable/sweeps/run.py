@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -110,53 +110,121 @@ def _groups(configs: list[Config], rows_each: int, group_rows: int) -> list[list
     return [configs[i : i + size] for i in range(0, len(configs), size)]
 
 
-def run_sweep(handle: ModelHandle, spec: SweepSpec, out: str | Path, *, progress: bool = True) -> list[SweepRecord]:
-    """Run every configuration of `spec` not yet in `out`; return all finished lines for this setting."""
-    context = spec.context(handle)
-    keys = {config_key(c, context): c for c in spec.configs}
-    key_of = {c: k for k, c in keys.items()}
-    done = {r.key: r for r in read_records(out) if r.key in keys}
-    pending = [c for k, c in keys.items() if k not in done]
-    # the baseline goes first: perplexity thresholds and capability changes are read against it
-    pending.sort(key=lambda c: not c.is_baseline)
-    plans = {c: c.plan(spec.vector, spec.plan_extra) for c in pending}
-    # every plan is checked before anything runs; the checked plans give each line its resolved layers
-    checked = dict(zip(pending, build_row_plans(handle, list(plans.values())), strict=True))
+def texts_of(spec: SweepSpec) -> list[str | Messages]:
+    """A configuration's rows: the steered prompts, then the benign ones."""
+    return [r["prompt"] for r in spec.prompts] + [r["prompt"] for r in spec.benign]
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """What every group of one sweep shares: the setting (the salt of every key), the MMLU items and the
+    vector's layer profile. Built once per process that runs groups (`prepare`)."""
+
+    context: dict[str, Any]
+    items: list[MCItem]
+    profile: LayerProfile
+
+    def keys(self, spec: SweepSpec) -> dict[str, Config]:
+        """Every configuration of `spec` by its key, in grid order."""
+        return {config_key(c, self.context): c for c in spec.configs}
+
+
+def prepare(handle: ModelHandle, spec: SweepSpec) -> Prepared:
     items = stratified(load_mmlu(), spec.mmlu_per_subject) if spec.mmlu_per_subject else []
-    profile = layer_profile(spec.vector)
-    texts: list[str | Messages] = [r["prompt"] for r in spec.prompts] + [r["prompt"] for r in spec.benign]
-    bar = tqdm(total=len(keys), initial=len(done), desc="sweep", unit="config", disable=not progress)
-    baseline = next((r for r in done.values() if r.is_baseline), None)
+    return Prepared(spec.context(handle), items, layer_profile(spec.vector))
+
+
+def pending_groups(spec: SweepSpec, keys: dict[str, Config], done: dict[str, SweepRecord]) -> list[list[Config]]:
+    """The configurations not in `done`, grouped; the baseline goes first (perplexity thresholds and
+    capability changes are read against it), so its group is the first."""
+    pending = [c for k, c in keys.items() if k not in done]
+    pending.sort(key=lambda c: not c.is_baseline)
+    return _groups(pending, len(texts_of(spec)), spec.group_rows)
+
+
+def check_plans(handle: ModelHandle, spec: SweepSpec, configs: Sequence[Config]) -> list[SteeringPlan | None]:
+    """Every configuration's plan through the one validator (raises before anything runs)."""
+    return build_row_plans(handle, [c.plan(spec.vector, spec.plan_extra) for c in configs])
+
+
+def with_baseline(rec: SweepRecord, baseline: SweepRecord | None) -> SweepRecord:
+    """The line with its capability change against the baseline (unchanged while none is known)."""
+    if baseline is None or rec.capability is None:
+        return rec
+    return dataclasses.replace(rec, capability=dataclasses.replace(
+        rec.capability, change=capability_change(rec, baseline)))
+
+
+Reference = torch.Tensor | Callable[[], torch.Tensor] | None  # unsteered first-token log-probs, or how to get them
+
+
+@dataclass
+class GroupResult:
+    records: list[SweepRecord]  # in the group's order
+    reference: torch.Tensor | None  # the unsteered first-token log-probs the KLs were read against
+
+
+def run_group(handle: ModelHandle, spec: SweepSpec, group: list[Config], baseline: SweepRecord | None, *,
+              prepared: Prepared, reference: Reference = None, progress: bool = False) -> GroupResult:
+    """One group: one `generate` call with a plan per row, one perplexity pass, one MMLU pass, then the KLs.
+
+    `reference` is the unsteered first-token log-probabilities of the KL prompts; without it they come
+    from the baseline in this group, else from a scoring pass. It may be a function: it is called only
+    when the KLs are read, after everything else (a distributed sweep hands the baseline group's table
+    over that way). Lines get their capability change against `baseline`, or against the baseline in
+    this group; lines of a group run without either get it from the caller (`with_baseline`).
+    """
+    texts = texts_of(spec)
+    n = len(texts)
+    plans = [c.plan(spec.vector, spec.plan_extra) for c in group]
+    checked = build_row_plans(handle, plans)
+    items = prepared.items
     kl_texts = [r["prompt"] for r in (spec.benign or spec.prompts)]
     kl_start = len(spec.prompts) if spec.benign else 0  # where the KL prompts sit among a config's rows
+    t0 = time.perf_counter()
+    completions, tables = _generate_group(handle, spec, texts, plans, range(kl_start, kl_start + len(kl_texts)),
+                                          progress)
+    ppl = perplexity(handle, texts * len(group), completions, None, batch_size=spec.score_batch_size)
+    correct: list[bool] = []
+    if items:
+        correct = mc_correct(handle, items * len(group), plans=[p for p in plans for _ in items],
+                             batch_size=spec.score_batch_size * 2)
+    ref = reference() if callable(reference) else reference
+    if ref is None:
+        ref = next((t for c, t in zip(group, tables, strict=True) if c.is_baseline), None)
+    if ref is None:
+        ref = first_token_logprobs(handle, kl_texts, spec.score_batch_size)
+    kls = [0.0 if c.is_baseline else spec.known_kl[c] if c in spec.known_kl else float(kl_rows(ref, t).mean())
+           for c, t in zip(group, tables, strict=True)]
+    del tables
+    elapsed = (time.perf_counter() - t0) / len(group)
+    records = []
+    for g, config in enumerate(group):
+        rec = _record(spec, handle, config, plans[g], checked[g], config_key(config, prepared.context),
+                      completions[g * n : (g + 1) * n], ppl[g * n : (g + 1) * n], kls[g],
+                      correct[g * len(items) : (g + 1) * len(items)], items, prepared.profile, elapsed)
+        if baseline is None and config.is_baseline:
+            baseline = rec
+        records.append(with_baseline(rec, baseline))
+    return GroupResult(records, ref)
+
+
+def run_sweep(handle: ModelHandle, spec: SweepSpec, out: str | Path, *, progress: bool = True) -> list[SweepRecord]:
+    """Run every configuration of `spec` not yet in `out`; return all finished lines for this setting."""
+    prepared = prepare(handle, spec)
+    keys = prepared.keys(spec)
+    done = {r.key: r for r in read_records(out) if r.key in keys}
+    groups = pending_groups(spec, keys, done)
+    check_plans(handle, spec, [c for g in groups for c in g])  # every plan is checked before anything runs
+    bar = tqdm(total=len(keys), initial=len(done), desc="sweep", unit="config", disable=not progress)
+    baseline = next((r for r in done.values() if r.is_baseline), None)
     reference: torch.Tensor | None = None  # unsteered first-token log-probs of the KL prompts
-    for group in _groups(pending, len(texts), spec.group_rows):
-        t0 = time.perf_counter()
-        completions, tables = _generate_group(handle, spec, texts, [plans[c] for c in group],
-                                              range(kl_start, kl_start + len(kl_texts)), progress)
-        if reference is None:
-            reference = next((t for c, t in zip(group, tables, strict=True) if c.is_baseline), None)
-        if reference is None:
-            reference = first_token_logprobs(handle, kl_texts, spec.score_batch_size)
-        kls = [0.0 if c.is_baseline else spec.known_kl[c] if c in spec.known_kl else float(kl_rows(reference, t).mean())
-               for c, t in zip(group, tables, strict=True)]
-        del tables
-        ppl = perplexity(handle, texts * len(group), completions, None, batch_size=spec.score_batch_size)
-        correct: list[bool] = []
-        if items:
-            correct = mc_correct(handle, items * len(group), plans=[plans[c] for c in group for _ in items],
-                                 batch_size=spec.score_batch_size * 2)
-        elapsed = (time.perf_counter() - t0) / len(group)
-        for g, config in enumerate(group):
-            n = len(texts)
-            rec = _record(spec, handle, config, plans[config], checked[config], key_of[config],
-                          completions[g * n : (g + 1) * n], ppl[g * n : (g + 1) * n], kls[g],
-                          correct[g * len(items) : (g + 1) * len(items)], items, profile, elapsed)
-            if baseline is None and config.is_baseline:
+    for group in groups:
+        result = run_group(handle, spec, group, baseline, prepared=prepared, reference=reference, progress=progress)
+        reference = result.reference
+        for rec in result.records:
+            if baseline is None and rec.is_baseline:
                 baseline = rec
-            if baseline is not None and rec.capability is not None:
-                rec = dataclasses.replace(rec, capability=dataclasses.replace(
-                    rec.capability, change=capability_change(rec, baseline)))
             append_record(out, rec)
             done[rec.key] = rec
             bar.update(1)
