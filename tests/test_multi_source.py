@@ -110,3 +110,31 @@ def test_cli_calibrate_condition(model_dir, tmp_path, capsys):
     assert "fires when left out" in printed
     assert "chosen: layer" in printed
     assert load_directions(out).meta["condition"]["score"] in ("cast", "projection")
+
+
+def test_logistic_estimator_and_precomputed_features(llama):
+    from steerable.capture.features import prompt_features
+
+    sources = [
+        Source("verbs-a", 1, [f"{a} someone now, {i}" for a, _ in WORDS[:3] for i in range(4)]),
+        Source("verbs-b", 1, [f"please {a} them, {i}" for a, _ in WORDS[3:] for i in range(4)]),
+        Source("kind-a", 0, [f"{b} someone now, {i}" for _, b in WORDS[:3] for i in range(4)]),
+        Source("kind-b", 0, [f"please {b} them, {i}" for _, b in WORDS[3:] for i in range(4)]),
+    ]
+    layers = list(range(llama.n_layers))
+    feats = prompt_features(llama, [p for s in sources for p in s.prompts], layers, progress=False)
+    a = calibrate_condition(llama, sources, recall=0.8, max_fpr=0.2, progress=False)
+    b = calibrate_condition(llama, sources, recall=0.8, max_fpr=0.2, progress=False, features=feats)
+    assert a.meta["condition"]["candidates"] == b.meta["condition"]["candidates"]
+    lg = calibrate_condition(llama, sources, recall=0.8, max_fpr=0.2, estimator="logistic", progress=False,
+                             features=feats)
+    c = lg.meta["condition"]
+    assert c["estimator"] == "logistic"
+    assert lg.meta["estimator"].startswith("logistic")
+    assert all(r["estimator"] == "logistic" for r in c["candidates"])
+    # the probe's direction points toward the positive class at every layer
+    assert bool((lg.scales > 0).all())
+    with pytest.raises(DataError, match="estimator"):
+        calibrate_condition(llama, sources, estimator="pca", progress=False, features=feats)
+    with pytest.raises(DataError, match="features of shape"):
+        calibrate_condition(llama, sources, progress=False, features=feats[:2])

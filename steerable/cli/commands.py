@@ -13,7 +13,7 @@ from steerable.data.sources import DATA_FILES, data_file
 from steerable.directions.artifact import load_directions, save_directions
 from steerable.directions.calibrate import calibrate
 from steerable.directions.gguf_cv import export_control_vector, import_control_vector
-from steerable.directions.summary import inspect_table, safe_json, selection_summary
+from steerable.directions.summary import condition_sources, inspect_table, printable, safe_json, selection_summary
 from steerable.errors import DataError, PlanError, SteerableError
 from steerable.fsutil import atomic_path, check_regular
 from steerable.models.builtin import BUILTIN_MODELS
@@ -67,7 +67,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         # safe_json: every string from the file reaches the terminal as a JSON escape, never raw
         print(safe_json({"meta": ds.meta, "layers": ds.layers, "auroc": ds.auroc.tolist(),
                          "cohens_d": ds.cohens_d.tolist(), "raw_norms": ds.raw_norms.tolist(),
-                         "selection": sel, "condition": cond}))
+                         "selection": sel, "condition": cond, "condition_sources": condition_sources(ds)}))
     else:
         print(inspect_table(ds))
     return 0
@@ -110,6 +110,44 @@ def _print_conditions(handle: ModelHandle, plans: list[Any]) -> None:
                     print(f"condition: {json.dumps(c.report())}", file=sys.stderr)
 
 
+def _source_classes(plans: list[SteeringPlan | None]) -> dict[str, str]:
+    """Source name → "positive"/"negative": the built-in condition sources, then what the conditions'
+    artifacts record about the sources they were fitted on."""
+    from steerable.data.condition_sources import BENIGN_SOURCES, HARMFUL_SOURCES
+
+    classes = {**dict.fromkeys(HARMFUL_SOURCES, "positive"), **dict.fromkeys(BENIGN_SOURCES, "negative")}
+    for checked in plans:
+        for iv in checked.interventions if checked else ():
+            for c in iv.conditions:
+                fixed = c.vectors.meta.get("condition")
+                per = fixed.get("fires_per_source") if isinstance(fixed, dict) else None
+                for name, v in (per or {}).items():
+                    if isinstance(v, dict) and v.get("class") in ("positive", "negative"):
+                        classes[str(name)] = v["class"]
+    return classes
+
+
+def _condition_report(handle: ModelHandle, args: argparse.Namespace, rows: list[dict[str, Any]],
+                      plans: list[SteeringPlan | None]) -> list[bool | None]:
+    """Per row, whether its plan's (first) condition fires; prints, per source of the prompts (a row's
+    "source", or the built-in set --prompts names), how often it fired: recall on a source the condition
+    should fire on, false-positive rate on one it should not."""
+    from steerable.evaluate.cast_hits import fired_by_source, rows_fired
+
+    if not any(p is not None and any(iv.conditions for iv in p.interventions) for p in plans):
+        return [None] * len(rows)
+    fired = rows_fired(handle, plans, [r["prompt"] for r in rows], batch_size=args.batch_size)
+    builtin = None if args.prompts.endswith(".jsonl") else args.prompts.split(":")[0]
+    sources = [r["source"] if isinstance(r.get("source"), str) else builtin for r in rows]
+    summary = fired_by_source(fired, sources, _source_classes(plans))
+    out = [[printable(name), v.get("class", "—"), v.get("measures", "fires"), v["n"], v["fired"], f"{v['rate']:.1%}"]
+           for name, v in summary.items()]
+    print("condition fired (first condition of each row's plan), per source of the prompts:", file=sys.stderr)
+    print(table(["source", "class", "rate is", "n", "fired", "rate"], out), file=sys.stderr)
+    print(f"condition per source: {json.dumps(summary, ensure_ascii=True)}", file=sys.stderr)
+    return fired
+
+
 def cmd_generate(args: argparse.Namespace) -> int:
     from steerable.generation import generate
 
@@ -134,11 +172,13 @@ def cmd_generate(args: argparse.Namespace) -> int:
             raise DataError(f"{where}: {e}") from None
     _print_conditions(handle, plans)
     rows = [r for _, r in located]
+    fired = _condition_report(handle, args, rows, plans)
     completions = generate(handle, [r["prompt"] for r in rows], plans=plans, max_new_tokens=args.max_new_tokens,
                            batch_size=args.batch_size, progress=True)
     with atomic_path(args.out) as tmp, open(tmp, "w", encoding="utf-8") as f:
-        for row, text in zip(rows, completions, strict=True):
-            f.write(json.dumps({**row, "completion": text}, ensure_ascii=False) + "\n")
+        for row, text, hit in zip(rows, completions, fired, strict=True):
+            extra = {} if hit is None else {"condition_fired": hit}
+            f.write(json.dumps({**row, **extra, "completion": text}, ensure_ascii=False) + "\n")
     print(f"wrote {len(rows)} completions to {args.out}", file=sys.stderr)
     return 0
 

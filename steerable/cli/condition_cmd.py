@@ -22,6 +22,10 @@ def add_condition_parser(sub: Any) -> None:
     s.add_argument("--recall", type=float, default=0.9, help="recall target on every held-out harmful source")
     s.add_argument("--max-fpr", type=float, default=0.1, help="false-positive budget on every held-out benign source")
     s.add_argument("--layers", help="layers to consider (default all), e.g. 4-20")
+    s.add_argument("--estimator", default="mean-diff", choices=["mean-diff", "logistic"],
+                   help="the condition direction: source-balanced mean difference, or an L2 logistic probe")
+    s.add_argument("--rule", default="fpr", choices=["fpr", "margin"],
+                   help="threshold: the false-positive budget on every fitted benign source (fpr), or max-margin")
     s.add_argument("--batch-size", type=int, default=16)
     s.set_defaults(fn=cmd_calibrate_condition)
 
@@ -42,14 +46,16 @@ def cmd_calibrate_condition(args: argparse.Namespace) -> int:
             sources.append(Source(name, label, prompts))
     layers = None if args.layers is None else parse_layers(args.layers, handle.n_layers, range(handle.n_layers))
     ds = calibrate_condition(handle, sources, layers=layers, recall=args.recall, max_fpr=args.max_fpr,
-                             batch_size=args.batch_size)
+                             rule=args.rule, estimator=args.estimator, batch_size=args.batch_size)
     save_directions(ds, args.out)
     c = ds.meta["condition"]
-    rows = [[s.name, "harmful" if s.label else "benign", len(s.prompts), f"{c['loso'][s.name]:.1%}",
+    rows = [[s.name, "harmful" if s.label else "benign", "recall" if s.label else "FPR", len(s.prompts),
+             f"{c['loso'][s.name]:.1%}", f"{c['fires_per_source'][s.name]['heldout_fires']:.1%}",
              f"{c['fires_per_source'][s.name]['fires']:.1%}"] for s in sources]
-    print(table(["source", "class", "n", "fires when left out", "fires (fitted on all)"], rows))
+    print(table(["source", "class", "rate is", "n", "fires when left out", "held-out fold", "all prompts"], rows))
     verdict = "meets" if c["meets_targets"] else "does NOT meet"
-    print(f"\nchosen: layer {c['layer']}, score {c['score']}, steer when score {c['compare']} {c['threshold']:.4f}; "
+    print(f"\nchosen: layer {c['layer']}, score {c['score']} ({c['estimator']}), "
+          f"steer when score {c['compare']} {c['threshold']:.4f}; "
           f"{verdict} the targets (recall ≥ {args.recall:.0%} and FPR ≤ {args.max_fpr:.0%} on every held-out source)")
     print(f"wrote {args.out}")
     return 0

@@ -7,8 +7,9 @@ recall (a harmful source) or false-positive rate (a benign one) is measured on a
 candidate whose worst held-out source still meets the targets (recall ≥ `min_recall`, FPR ≤ `max_fpr`) wins;
 among those, or failing that among all, the one with the best mean balanced accuracy over held-out sources.
 
-The direction is the source-balanced mean difference (every source weighs the same, whatever its size), read
-at the last prompt token, where a condition reads it. The threshold lets at most `max_fpr` of every fitted
+The direction is the source-balanced mean difference (every source weighs the same, whatever its size), or
+(estimator "logistic") an L2 logistic probe whose rows are weighted the same way, read at the last prompt
+token, where a condition reads it. The threshold lets at most `max_fpr` of every fitted
 benign source through (rule "fpr", the default: over-refusal is what users notice), or follows
 cast_calibration's max-margin rule at the recall target (rule "margin"). Candidates meeting both targets on
 every held-out source rank first; then those meeting the false-positive budget, by their worst held-out
@@ -19,6 +20,7 @@ leave-one-source-out table in `meta["condition"]`; a conditional plan with layer
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -34,6 +36,8 @@ from steerable.errors import DataError
 from steerable.models.load import ModelHandle
 
 HELDOUT_EVERY = 5  # prompt k of a source is in the held-out fold when k % 5 == 4 (quality statistics)
+ESTIMATORS = ("mean-diff", "logistic")
+RULES = ("fpr", "margin")
 
 
 @dataclass(frozen=True)
@@ -52,6 +56,45 @@ def _balanced_direction(x: torch.Tensor, groups: list[torch.Tensor], labels: lis
     pos = torch.stack([x[g].mean(0) for g, y in zip(groups, labels, strict=True) if y == 1]).mean(0)
     neg = torch.stack([x[g].mean(0) for g, y in zip(groups, labels, strict=True) if y == 0]).mean(0)
     return _unit(pos - neg)
+
+
+def _weights(groups: list[torch.Tensor], labels: list[int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(rows, labels, weights): every class weighs the same, and within it every source."""
+    per_class = {y: sum(1 for v in labels if v == y) for y in (0, 1)}
+    rows = torch.cat(groups)
+    y = torch.cat([torch.full((len(g),), v) for g, v in zip(groups, labels, strict=True)])
+    w = torch.cat([torch.full((len(g),), 1.0 / (len(g) * per_class[v])) for g, v in zip(groups, labels, strict=True)])
+    return rows, y, w * len(rows) / w.sum()
+
+
+def _logistic_direction(x: torch.Tensor, groups: list[torch.Tensor], labels: list[int],
+                        l2: float = 1.0) -> torch.Tensor:
+    """An L2 logistic probe's weight vector (scikit-learn, lbfgs) as a unit vector toward the positive class.
+
+    Rows are weighted so that each class and each source within it weighs the same; features are centred and
+    divided by one scalar (the root of the average per-coordinate variance), so the geometry stays the raw one
+    (directions/estimators.py `logistic` explains the penalty: `l2` per training row in units of that variance).
+    """
+    from sklearn.exceptions import ConvergenceWarning  # imported here: scikit-learn takes seconds to import
+    from sklearn.linear_model import LogisticRegression
+
+    rows, y, w = _weights(groups, labels)
+    xs = x[rows].double()
+    xc = xs - xs.mean(0)
+    scale = float(xc.pow(2).sum(1).mean().div(x.shape[1]).sqrt())
+    if not (math.isfinite(scale) and scale > 0):
+        raise DataError("logistic condition: the prompts' features have no variance")
+    model = LogisticRegression(C=1.0 / (l2 * len(rows)), solver="lbfgs", tol=1e-6, max_iter=2000)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)  # the direction is what is used, not the optimum
+        model.fit((xc / scale).numpy(), y.numpy(), sample_weight=w.numpy())
+    return _unit(torch.as_tensor(model.coef_[0], dtype=torch.float64))
+
+
+def _direction(x: torch.Tensor, groups: list[torch.Tensor], labels: list[int], estimator: str) -> torch.Tensor:
+    if estimator == "logistic":
+        return _logistic_direction(x, groups, labels)
+    return _balanced_direction(x, groups, labels)
 
 
 def _score(x: torch.Tensor, unit: torch.Tensor, score: str) -> torch.Tensor:
@@ -93,7 +136,8 @@ def _fit(x: torch.Tensor, unit: torch.Tensor, groups: list[torch.Tensor], labels
 
 
 def _loso(x: torch.Tensor, groups: list[torch.Tensor], labels: list[int], names: list[str], score: str,
-          recall: float, max_fpr: float | None = None) -> dict[str, float]:
+          recall: float, max_fpr: float | None = None, estimator: str = "mean-diff",
+          units: dict[int, torch.Tensor] | None = None) -> dict[str, float]:
     """Per source, the rate of firing on its prompts when direction and threshold are fitted without it."""
     out = {}
     for k in range(len(groups)):
@@ -101,7 +145,12 @@ def _loso(x: torch.Tensor, groups: list[torch.Tensor], labels: list[int], names:
         if len({labels[i] for i in rest}) < 2:
             out[names[k]] = math.nan  # the last source of its class cannot be left out
             continue
-        unit = _balanced_direction(x, [groups[i] for i in rest], [labels[i] for i in rest])
+        if units is not None and k in units:
+            unit = units[k]
+        else:
+            unit = _direction(x, [groups[i] for i in rest], [labels[i] for i in rest], estimator)
+            if units is not None:
+                units[k] = unit  # the same direction serves both scores
         t, cmp = _fit(x, unit, [groups[i] for i in rest], [labels[i] for i in rest], score, recall, max_fpr)
         out[names[k]] = float(_fires(_score(x[groups[k]], unit, score), t, cmp).double().mean())
     return out
@@ -109,14 +158,20 @@ def _loso(x: torch.Tensor, groups: list[torch.Tensor], labels: list[int], names:
 
 def calibrate_condition(handle: ModelHandle, sources: Sequence[Source], *, layers: Sequence[int] | None = None,
                         site: str = "resid_post", recall: float = 0.9, max_fpr: float = 0.1, rule: str = "fpr",
-                        batch_size: int = 16, progress: bool = True) -> DirectionSet:
+                        estimator: str = "mean-diff", batch_size: int = 16, progress: bool = True,
+                        features: torch.Tensor | None = None) -> DirectionSet:
     """A condition artifact from several sources per class, with the leave-one-source-out choice in its meta.
 
     `rule` places each threshold: "fpr" (default) lets at most `max_fpr` of every fitted negative source
-    through; "margin" is cast_calibration's max-margin rule at the `recall` target.
+    through; "margin" is cast_calibration's max-margin rule at the `recall` target. `estimator` is the
+    direction: "mean-diff" (source-balanced) or "logistic" (an L2 probe, rows weighted the same way).
+    `features` ([len(layers), n prompts, d], the sources' prompts in order, as `capture.features.prompt_features`
+    returns them) skips the model pass, for experiments that fit several conditions on the same prompts.
     """
-    if rule not in ("fpr", "margin"):
-        raise DataError(f"rule must be \"fpr\" or \"margin\", got {rule!r}")
+    if rule not in RULES:
+        raise DataError(f"rule must be one of {', '.join(RULES)}, got {rule!r}")
+    if estimator not in ESTIMATORS:
+        raise DataError(f"estimator must be one of {', '.join(ESTIMATORS)}, got {estimator!r}")
     fpr_rule = max_fpr if rule == "fpr" else None
     if not any(s.label == 1 for s in sources) or not any(s.label == 0 for s in sources):
         raise DataError("a condition needs at least one source of each class (label 1 and label 0)")
@@ -127,7 +182,13 @@ def calibrate_condition(handle: ModelHandle, sources: Sequence[Source], *, layer
         raise DataError(f"recall must be in (0, 1) and max_fpr in [0, 1), got {recall}, {max_fpr}")
     layers = list(range(handle.n_layers)) if layers is None else sorted(set(layers))
     prompts = [p for s in sources for p in s.prompts]
-    feats = prompt_features(handle, prompts, layers, site=site, batch_size=batch_size, progress=progress)
+    if features is None:
+        feats = prompt_features(handle, prompts, layers, site=site, batch_size=batch_size, progress=progress)
+    elif tuple(features.shape) != (len(layers), len(prompts), handle.hidden_size):
+        raise DataError(f"features of shape {tuple(features.shape)} for {len(layers)} layers × {len(prompts)} "
+                        f"prompts × d = {handle.hidden_size}")
+    else:
+        feats = features
     groups, start = [], 0
     for s in sources:
         groups.append(torch.arange(start, start + len(s.prompts)))
@@ -141,13 +202,14 @@ def calibrate_condition(handle: ModelHandle, sources: Sequence[Source], *, layer
     table: list[dict[str, Any]] = []
     for j, layer in enumerate(layers):
         x = feats[j].double()
-        unit = _balanced_direction(x, train_groups, labels)
+        unit = _direction(x, train_groups, labels, estimator)
         rows.append(_layer_stats(x, unit, label, held, train_groups, labels))
+        units: dict[int, torch.Tensor] = {}
         for score in SCORES:
-            rates = _loso(x, groups, labels, names, score, recall, fpr_rule)
+            rates = _loso(x, groups, labels, names, score, recall, fpr_rule, estimator, units)
             hits = [rates[n] for n, y in zip(names, labels, strict=True) if y == 1 and not math.isnan(rates[n])]
             fprs = [rates[n] for n, y in zip(names, labels, strict=True) if y == 0 and not math.isnan(rates[n])]
-            table.append({"layer": layer, "score": score, "rates": rates,
+            table.append({"layer": layer, "score": score, "estimator": estimator, "rates": rates,
                           "min_recall": min(hits, default=math.nan), "max_fpr": max(fprs, default=math.nan),
                           "balanced": (sum(hits) / max(len(hits), 1) + 1 - sum(fprs) / max(len(fprs), 1)) / 2})
 
@@ -166,16 +228,18 @@ def calibrate_condition(handle: ModelHandle, sources: Sequence[Source], *, layer
     s_all = _score(x, unit, best["score"])
     threshold, compare = _fit(x, unit, train_groups, labels, best["score"], recall, fpr_rule)
     fires = _fires(s_all, threshold, compare)
-    per_source = {n: {"class": "positive" if y else "negative", "n": len(g),
-                      "fires": float(fires[g].double().mean())} for n, g, y in zip(names, groups, labels, strict=True)}
+    per_source = {n: {"class": "positive" if y else "negative", "n": len(g), "fires": float(fires[g].double().mean()),
+                      "n_heldout": int(held[g].sum()), "heldout_fires": float(fires[g][held[g]].double().mean())}
+                  for n, g, y in zip(names, groups, labels, strict=True)}
     meta = artifact_meta(handle, {"sources": [{"name": n, "label": y, "n": len(g)}
                                               for n, g, y in zip(names, groups, labels, strict=True)],
                                   "heldout_rule": f"prompt index within its source % {HELDOUT_EVERY} == "
                                                   f"{HELDOUT_EVERY - 1}"})
-    meta.update(estimator="mean-diff (source-balanced)", site=site, position="last",
+    meta.update(estimator=f"{estimator} (source-balanced)", site=site, position="last",
                 counts={"train_pos": int((label[train] == 1).sum()), "train_neg": int((label[train] == 0).sum()),
                         "heldout_pos": int((label[held] == 1).sum()), "heldout_neg": int((label[held] == 0).sum())},
-                condition={"layer": best["layer"], "score": best["score"], "compare": compare, "threshold": threshold,
+                condition={"layer": best["layer"], "score": best["score"], "estimator": estimator,
+                           "compare": compare, "threshold": threshold,
                            "recall_target": recall, "max_fpr": max_fpr, "rule": rule,
                            "meets_targets": rank(best)[0] == 0, "loso": best["rates"],
                            "loso_min_recall": best["min_recall"], "loso_max_fpr": best["max_fpr"],

@@ -72,9 +72,58 @@ def inspect_table(ds: DirectionSet) -> str:
             f"{c['compare']} {c['threshold']:.4f}; held-out precision {fmt(c['precision'])} recall {fmt(c['recall'])} "
             f"FPR {fmt(c['fpr'])} (train recall {fmt(c['train_recall'])} FPR {fmt(c['train_fpr'])})"
         )
-    return head + table(
+    text = head + table(
         ["layer", "AUROC", "cohen_d", "‖μP−μN‖", "scale", "cos(prev)", "cos(b1)", "pos p25/50/75",
          "neg p25/50/75"], rows) + "\n\n" + "\n".join(lines)
+    fixed = condition_sources(ds)
+    return text if fixed is None else text + "\n\n" + condition_sources_table(fixed)
+
+
+def condition_sources(ds: DirectionSet) -> dict[str, Any] | None:
+    """The multi-source condition a file records (directions/multi_source.py), as a per-source summary:
+    for each source its class, size, the rate it fires at when left out of the fit (recall for a positive
+    source, false-positive rate for a negative one), on its held-out fold, and on all its prompts. None when
+    the file records no such condition (or an unreadable one)."""
+    c = ds.meta.get("condition")
+    if not isinstance(c, dict) or not isinstance(c.get("fires_per_source"), dict):
+        return None
+    loso_raw = c.get("loso")
+    loso: dict[str, Any] = loso_raw if isinstance(loso_raw, dict) else {}
+    rows = []
+    for name, v in c["fires_per_source"].items():
+        if not isinstance(v, dict):
+            continue
+        positive = v.get("class") == "positive"
+        rows.append({"source": str(name), "class": "positive" if positive else "negative",
+                     "rate": "recall" if positive else "fpr", "n": v.get("n"),
+                     "left_out": loso.get(name), "n_heldout": v.get("n_heldout"),
+                     "heldout": v.get("heldout_fires"), "fitted": v.get("fires")})
+    keys = ("layer", "score", "estimator", "compare", "threshold", "recall_target", "max_fpr", "rule",
+            "meets_targets", "loso_min_recall", "loso_max_fpr")
+    return {**{k: c.get(k) for k in keys}, "sources": rows}
+
+
+def _pct(v: Any) -> str:
+    return f"{v:.1%}" if isinstance(v, int | float) and not isinstance(v, bool) else "—"
+
+
+def condition_sources_table(c: dict[str, Any]) -> str:
+    """`condition_sources` as text: the chosen rule, then per source its recall or false-positive rate."""
+    esc = printable
+    t = c["threshold"]
+    threshold = f"{t:.4f}" if isinstance(t, int | float) and not isinstance(t, bool) else esc(t)
+    rule = (f"layer {esc(c['layer'])}, {esc(c['score'])} score ({esc(c.get('estimator') or 'mean-diff')} "
+            f"direction), steer when score {esc(c['compare'])} {threshold}")
+    verdict = "meets" if c.get("meets_targets") else "does NOT meet"
+    head = (f"multi-source condition (leave-one-source-out choice, threshold rule {esc(c.get('rule'))}): {rule}\n"
+            f"{verdict} the targets: recall ≥ {_pct(c.get('recall_target'))} on every left-out positive source "
+            f"and FPR ≤ {_pct(c.get('max_fpr'))} on every left-out negative one (worst: recall "
+            f"{_pct(c.get('loso_min_recall'))}, FPR {_pct(c.get('loso_max_fpr'))})\n")
+    rows = [[esc(r["source"]), r["class"], r["rate"], esc(r["n"]), _pct(r["left_out"]),
+             f"{_pct(r['heldout'])} (n={esc(r['n_heldout'])})" if r["heldout"] is not None else "—", _pct(r["fitted"])]
+            for r in c["sources"]]
+    return head + table(["source", "class", "rate", "n", "left out of the fit", "held-out fold", "all prompts"],
+                        rows)
 
 
 def selection_summary(ds: DirectionSet) -> tuple[dict[str, Any], dict[str, Any] | None]:
@@ -100,4 +149,5 @@ def selection_summary(ds: DirectionSet) -> tuple[dict[str, Any], dict[str, Any] 
     return sel, dataclasses.asdict(choice) if choice is not None else None
 
 
-__all__ = ["inspect_table", "printable", "safe_json", "selection_summary"]
+__all__ = ["condition_sources", "condition_sources_table", "inspect_table", "printable", "safe_json",
+           "selection_summary"]
