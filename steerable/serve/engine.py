@@ -1,11 +1,11 @@
-"""One batch of jobs decoded together over a KV cache, each row under its own plan, tokens handed out per step.
+"""Rows decoded together over a KV cache, each under its own plan, tokens handed out per step.
 
-Rows are left-padded to the batch's longest prompt and steered with `steer(handle, rows=[...])`: a row's
-plan never changes another row's tokens, and an unsteered row gets zero parameters. When rows finish (EOS,
-a stop string, max_tokens, a cancelled or timed-out request), they leave the batch at once: the KV cache,
-mask and per-row state are cut down to the rows still running and the steering session is rebuilt for
-them (CAST decisions carried over), so a finished row costs nothing afterwards. No row joins a running
-batch — the plan machinery marks one prompt region per batch — so a new batch starts when this one ends.
+`Engine.run` is dynamic batching: one batch of jobs, left-padded to its longest prompt and steered with
+`steer(handle, rows=[...])`; a row's plan never changes another row's tokens, and an unsteered row gets
+zero parameters. When rows finish (EOS, a stop string, max_tokens, a cancelled or timed-out request), they
+leave the batch at once: the KV cache, mask and per-row state are cut down to the rows still running and
+the steering session is rebuilt for them (CAST decisions carried over). No row joins a running batch
+there; continuous batching (continuous.py) reuses the rows, `advance`, `finish` and `alone` defined here.
 """
 
 from __future__ import annotations
@@ -86,7 +86,7 @@ class Engine:
         self.pad = pad_token_id(handle)
         # the prefill needs only the last position's logits (what generate() asks for too, where supported)
         accepts = "logits_to_keep" in inspect.signature(handle.model.forward).parameters
-        self._last_only = {"logits_to_keep": 1} if accepts else {}
+        self.last_only = {"logits_to_keep": 1} if accepts else {}
 
     @torch.inference_mode()
     def run(self, jobs: Sequence[Job], emit: Emit) -> None:
@@ -105,7 +105,7 @@ class Engine:
                             type(e).__name__, e, len(open_rows))
                 self.metrics.batch_failed()
                 for r in open_rows:
-                    self._alone(r, emit)
+                    self.alone(r, emit)
         finally:
             self.metrics.idle()
 
@@ -114,7 +114,7 @@ class Engine:
         """Decode `job` alone and let any failure raise (start-up checks of presets and the default plan)."""
         self._decode([Row.start(0, job, self.handle.tokenizer)], lambda _events: None)
 
-    def _alone(self, row: Row, emit: Emit) -> None:
+    def alone(self, row: Row, emit: Emit) -> None:
         job = row.job
         if job.cancelled:
             job.finished = True
@@ -152,16 +152,16 @@ class Engine:
                     stack.enter_context(m.watch(self.handle, [r.index for r in rows]))
                 while True:
                     out = model(input_ids=step_ids, attention_mask=mask, position_ids=positions,
-                                past_key_values=cache, use_cache=True, **self._last_only)
+                                past_key_values=cache, use_cache=True, **self.last_only)
                     tokens = pick(out.logits[:, -1, :], [r.job.sampling for r in rows], [r.generator for r in rows])
-                    if self._advance(rows, tokens, emit):
+                    if self.advance(rows, tokens, emit):
                         break
                     step_ids = torch.tensor(tokens, device=mask.device)[:, None]
                     mask = torch.cat([mask, mask.new_ones((len(rows), 1))], dim=1)
                     positions = positions[:, -1:] + 1
                 decisions = dict(session.decisions)
             # the monitors' sums are complete only once their hooks have come off
-            self._finish([r for r in rows if r.done], monitors, emit)
+            self.finish([r for r in rows if r.done], monitors, emit)
             keep = [i for i, r in enumerate(rows) if not r.done]
             if not keep:
                 break
@@ -174,7 +174,7 @@ class Engine:
             batch = batch.select(idx)
             rows = [rows[i] for i in keep]
 
-    def _advance(self, rows: list[Row], tokens: list[int], emit: Emit) -> bool:
+    def advance(self, rows: list[Row], tokens: list[int], emit: Emit) -> bool:
         """Take one step's tokens; True if any row finished (the batch then shrinks)."""
         now = time.monotonic()
         events: list[tuple[Job, Event]] = []
@@ -215,7 +215,7 @@ class Engine:
             emit(events)
         return changed
 
-    def _finish(self, rows: list[Row], monitors: dict[tuple[str, int, str], AxisMonitor], emit: Emit) -> None:
+    def finish(self, rows: list[Row], monitors: dict[tuple[str, int, str], AxisMonitor], emit: Emit) -> None:
         events: list[tuple[Job, Event]] = []
         ended: list[Job] = []
         for r in rows:

@@ -1,9 +1,12 @@
 """The bounded queue and the one worker thread that owns the model.
 
-Handlers (on the event loop) `submit` prepared jobs; a full queue answers 429 at once. The worker takes up
-to `max_batch` waiting jobs — once none has arrived for `batch_window` (at most 4 windows after the oldest),
-so clients that arrive together share a batch — and decodes them with the engine. Events go back to the
-event loop in one `call_soon_threadsafe` per decoding step, not one per token.
+Handlers (on the event loop) `submit` prepared jobs; a full queue answers 429 at once. When the worker is
+idle it waits for a job, then for more while they keep arriving (until none has come for `batch_window`,
+at most 4 windows after the oldest), so clients that arrive together share one prefill. With continuous
+batching (the default) it then admits waiting jobs between decoding steps, up to `max_batch` rows in all
+(continuous.py); with dynamic batching it decodes the jobs it took as one batch and takes more only when
+that batch has ended (engine.py). Events go back to the event loop in one `call_soon_threadsafe` per
+decoding step, not one per token.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ import threading
 import time
 
 from steerable.serve.config import Limits
+from steerable.serve.continuous import ContinuousBatch
 from steerable.serve.engine import Engine
 from steerable.serve.errors import ApiError
 from steerable.serve.jobs import Event, Failed, Job
@@ -71,22 +75,24 @@ class Scheduler:
         with contextlib.suppress(RuntimeError):  # the loop closed while we were decoding (shutdown)
             loop.call_soon_threadsafe(_deliver, items)
 
-    def _take(self) -> list[Job]:
+    def _take(self, room: int, wait: bool = True) -> list[Job]:
+        """Up to `room` waiting jobs. `wait`: block until one comes, then gather a burst (the batch window);
+        else take what is waiting now."""
         with self._cv:
-            while not self._waiting and not self._stopping:
+            while wait and not self._waiting and not self._stopping:
                 self._cv.wait()
-            if self._stopping:
+            if self._stopping or not self._waiting or room < 1:
                 return []
             # a burst of clients is admitted one request at a time: keep the batch open while they keep
             # coming (a quiet period of `batch_window`), but never hold the oldest for more than 4 windows
             window = self.limits.batch_window
             cap = self._waiting[0].created + 4 * window
-            while len(self._waiting) < self.limits.max_batch and not self._stopping:
+            while wait and len(self._waiting) < room and not self._stopping:
                 left = min(self._waiting[-1].created + window, cap) - time.monotonic()
                 if left <= 0:
                     break
                 self._cv.wait(left)
-            jobs = [self._waiting.popleft() for _ in range(min(self.limits.max_batch, len(self._waiting)))]
+            jobs = [self._waiting.popleft() for _ in range(min(room, len(self._waiting)))]
         now = time.monotonic()
         ready = []
         for job in jobs:
@@ -101,8 +107,20 @@ class Scheduler:
         return ready
 
     def _work(self) -> None:
+        if self.limits.batching == "dynamic":
+            self._work_dynamic()
+        else:
+            self._work_continuous()
+        with self._cv:
+            left = list(self._waiting)
+            self._waiting.clear()
+        err = ApiError(503, "the server is shutting down", code="shutting_down", kind="shutdown")
+        self.emit([(j, Failed(err)) for j in left])
+
+
+    def _work_dynamic(self) -> None:
         while True:
-            jobs = self._take()
+            jobs = self._take(self.limits.max_batch)
             if self._stopping:
                 break
             if not jobs:
@@ -110,11 +128,24 @@ class Scheduler:
             t = time.monotonic()
             self.engine.run(jobs, self.emit)
             self._batch_seconds = 0.8 * self._batch_seconds + 0.2 * (time.monotonic() - t)
-        with self._cv:
-            left = list(self._waiting)
-            self._waiting.clear()
-        err = ApiError(503, "the server is shutting down", code="shutting_down", kind="shutdown")
-        self.emit([(j, Failed(err)) for j in left])
+
+    def _work_continuous(self) -> None:
+        batch = ContinuousBatch(self.engine, self.emit)
+        try:
+            while True:
+                running = len(batch)
+                # the running rows finish (a step each) once stopping; nothing new joins them
+                if batch.can_join and not (self._stopping and running):
+                    jobs = self._take(self.limits.max_batch - running, wait=running == 0)
+                    if jobs:
+                        batch.admit(jobs)
+                if self._stopping and not len(batch):
+                    break
+                batch.step()
+                self._batch_seconds = batch.request_seconds
+        finally:
+            batch.close()
+            self.engine.metrics.idle()
 
 
 def _deliver(items: list[tuple[Job, Event]]) -> None:

@@ -39,6 +39,8 @@ class TokenView:
     Positions past … past+T−1 of a batch whose (left-padded) prompts fill positions 0 … prompt_len−1.
     `turn`/`assistant` describe prompt tokens [B, prompt_len]; `reply_turn` [B] is the exchange
     index of the reply being generated. Without them every prompt token is a user token of turn 0.
+    `ends` [B], when given, is where each row's own prompt ends, for batches whose rows started at different
+    times (a server's continuous batch): the `prompt`, `generated` and `first:K` gates then count from it.
     """
 
     batch: int
@@ -51,6 +53,7 @@ class TokenView:
     assistant: torch.Tensor | None = None
     reply_turn: torch.Tensor | None = None
     attention_mask: torch.Tensor | None = None
+    ends: torch.Tensor | None = None
     cache: dict[Any, Mask] = field(default_factory=dict)
 
     @property
@@ -59,7 +62,11 @@ class TokenView:
         return max(0, min(self.past + self.length, self.prompt_len) - self.past)
 
     def generated_index(self) -> torch.Tensor:
-        return torch.arange(self.past, self.past + self.length, device=self.device) - self.prompt_len
+        """Each position's index among the generated tokens (negative: prompt): [T], or [B, T] with `ends`."""
+        pos = torch.arange(self.past, self.past + self.length, device=self.device)
+        if self.ends is not None:
+            return pos[None, :] - self.ends.to(self.device)[:, None]
+        return pos - self.prompt_len
 
 
 @dataclass(frozen=True)
@@ -134,12 +141,12 @@ def intersect(a: Mask, b: Mask) -> Mask:
 
 
 def _positions(keep: torch.Tensor, view: TokenView) -> Mask:
-    """[T] bool → mask over the sequence dimension, shared by every row."""
+    """[T] bool → mask over the sequence dimension, shared by every row ([B, T]: one per row)."""
     if bool(keep.all()):
         return ALL
     if not bool(keep.any()):
         return NONE
-    return keep.to(view.dtype).view(1, -1, 1)
+    return keep.to(view.dtype)[..., None] if keep.dim() == 2 else keep.to(view.dtype).view(1, -1, 1)
 
 
 def _term(kind: str, k: int, view: TokenView) -> Mask:

@@ -42,6 +42,7 @@ class Session:
         self.decisions: dict[CastCondition, torch.Tensor] = {}
         self._declared: int | None = None  # prompt length given by begin()
         self._inferred: int | None = None  # prompt length read off the last uncached forward pass
+        self._ends: torch.Tensor | None = None  # per-row prompt ends given by begin()
         self._turns: dict[str, torch.Tensor | None] = {}
         self._deciding = False
         self._prepass = False
@@ -53,14 +54,16 @@ class Session:
         return self.compiled.needs_turns
 
     def begin(self, prompt_len: int, turn: torch.Tensor | None = None, assistant: torch.Tensor | None = None,
-              reply_turn: torch.Tensor | None = None) -> None:
+              reply_turn: torch.Tensor | None = None, ends: torch.Tensor | None = None) -> None:
         """Declare the (left-padded) prompt of the next generation: positions 0 … prompt_len−1.
 
         `turn` [B, prompt_len] (exchange index per prompt token), `assistant` [B, prompt_len] (bool) and
-        `reply_turn` [B] feed the "assistant" and "turns>=k" gates. Without `begin`, the prompt is what the
-        first uncached forward pass covers.
+        `reply_turn` [B] feed the "assistant" and "turns>=k" gates. `ends` [B]: where each row's prompt ended,
+        for rows that joined a running batch at different times (the position gates count from it). Without
+        `begin`, the prompt is what the first uncached forward pass covers.
         """
         self._declared = prompt_len
+        self._ends = ends
         self._turns = {"turn": turn, "assistant": assistant, "reply_turn": reply_turn}
 
     def begin_batch(self, batch: PromptBatch) -> None:
@@ -104,7 +107,8 @@ class Session:
         self.view = TokenView(batch=batch, past=past, length=length, prompt_len=self._prompt_len(past, length),
                               device=self._ref.device, dtype=self._ref.dtype,
                               attention_mask=kwargs.get("attention_mask"), turn=self._turns.get("turn"),
-                              assistant=self._turns.get("assistant"), reply_turn=self._turns.get("reply_turn"))
+                              assistant=self._turns.get("assistant"), reply_turn=self._turns.get("reply_turn"),
+                              ends=self._ends)
         if past == 0 and self.compiled.conditions:
             self.decisions = {}
             self._deciding = True
