@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 from typing import Any
 
+from steerable.errors import SteerableError
 from steerable.models.builtin import DEFAULT_MODEL
 from steerable.serve.config import BATCHING, Limits, ServeConfig
 
@@ -36,6 +38,12 @@ def add_serve_parser(sub: Any) -> None:
                    help="how long a batch waits for more requests after its first one arrives (ms)")
     s.add_argument("--batching", default=_D.batching, choices=BATCHING,
                    help="continuous: requests join the running batch at the next step; dynamic: they wait for it")
+    s.add_argument("--ray", nargs="?", const="auto", metavar="ADDRESS",
+                   help="serve on Ray Serve (docs/scaling.md): a running cluster ('auto', the default when the "
+                        "flag has no value, or ADDRESS), or 'local' for a new one on this machine")
+    s.add_argument("--replicas", type=int, default=1, help="with --ray: server replicas, each with its own model")
+    s.add_argument("--replica-threads", type=int, default=1,
+                   help="with --ray: torch threads (and CPUs reserved) per replica")
     s.set_defaults(fn=cmd_serve)
 
 
@@ -53,5 +61,28 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     config = config_from_args(args)
     config.check()  # before the model loads: a bad flag costs nothing
+    if args.ray is not None:
+        return serve_on_ray(config, args)
+    if args.replicas != 1 or args.replica_threads != 1:
+        raise SteerableError("--replicas and --replica-threads need --ray")
     serve(config)
+    return 0
+
+
+def serve_on_ray(config: ServeConfig, args: argparse.Namespace) -> int:
+    import time
+
+    from steerable.scale.ray_serve import RayServeOptions, banner, start, stop
+
+    options = RayServeOptions(replicas=args.replicas, threads=args.replica_threads)
+    options.check()
+    url = start(config, options, address=args.ray)
+    print(banner(config, options, url), file=sys.stderr, flush=True)
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        stop(options)
     return 0
