@@ -4,8 +4,13 @@ Writes bench/results/serve.json with
 - "ratio_vs_offline": aggregate generated tokens/s of 16 concurrent streaming chat requests (one shared plan)
   over an offline batched `generate` of the same 16 prompts, same plan, same max tokens;
 - "ratio_mixed_plans": the same 16 clients each with its own plan, over the shared-plan load;
-- p50/p99 time to first token and inter-token latency, as the clients see them.
-Targets: ratio_vs_offline ≥ 0.8, ratio_mixed_plans ≥ 0.95.
+- p50/p99 time to first token and inter-token latency, as the clients see them;
+- "poisson": continuous vs dynamic batching (two servers, `--batching continuous|dynamic`) under the same
+  Poisson arrivals at `--load` (0.7) of saturation, saturation being measured first in the same run (16
+  concurrent requests with 16 different plans, on each server; the lower of the two): p50/p99 time to first
+  token and tokens/s per mode, rounds interleaved (C D, D C, …) over the same arrival schedules.
+Targets: ratio_vs_offline ≥ 0.8, ratio_mixed_plans ≥ 0.95; p99 TTFT dynamic/continuous ≥ 3, throughput
+continuous/dynamic ≥ 1.
 
 The server is the real CLI (`python -m steerable.cli.main serve`) in a subprocess; the clients are plain
 asyncio HTTP/1.1 connections reading the SSE stream (light, so they take little CPU from the server on a
@@ -30,6 +35,7 @@ import sys
 import time
 import urllib.request
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -41,9 +47,11 @@ from steerable.generation import generate
 from steerable.models.load import load_model
 
 
-def start_server(args: argparse.Namespace, vectors: Path, log: Path) -> tuple[subprocess.Popen, int]:
+def start_server(args: argparse.Namespace, vectors: Path, log: Path,
+                 batching: str = "continuous") -> tuple[subprocess.Popen, int]:
     cmd = [sys.executable, "-m", "steerable.cli.main", "serve", "--model", args.model, "--vectors", str(vectors),
-           "--port", "0", "--max-batch", "16", "--max-tokens", str(max(512, args.max_tokens))]
+           "--port", "0", "--max-batch", "16", "--max-tokens", str(max(512, args.max_tokens)),
+           "--batching", batching]
     out = log.open("w")
     proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
     deadline = time.monotonic() + 300
@@ -103,9 +111,82 @@ async def load(port: int, bodies: list[dict]) -> tuple[list[dict], float]:
     return list(results), time.perf_counter() - t
 
 
+async def poisson(port: int, bodies: list[dict], arrivals: list[float]) -> tuple[list[dict], float]:
+    """Request i sent `arrivals[i]` seconds after the start (open loop: nobody waits for an answer)."""
+    async def later(body: dict, at: float, start: float) -> dict:
+        await asyncio.sleep(max(0.0, start + at - time.perf_counter()))
+        return await stream_one(port, body)
+
+    t = time.perf_counter()
+    results = await asyncio.gather(*(later(b, a, t) for b, a in zip(bodies, arrivals, strict=True)))
+    return list(results), time.perf_counter() - t
+
+
+def arrival_times(n: int, rate: float, seed: int) -> list[float]:
+    """`n` Poisson arrivals at `rate` per second (exponential gaps), the first at 0."""
+    g = torch.Generator().manual_seed(seed)
+    gaps = torch.empty(n).exponential_(rate, generator=g).tolist()
+    out, t = [], 0.0
+    for gap in gaps:
+        out.append(t)
+        t += gap
+    return out
+
+
 def pct(xs: list[float], q: float) -> float:
     xs = sorted(xs)
     return xs[min(len(xs) - 1, round(q / 100 * (len(xs) - 1)))] if xs else float("nan")
+
+
+def poisson_part(args: argparse.Namespace, ports: dict[str, int], bodies: Any, plans: list[dict],
+                 prompts: list[str]) -> dict:
+    """Continuous vs dynamic batching under the same Poisson arrivals at `args.load` of saturation."""
+    n = args.poisson_requests
+    reqs = bodies([plans[i % len(plans)] for i in range(n)])
+    for i, b in enumerate(reqs):  # more prompts than the 16 of the burst loads: cycle them, each with its own plan
+        b["messages"] = [{"role": "user", "content": prompts[i % len(prompts)]}]
+    burst = bodies(plans)
+    sat: dict[str, float] = {}
+    for mode, port in ports.items():  # warm-up, then saturation: the 16-plan burst, as fast as the server goes
+        asyncio.run(load(port, burst))
+        res, wall = asyncio.run(load(port, burst))
+        sat[mode] = len(res) / wall
+    rate = args.load * min(sat.values())
+    print(f"saturation: {sat['continuous']:.3f} req/s continuous, {sat['dynamic']:.3f} dynamic; Poisson at "
+          f"{rate:.3f} req/s ({args.load:g} of the lower)", flush=True)
+    per: dict[str, dict[str, list]] = {m: {"ttft": [], "tokens": [], "wall": [], "texts": []} for m in ports}
+    per_round = []
+    for r in range(args.poisson_rounds):
+        arrivals = arrival_times(n, rate, seed=1000 + r // 2)  # each pair of rounds: one schedule, both modes
+        mode = ["continuous", "dynamic"][(r + r // 2) % 2]  # C D, D C, C D, ...
+        res, wall = asyncio.run(poisson(ports[mode], reqs, arrivals))
+        tokens = sum(x["tokens"] for x in res)
+        ttft = [x["times"][0] - x["t0"] for x in res if x["times"]]
+        per[mode]["ttft"] += ttft
+        per[mode]["tokens"].append(tokens)
+        per[mode]["wall"].append(wall)
+        per[mode]["texts"].append([x["text"] for x in res])
+        per_round.append({"mode": mode, "seed": 1000 + r // 2, "tokens": tokens, "wall_s": round(wall, 3),
+                          "tps": round(tokens / wall, 3), "ttft_p50_s": round(pct(ttft, 50), 4),
+                          "ttft_p99_s": round(pct(ttft, 99), 4)})
+        print(f"poisson round {r + 1}/{args.poisson_rounds} ({mode}): {tokens / wall:.1f} tok/s, TTFT p50 "
+              f"{pct(ttft, 50):.3f} s, p99 {pct(ttft, 99):.3f} s", flush=True)
+    out: dict[str, Any] = {"load": args.load, "rate_rps": round(rate, 4),
+                           "saturation_rps": {m: round(v, 4) for m, v in sat.items()},
+                           "requests_per_round": n, "rounds": args.poisson_rounds, "max_tokens": args.max_tokens}
+    for mode, d in per.items():
+        out[mode] = {"ttft_s": {"p50": round(pct(d["ttft"], 50), 4), "p99": round(pct(d["ttft"], 99), 4)},
+                     "tps": round(sum(d["tokens"]) / sum(d["wall"]), 3), "requests": len(d["ttft"])}
+    c, d = out["continuous"], out["dynamic"]
+    out["ttft_p99_ratio_dynamic_over_continuous"] = round(d["ttft_s"]["p99"] / c["ttft_s"]["p99"], 3)
+    out["ttft_p50_ratio_dynamic_over_continuous"] = round(d["ttft_s"]["p50"] / c["ttft_s"]["p50"], 3)
+    out["tps_ratio_continuous_over_dynamic"] = round(c["tps"] / d["tps"], 4)
+    pairs = list(zip(per["continuous"]["texts"], per["dynamic"]["texts"], strict=False))
+    out["identical_texts_continuous_vs_dynamic"] = round(
+        statistics.mean(a == b for ca, da in pairs for a, b in zip(ca, da, strict=True)), 4) if pairs else None
+    out["targets"] = {"ttft_p99_ratio_dynamic_over_continuous": 3.0, "tps_ratio_continuous_over_dynamic": 1.0}
+    out["per_round"] = per_round
+    return out
 
 
 def main() -> None:
@@ -114,7 +195,10 @@ def main() -> None:
     ap.add_argument("--layers", default="9-15", help="7 layers")
     ap.add_argument("--clients", type=int, default=16)
     ap.add_argument("--max-tokens", type=int, default=64)
-    ap.add_argument("--rounds", type=int, default=9)
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--load", type=float, default=0.7, help="Poisson arrival rate as a fraction of saturation")
+    ap.add_argument("--poisson-requests", type=int, default=24, help="requests per Poisson round")
+    ap.add_argument("--poisson-rounds", type=int, default=4, help="Poisson rounds, half per batching mode")
     ap.add_argument("--out", default="bench/results/serve.json")
     ap.add_argument("--work", default="bench/results/.work")
     args = ap.parse_args()
@@ -146,6 +230,7 @@ def main() -> None:
         return out, time.perf_counter() - t
 
     proc, port = start_server(args, vectors, work / "serve-server.log")
+    dproc, dport = start_server(args, vectors, work / "serve-server-dynamic.log", batching="dynamic")
     try:
         loads = {"shared": bodies([shared] * args.clients), "mixed": bodies(mixed)}
         offline(), asyncio.run(load(port, loads["shared"])), asyncio.run(load(port, loads["mixed"]))  # warm-up
@@ -177,9 +262,12 @@ def main() -> None:
                   f"served {row['shared_tps']:.1f} (x{row['ratio_vs_offline']:.3f}), "
                   f"16 plans {row['mixed_tps']:.1f} (x{row['ratio_mixed_plans']:.3f})", flush=True)
         metrics = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
+        arrivals = poisson_part(args, {"continuous": port, "dynamic": dport}, bodies, mixed,
+                                load_prompts("benign:test"))
     finally:
-        proc.terminate()
-        proc.wait(30)
+        for p in (proc, dproc):
+            p.terminate()
+            p.wait(30)
     batch = {k: float(re.search(rf"^steerable_serve_batch_size_{k} (\S+)$", metrics, re.M).group(1))
              for k in ("sum", "count")}
 
@@ -207,9 +295,11 @@ def main() -> None:
                     "loadavg_start": [round(x, 2) for x in load_avg_start],
                     "loadavg_end": [round(x, 2) for x in os.getloadavg()]},
         "command": "python bench/serve.py " + " ".join(sys.argv[1:]),
+        "poisson": arrivals,
     }
     write_text_atomic(args.out, json.dumps(result, indent=2) + "\n")
-    print(json.dumps({k: v for k, v in result.items() if k != "per_round"}, indent=2))
+    print(json.dumps({k: v for k, v in result.items() if k not in ("per_round", "poisson")}, indent=2))
+    print(json.dumps({k: v for k, v in result["poisson"].items() if k != "per_round"}, indent=2))
     print(f"wrote {args.out}")
 
 

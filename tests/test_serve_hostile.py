@@ -194,19 +194,16 @@ def _together(live: Served, bodies: list[dict], stream: list[bool]) -> list[tupl
     them wait in the queue."""
     results: list[Any] = [None] * len(bodies)
     holding, gate = threading.Event(), threading.Event()
-    engine = live.state.scheduler.engine
-    run = engine.run
 
-    def held(jobs: Any, emit: Any) -> None:
+    def held(*_: Any) -> None:  # the worker's next forward pass (the blocker's prefill) waits for the gate
         if not holding.is_set():
             holding.set()
             gate.wait(10)
-        run(jobs, emit)
 
     def send(i: int) -> None:
         results[i] = live.stream(bodies[i])[:2] if stream[i] else live.post("/v1/completions", bodies[i])
 
-    engine.run = held  # type: ignore[method-assign]
+    hook = live.state.handle.model.register_forward_pre_hook(held)
     blocker = threading.Thread(target=live.post, args=("/v1/completions", {"model": "tiny", "prompt": "wait",
                                                                             "max_tokens": 1}))
     threads = [threading.Thread(target=send, args=(i,)) for i in range(len(bodies))]
@@ -223,7 +220,7 @@ def _together(live: Served, bodies: list[dict], stream: list[bool]) -> list[tupl
         gate.set()
         for t in [blocker, *threads]:
             t.join(30)
-        engine.run = run  # type: ignore[method-assign]
+        hook.remove()
     return results
 
 
