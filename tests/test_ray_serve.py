@@ -11,6 +11,7 @@ import http.client
 import json
 import logging
 import socket
+import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -304,3 +305,18 @@ def test_a_killed_replica_fails_only_its_own_requests_and_the_other_keeps_servin
     for _ in range(4):
         assert ask(cluster, case, False, max_tokens=4)["finish"] in ("length", "stop")
     assert time.monotonic() - t0 < CALL_TIMEOUT
+
+
+def test_without_ray_the_error_says_how_to_install_it(monkeypatch):
+    monkeypatch.setitem(sys.modules, "ray", None)  # `import ray` now raises ImportError
+    monkeypatch.setitem(sys.modules, "ray.serve", None)
+    with pytest.raises(SteerableError, match=r"pip install 'steerable\[ray\]'"):
+        ray_serve.import_serve()
+
+
+def test_replicas_without_ray_is_refused(files, capsys):
+    from steerable.cli.main import main
+
+    code = main(["serve", "--model", str(files["model"]), "--vectors", str(files["vectors"]), "--replicas", "2"])
+    assert code == 2
+    assert "--replicas and --replica-threads need --ray" in capsys.readouterr().err
