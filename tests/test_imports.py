@@ -22,7 +22,7 @@ STAGES: list[tuple[int, str, tuple[str, ...]]] = [
     (5, "apply", ("steerable.generation", "steerable.bake")),
     (6, "evaluate", ("steerable.evaluate",)),
     (7, "recipes", ("steerable.recipes",)),
-    (8, "sweeps / serve / sim", ("steerable.sweeps", "steerable.serve", "steerable.sim")),
+    (8, "sweeps / serve / sim / scale", ("steerable.sweeps", "steerable.serve", "steerable.sim", "steerable.scale")),
     (9, "cli / demo", ("steerable.cli", "steerable.demo")),
 ]
 EXEMPT = {"steerable"}  # the package root re-exports everything

@@ -79,6 +79,18 @@ def add_plan_flags(s: argparse.ArgumentParser, skip: tuple[str, ...] = ()) -> No
         s.add_argument(flag.name, type=flag.read, help=flag.help + only)
 
 
+def add_ray_flags(s: argparse.ArgumentParser) -> None:
+    """`--ray ADDRESS --workers N` of the commands that run on Ray actors (calibrate, sweep)."""
+    s.add_argument("--ray", metavar="ADDRESS",
+                   help="run on Ray actors: auto (the cluster started on this machine), local (start one here) or "
+                        "a cluster address HOST:PORT (needs pip install 'steerable[ray]')")
+    s.add_argument("--workers", type=int_flag(1, 4096), default=2, help="Ray actors, each holding the model (--ray)")
+    s.add_argument("--worker-threads", type=int_flag(1, 1024), default=1,
+                   help="torch threads (and CPUs reserved) per Ray actor (--ray)")
+    s.add_argument("--worker-gpus", type=float_flag(0.0, 64.0), default=0.0,
+                   help="GPUs per Ray actor; the model goes on the GPU when > 0 (--ray)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from steerable.cli import commands as c
     from steerable.cli.bake_cmd import add_bake_parser
@@ -110,6 +122,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--layers", help="layers to calibrate (default all), e.g. 4-20")
     s.add_argument("--limit", type=positive, help="at most N examples per class")
     s.add_argument("--batch-size", type=batch_size, default=16)
+    add_ray_flags(s)
     s.set_defaults(fn=c.cmd_calibrate)
 
     s = sub.add_parser("inspect", help="per-layer quality table of a direction file")

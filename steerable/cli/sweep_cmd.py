@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from steerable.cli.main import _direction, batch_size, float_flag, int_flag, new_tokens, positive
+from steerable.cli.main import _direction, add_ray_flags, batch_size, float_flag, int_flag, new_tokens, positive
 from steerable.cli.table import table
 from steerable.errors import DataError
 from steerable.models.builtin import DEFAULT_MODEL
@@ -60,6 +60,7 @@ def add_sweep_parsers(sub: Any) -> None:
     s = sub.add_parser("sweep", help="measure many steering configurations in shared batches (JSONL, resumable)")
     _grid_args(s, None)
     s.add_argument("--out", required=True, help="results JSONL: one line per finished configuration")
+    add_ray_flags(s)
     s.set_defaults(fn=cmd_sweep)
 
     s = sub.add_parser("tune", help="pick the configuration with the most behaviour within a side-effect budget")
@@ -140,8 +141,14 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     from steerable.sweeps.run import run_sweep
 
     spec = _spec(args)
-    handle = load_model(args.model)
-    records = run_sweep(handle, spec, args.out)
+    if args.ray:
+        from steerable.scale.ray_env import WorkerOptions
+        from steerable.scale.ray_sweep import run_sweep_ray
+
+        records = run_sweep_ray(args.model, spec, args.out, address=args.ray, options=WorkerOptions(
+            args.workers, args.worker_threads, args.worker_gpus))
+    else:
+        records = run_sweep(load_model(args.model), spec, args.out)
     print(summary_table(records))
     print(f"{len(records)} configurations in {args.out}", file=sys.stderr)
     return 0

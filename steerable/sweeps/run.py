@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -134,7 +134,7 @@ def prepare(handle: ModelHandle, spec: SweepSpec) -> Prepared:
     return Prepared(spec.context(handle), items, layer_profile(spec.vector))
 
 
-def pending_groups(spec: SweepSpec, keys: dict[str, Config], done: dict[str, SweepRecord]) -> list[list[Config]]:
+def pending_groups(spec: SweepSpec, keys: dict[str, Config], done: Collection[str]) -> list[list[Config]]:
     """The configurations not in `done`, grouped; the baseline goes first (perplexity thresholds and
     capability changes are read against it), so its group is the first."""
     pending = [c for k, c in keys.items() if k not in done]
@@ -189,13 +189,15 @@ def run_group(handle: ModelHandle, spec: SweepSpec, group: list[Config], baselin
     if items:
         correct = mc_correct(handle, items * len(group), plans=[p for p in plans for _ in items],
                              batch_size=spec.score_batch_size * 2)
-    ref = reference() if callable(reference) else reference
-    if ref is None:
-        ref = next((t for c, t in zip(group, tables, strict=True) if c.is_baseline), None)
-    if ref is None:
+    needs_kl = any(not c.is_baseline and c not in spec.known_kl for c in group)
+    if callable(reference):
+        reference = reference() if needs_kl else None
+    ref = reference if reference is not None else next(
+        (t for c, t in zip(group, tables, strict=True) if c.is_baseline), None)
+    if ref is None and needs_kl:
         ref = first_token_logprobs(handle, kl_texts, spec.score_batch_size)
-    kls = [0.0 if c.is_baseline else spec.known_kl[c] if c in spec.known_kl else float(kl_rows(ref, t).mean())
-           for c, t in zip(group, tables, strict=True)]
+    kls = [0.0 if c.is_baseline else spec.known_kl[c] if c in spec.known_kl or ref is None
+           else float(kl_rows(ref, t).mean()) for c, t in zip(group, tables, strict=True)]
     del tables
     elapsed = (time.perf_counter() - t0) / len(group)
     records = []
