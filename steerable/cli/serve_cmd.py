@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 from pathlib import Path
 from typing import Any
@@ -69,6 +70,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
+
+
 def serve_on_ray(config: ServeConfig, args: argparse.Namespace) -> int:
     import time
 
@@ -78,6 +83,7 @@ def serve_on_ray(config: ServeConfig, args: argparse.Namespace) -> int:
     options.check()
     url = start(config, options, address=args.ray)
     print(banner(config, options, url), file=sys.stderr, flush=True)
+    signal.signal(signal.SIGTERM, _interrupt)  # a service manager's stop removes the app too
     try:
         while True:
             time.sleep(3600)
