@@ -1,13 +1,21 @@
-"""Why do the bundled chat models sit near chance on MMLU? Accuracy per answer format (docs/results.md,
-"Capability measure").
+"""Why do the bundled chat models sit near chance on MMLU, and which format measures what they know?
+Accuracy per answer format (docs/results.md, "Capability measure").
 
 For each model: accuracy with a bootstrap 95 % interval per format on the fixed stratified subset
 (`--per-subject` items of each of the 57 subjects), each format's paired difference from "letter" on the
 same items, the half-width a paired change would have at 1 140 items (20 per subject) from the measured
 discordance, and the first greedy tokens the model generates for a few items (what it tries to answer).
-Results are merged into OUT after each (model, formats) job, so a run cut short keeps what it finished.
+Every format's raw per-item scores are kept, so the calibrated variants ("FMT+cal": each letter's mean
+score over the other fold of items subtracted, `calibrated`) are computed from them without another pass.
 
-    python experiments/capability_formats.py --model smollm2-135m --formats letter,cue choice-loglik
+With `--plan FILE` the same formats are also run under that steering plan, and the paired change
+(steered − unsteered, 95 % bootstrap interval over items) is recorded per format under "steered".
+
+Results are merged into OUT after each (model, formats) job, and a job whose formats are all present is
+skipped, so a run cut short resumes where it stopped.
+
+    python experiments/capability_formats.py --model smollm2-135m --per-subject 18 \
+        --out experiments/results/capability_formats_1k.json letter,cue choice-loglik
 """
 
 from __future__ import annotations
@@ -24,7 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from steerable.evaluate.capability import (
-    debiased,
+    calibrated,
     dev_items,
     format_prompt,
     load_mmlu,
@@ -47,57 +55,122 @@ def projected_half_width(discordant: float, n: int) -> float:
     return 1.96 * math.sqrt(discordant / n)
 
 
+def _summary(scores: list[list[float]], items: list[Any]) -> dict[str, Any]:
+    picks = predicted(scores)
+    ok = [p == it.answer for p, it in zip(picks, items, strict=True)]
+    return {"accuracy": rate(ok).to_json(), "correct": [int(c) for c in ok],
+            "picked": {c: picks.count(c) for c in "ABCD"}}
+
+
+def _with_calibrated(scores: dict[str, list[list[float]]]) -> dict[str, list[list[float]]]:
+    out = dict(scores)
+    for fmt, s in scores.items():
+        out[f"{fmt}+cal"] = calibrated(s)
+    return out
+
+
+def _first_tokens(handle: Any, fmt: str, items: list[Any], pool: Any, n: int) -> list[dict[str, Any]]:
+    if fmt.startswith("choice-loglik") or n == 0:
+        return []
+    peek = items[:: max(1, len(items) // n)][:n]
+    prompts = [format_prompt(it, fmt, pool) for it in peek]
+    texts = generate(handle, prompts, max_new_tokens=6, batch_size=len(prompts))
+    return [{"subject": it.subject, "answer": it.answer, "generated": t} for it, t in zip(peek, texts, strict=True)]
+
+
+def _paired(a: list[int], b: list[int]) -> dict[str, Any]:
+    ch = paired_change([bool(c) for c in a], [bool(c) for c in b])
+    disc = sum(x != y for x, y in zip(a, b, strict=True)) / len(b)
+    return {**ch.to_json(), "half_width": (ch.hi - ch.lo) / 2, "discordant": disc,
+            "half_width_at_1140": projected_half_width(disc, 1140)}
+
+
+def round_robin(items: list[Any]) -> list[int]:
+    """Indices of `items` (ordered by subject) taking one item of each subject in turn, so any prefix of
+    the order is balanced over subjects."""
+    by: dict[str, list[int]] = {}
+    for i, it in enumerate(items):
+        by.setdefault(it.subject, []).append(i)
+    width = max(len(v) for v in by.values())
+    return [v[r] for r in range(width) for _, v in sorted(by.items()) if r < len(v)]
+
+
+def _entry(model: dict[str, Any], label: str | None, plan: Any) -> dict[str, Any]:
+    """The record a job's results go into: the unsteered formats, or the steered run of one plan."""
+    if label is None:
+        return model
+    entry: dict[str, Any] = model.setdefault("steered", {}).setdefault(label, {"plan": plan, "formats": {}})
+    if entry["plan"] != plan:
+        entry.update(plan=plan, formats={}, partial={})
+    return entry
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", required=True)
     ap.add_argument("groups", nargs="+", help="comma-separated formats run as one job, e.g. letter,cue")
     ap.add_argument("--per-subject", type=int, default=1)
     ap.add_argument("--batch-size", type=int, default=16)
+    ap.add_argument("--chunk", type=int, default=114, help="items scored between two saves")
     ap.add_argument("--first-tokens", type=int, default=4, help="items whose greedy opening is recorded")
+    ap.add_argument("--plan", type=Path, help="also run the formats under this plan (JSON) for the paired change")
     ap.add_argument("--out", type=Path, default=OUT)
     args = ap.parse_args()
     handle = load_model(args.model)
     items = stratified(load_mmlu(), args.per_subject)
     pool = dev_items(load_mmlu())
+    plan = json.loads(args.plan.read_text()) if args.plan else None
+    label = str(args.plan) if args.plan else None
+    order = round_robin(items)
     for group in args.groups:
         formats = group.split(",")
-        t0 = time.time()
-        scores = mc_scores_formats(handle, items, formats, batch_size=args.batch_size, pool=pool)
-        picks = {f: predicted(s) for f, s in scores.items()}
-        correct = {f: [p == it.answer for p, it in zip(ps, items, strict=True)] for f, ps in picks.items()}
-        unbiased = {f: [p == it.answer for p, it in zip(predicted(debiased(s)), items, strict=True)]
-                    for f, s in scores.items()}
-        seconds = time.time() - t0
-        peek = items[:: max(1, len(items) // args.first_tokens)][: args.first_tokens]
-        firsts: dict[str, list[dict[str, Any]]] = {}
-        for fmt in formats:
-            if fmt.startswith("choice-loglik"):
-                continue
-            prompts = [format_prompt(it, fmt, pool) for it in peek]
-            texts = generate(handle, prompts, max_new_tokens=6, batch_size=len(prompts))
-            firsts[fmt] = [{"subject": it.subject, "answer": it.answer, "generated": t}
-                           for it, t in zip(peek, texts, strict=True)]
         data = json.loads(args.out.read_text()) if args.out.exists() else {}
-        model = data.setdefault(args.model, {"per_subject": args.per_subject, "formats": {}})
+        model = data.setdefault(args.model, {"per_subject": args.per_subject, "n": len(items), "formats": {}})
         if model["per_subject"] != args.per_subject:
-            model.update(per_subject=args.per_subject, formats={})
-        for fmt, ok in correct.items():
-            model["formats"][fmt] = {"accuracy": rate(ok).to_json(), "correct": [int(c) for c in ok],
-                                     "seconds_for_job": round(seconds, 1), "job": group,
-                                     "first_tokens": firsts.get(fmt, []),
-                                     "picked": {c: picks[fmt].count(c) for c in "ABCD"},
-                                     "key": {c: sum(it.answer == c for it in items) for c in "ABCD"},
-                                     "debiased_accuracy": rate(unbiased[fmt]).to_json()}
-        base = model["formats"].get("letter", {}).get("correct")
-        for fmt, rec in model["formats"].items():
-            if base is not None and fmt != "letter":
-                ch = paired_change([bool(c) for c in rec["correct"]], [bool(c) for c in base])
-                disc = sum(a != b for a, b in zip(rec["correct"], base, strict=True)) / len(base)
-                rec["vs_letter"] = {**ch.to_json(), "discordant": disc,
-                                    "half_width_at_1140": projected_half_width(disc, 1140)}
-        write_text_atomic(args.out, json.dumps(data, indent=1) + "\n")
-        print(args.model, group, f"{seconds:.0f}s",
-              {f: str(rate(ok)) for f, ok in correct.items()}, flush=True)
+            model.update(per_subject=args.per_subject, n=len(items), formats={}, steered={}, partial={})
+        model["key"] = {c: sum(it.answer == c for it in items) for c in "ABCD"}
+        entry = _entry(model, label, plan)
+        if all(f in entry["formats"] for f in formats):
+            print(args.model, group, label or "", "already done", flush=True)
+            continue
+        if label is not None and any(f not in model["formats"] for f in formats):
+            raise SystemExit(f"run {group} unsteered first: the paired change needs the base scores")
+        # per-item scores so far: {format: {item index: scores}}, saved after every chunk
+        partial = entry.setdefault("partial", {}).setdefault(group, {"seconds": 0.0, "scores": {}})
+        got = partial["scores"]
+        todo = [i for i in order if not all(str(i) in got.get(f, {}) for f in formats)]
+        for start in range(0, len(todo), args.chunk):
+            idx = todo[start : start + args.chunk]
+            t0 = time.time()
+            scores = mc_scores_formats(handle, [items[i] for i in idx], formats, plan, batch_size=args.batch_size,
+                                       pool=pool)
+            partial["seconds"] += time.time() - t0
+            for f, s in scores.items():
+                keep = {str(i): [round(x, 4) for x in row] for i, row in zip(idx, s, strict=True)}
+                got.setdefault(f, {}).update(keep)
+            write_text_atomic(args.out, json.dumps(data, separators=(",", ":")) + "\n")
+            print(args.model, group, label or "", f"{start + len(idx)}/{len(todo)}", f"{partial['seconds']:.0f}s",
+                  flush=True)
+        rounded = {f: [got[f][str(i)] for i in range(len(items))] for f in formats}
+        seconds = round(partial["seconds"], 1)
+        for fmt, s in _with_calibrated(rounded).items():
+            rec = {**_summary(s, items), "seconds_for_job": seconds, "job": group}
+            if label is None and not fmt.endswith("+cal"):
+                rec["scores"] = s
+                rec["first_tokens"] = _first_tokens(handle, fmt, items, pool, args.first_tokens)
+            if label is not None:
+                rec["vs_unsteered"] = _paired(rec["correct"], model["formats"][fmt]["correct"])
+            entry["formats"][fmt] = rec
+        del entry["partial"][group]
+        if label is None:
+            base = model["formats"].get("letter", {}).get("correct")
+            for fmt, rec in model["formats"].items():
+                if base is not None and fmt != "letter":
+                    rec["vs_letter"] = _paired(rec["correct"], base)
+        write_text_atomic(args.out, json.dumps(data, separators=(",", ":")) + "\n")
+        print(args.model, group, label or "", f"{seconds:.0f}s",
+              {f: str(rate([bool(c) for c in _summary(s, items)["correct"]]))
+               for f, s in _with_calibrated(rounded).items()}, flush=True)
 
 
 if __name__ == "__main__":

@@ -9,6 +9,11 @@ turns, e.g. "cue-3shot"):
 - "choice-loglik": the question alone, each choice's full text scored as the reply, the highest mean
   per-token log-likelihood wins (four continuations per item).
 
+`+cal` after any of them ("cue+cal", "letter-3shot+cal") removes the model's letter prior label-free:
+from each item's score for a choice position, that position's mean over the *other* items scored under
+the same plan is subtracted (`calibrated`), so the answer is the letter the model favours more on this
+item than on average.
+
 Every format runs batched through `score_batches`, under one plan or a plan per item.
 """
 
@@ -33,6 +38,7 @@ from steerable.models.load import Messages, ModelHandle
 LETTERS = ("A", "B", "C", "D")
 CUE = "The answer is ("
 BASE_FORMATS = ("letter", "cue", "choice-loglik")
+CAL = "+cal"
 DEFAULT_FORMAT = "letter"
 DEV_PER_SUBJECT = 5
 _SHOTS = re.compile(r"^(?P<base>[a-z-]+?)(?:-(?P<k>\d+)shot)?$")
@@ -88,12 +94,18 @@ def dev_items(items: Sequence[MCItem], n_per_subject: int = DEV_PER_SUBJECT) -> 
     return out
 
 
+def split_calibration(name: str) -> tuple[str, bool]:
+    """"cue-3shot+cal" → ("cue-3shot", True); a name without `+cal` → (name, False)."""
+    return (name[: -len(CAL)], True) if name.endswith(CAL) else (name, False)
+
+
 def parse_format(name: str) -> tuple[str, int]:
-    """"cue-3shot" → ("cue", 3); a plain base name → (name, 0)."""
-    m = _SHOTS.match(name)
+    """"cue-3shot" → ("cue", 3); a plain base name → (name, 0); a `+cal` suffix is allowed and ignored here
+    (`split_calibration` reads it)."""
+    m = _SHOTS.match(split_calibration(name)[0])
     if m is None or m["base"] not in BASE_FORMATS:
         raise SteerableError(f"unknown capability format {name!r}: one of {', '.join(BASE_FORMATS)}, "
-                             "optionally with -Kshot (e.g. cue-3shot)")
+                             "optionally with -Kshot and +cal (e.g. cue-3shot, cue+cal)")
     return m["base"], int(m["k"] or 0)
 
 
@@ -148,8 +160,12 @@ def _pool_for(fmt: str, pool: dict[str, list[MCItem]] | None) -> dict[str, list[
 def mc_scores(handle: ModelHandle, items: Sequence[MCItem], plan: Any = None, *, format: str = DEFAULT_FORMAT,
               batch_size: int = 16, system: str | None = None, plans: Sequence[Any] | None = None,
               pool: dict[str, list[MCItem]] | None = None) -> list[list[float]]:
-    """Per item, one score per choice in format `format` (letter log-probs, or mean choice log-likelihood);
-    the highest is the model's answer."""
+    """Per item, one score per choice in format `format` (letter log-probs, or mean choice log-likelihood;
+    with `+cal`, those less the other items' mean under the same plan); the highest is the model's answer."""
+    raw, cal = split_calibration(format)
+    if cal:
+        return calibrated_by_plan(mc_scores(handle, items, plan, format=raw, batch_size=batch_size, system=system,
+                                            plans=plans, pool=pool), plans)
     base, _ = parse_format(format)
     pool = _pool_for(format, pool)
     prompts = [format_prompt(it, format, pool) for it in items]
@@ -199,6 +215,10 @@ def mc_scores_formats(handle: ModelHandle, items: Sequence[MCItem], formats: Seq
                       ) -> dict[str, list[list[float]]]:
     """`mc_scores` for several formats; "letter" and "cue" with the same shots share one pass (the letter
     is read at the reply start, the cue's letter after the cue, in the same forward)."""
+    raws = list(dict.fromkeys(split_calibration(f)[0] for f in formats))
+    if raws != list(formats):
+        got = mc_scores_formats(handle, items, raws, plan, batch_size=batch_size, pool=pool)
+        return {f: calibrated(got[r]) if c else got[r] for f in formats for r, c in [split_calibration(f)]}
     out: dict[str, list[list[float]]] = {}
     letter_ids = [single_token_id(handle.tokenizer, c) for c in LETTERS]
     todo = list(formats)
@@ -232,6 +252,36 @@ def debiased(scores: Sequence[Sequence[float]]) -> list[list[float]]:
     letter preference (no labels used; the prior is estimated on the same items). Items need equal choices."""
     arr = np.asarray(scores, dtype=np.float64)
     return (arr - arr.mean(0, keepdims=True)).tolist()
+
+
+def calibrated(scores: Sequence[Sequence[float]]) -> list[list[float]]:
+    """Scores with a letter prior removed, label-free and never from the item itself: from each item's score
+    for each choice position, that position's mean over all *other* items is subtracted (leave-one-out
+    contextual calibration). A constant preference for one letter then no longer decides the answer; what
+    is left is how much more the model favours a letter on this item than it does on average. Items need
+    equal numbers of choices; fewer than two items are returned unchanged."""
+    arr = np.asarray(scores, dtype=np.float64)
+    n = len(arr)
+    if n < 2:
+        return arr.tolist()
+    others = (arr.sum(0, keepdims=True) - arr) / (n - 1)
+    return (arr - others).tolist()
+
+
+def calibrated_by_plan(scores: Sequence[Sequence[float]], plans: Sequence[Any] | None) -> list[list[float]]:
+    """`calibrated` within each group of rows steered alike: all rows when `plans` is None, else the rows
+    whose entries in `plans` are the same object (a sweep passes one plan object per configuration, repeated
+    over the items). A plan changes the letter prior, so each is calibrated on its own rows."""
+    if plans is None:
+        return calibrated(scores)
+    groups: dict[int, list[int]] = {}
+    for i, p in enumerate(plans):
+        groups.setdefault(id(p), []).append(i)
+    out: list[list[float]] = [[] for _ in scores]
+    for rows in groups.values():
+        for i, row in zip(rows, calibrated([scores[i] for i in rows]), strict=True):
+            out[i] = row
+    return out
 
 
 def mc_correct_formats(handle: ModelHandle, items: Sequence[MCItem], formats: Sequence[str], plan: Any = None, *,
