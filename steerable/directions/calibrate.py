@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import datetime as dt
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -115,16 +116,42 @@ def calibrate(
         handle, examples, layers, site=site, position=position, batch_size=batch_size,
         second_moments=est.second_moments, progress=progress,
     )
-    data = {**(data or {}), "n_examples": len(examples),
+    return directions_from_capture(cap, estimator, artifact_meta(handle, calibration_data(examples, data)))
+
+
+def calibration_data(examples: Sequence[Example], data: dict[str, Any] | None) -> dict[str, Any]:
+    """The `data` metadata of a calibrated file: what the caller names, the count and the held-out rule."""
+    return {**(data or {}), "n_examples": len(examples),
             "heldout_rule": f"pair (or example) index % {HELDOUT_EVERY} == {HELDOUT_EVERY - 1}"}
-    return directions_from_capture(cap, estimator, artifact_meta(handle, data))
 
 
-def artifact_meta(handle: ModelHandle, data: dict[str, Any]) -> dict[str, Any]:
-    """The metadata every direction file carries: the model it belongs to, its data, when and by what."""
+def merge_captures(parts: Sequence[CaptureResult]) -> CaptureResult:
+    """One `CaptureResult` of captures of disjoint shards of a set (`capture_batches`): equal to capturing the
+    whole set in one pass (counts exactly, sums up to float64 rounding, reservoirs and folds row for row)."""
+    if not parts:
+        raise SteerableError("no captured shards to merge")
+    first = parts[0]
+    stats = {layer: copy.deepcopy(st) for layer, st in first.stats.items()}
+    for p in parts[1:]:
+        if (p.site, p.position, sorted(p.stats)) != (first.site, first.position, sorted(first.stats)):
+            raise SteerableError("cannot merge captures of different sites, positions or layers")
+        for layer, st in p.stats.items():
+            stats[layer].merge(st)
+    return CaptureResult(stats, first.site, first.position, sum(p.n_examples for p in parts),
+                         sum(p.n_tokens for p in parts))
+
+
+def model_meta(handle: ModelHandle) -> dict[str, Any]:
+    """The model a direction file belongs to, as its metadata records it."""
+    return {"name": handle.name, "config_hash": handle.config_hash, "hidden_size": handle.hidden_size,
+            "n_layers": handle.n_layers, "family": handle.layout.family}
+
+
+def artifact_meta(handle: ModelHandle | dict[str, Any], data: dict[str, Any]) -> dict[str, Any]:
+    """The metadata every direction file carries: the model it belongs to (a handle, or its `model_meta`),
+    its data, when and by what."""
     return {
-        "model": {"name": handle.name, "config_hash": handle.config_hash, "hidden_size": handle.hidden_size,
-                  "n_layers": handle.n_layers, "family": handle.layout.family},
+        "model": dict(handle) if isinstance(handle, dict) else model_meta(handle),
         "data": data,
         "created": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         "tool": "steerable",

@@ -90,10 +90,10 @@ class ActorPool:
         self.idle: list[Any] = [self._remote.remote(*args) for _ in range(options.workers)]
         self.busy: dict[Any, tuple[Any, Any]] = {}  # the ref we wait on → (actor, tag)
 
-    def submit(self, call: Callable[[Any], Any], tag: Any) -> tuple[Any, Any]:
+    def submit(self, call: Callable[[Any], Any], tag: Any, actor: Any = None) -> tuple[Any, Any]:
         """Run `call(actor)` (it returns the task's ref, or a list of refs: the first is waited on) on an idle
-        actor; returns (actor, what call returned)."""
-        actor = self.idle.pop(0)
+        actor (the given one, or the first); returns (actor, what call returned)."""
+        actor = self.idle.pop(0 if actor is None else self.idle.index(actor))
         refs = call(actor)
         self.busy[refs[0] if isinstance(refs, list) else refs] = (actor, tag)
         return actor, refs
@@ -117,6 +117,16 @@ class ActorPool:
             raise SteerableError(f"{self.deaths} Ray workers died (at most {self.max_deaths} allowed); giving up")
         log.warning("a Ray worker died (%d so far); starting a replacement, its work runs again", self.deaths)
         self.idle.append(self._remote.remote(*self._args))
+
+    def call_any(self, call: Callable[[Any], Any]) -> Any:
+        """The value of one call on any idle actor, again on another if its actor dies."""
+        while True:
+            self.submit(call, None)
+            _, actor, ref = self.next_done()
+            try:
+                return self.ray.get(ref)
+            except self.ray.exceptions.RayActorError as e:
+                self.lost(actor, e)
 
     def is_dead(self, e: BaseException) -> bool:
         return isinstance(e, self.ray.exceptions.RayActorError)

@@ -112,7 +112,7 @@ def run_sweep_ray(model: str, spec: SweepSpec, out: str | Path, *, address: str 
 def _drive(ray: Any, pool: ActorPool, spec: SweepSpec, out: str | Path, progress: bool,
            on_dispatch: Callable[[int, Any], None] | None) -> list[SweepRecord]:
     on_file = read_records(out)
-    prepared, groups = _call_any(ray, pool, lambda a: a.plan.remote(spec, {r.key for r in on_file}))
+    prepared, groups = pool.call_any(lambda a: a.plan.remote(spec, {r.key for r in on_file}))
     keys = prepared.keys(spec)
     done = {r.key: r for r in on_file if r.key in keys}
     baseline = next((r for r in done.values() if r.is_baseline), None)
@@ -183,13 +183,3 @@ def _drive(ray: Any, pool: ActorPool, spec: SweepSpec, out: str | Path, progress
 def _run_call(spec: SweepSpec, group: list[Config], reference: list[Any], keep: bool) -> Callable[[Any], Any]:
     return lambda actor: actor.run.options(num_returns=2).remote(spec, group, reference, keep)
 
-
-def _call_any(ray: Any, pool: ActorPool, call: Callable[[Any], Any]) -> Any:
-    """One call on any actor, again on another if its actor dies."""
-    while True:
-        pool.submit(call, None)
-        _, actor, ref = pool.next_done()
-        try:
-            return ray.get(ref)
-        except ray.exceptions.RayActorError as e:
-            pool.lost(actor, e)
