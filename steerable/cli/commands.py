@@ -44,16 +44,23 @@ def cmd_fetch(args: argparse.Namespace) -> int:
 
 def cmd_calibrate(args: argparse.Namespace) -> int:
     _check_out(args.out)
-    handle = load_model(args.model)
     examples = contrastive_examples(positive=args.positive, negative=args.negative, pairs=args.pairs,
                                     limit=args.limit)
     if not examples:
         raise DataError("no calibration examples")
-    layers = None if args.layers is None else parse_layers(args.layers, handle.n_layers, range(handle.n_layers))
     data = {"positive": args.positive, "negative": args.negative, "pairs": args.pairs, "limit": args.limit}
-    ds = calibrate(handle, examples, estimator=args.estimator, layers=layers, site=args.site,
-                   position=args.position, batch_size=args.batch_size,
-                   data={k: v for k, v in data.items() if v is not None})
+    how = {"estimator": args.estimator, "site": args.site, "position": args.position, "batch_size": args.batch_size,
+           "data": {k: v for k, v in data.items() if v is not None}}
+    if args.ray:  # the actors load the model; the driver never does
+        from steerable.scale.ray_calibrate import calibrate_ray
+        from steerable.scale.ray_env import WorkerOptions
+
+        ds = calibrate_ray(args.model, examples, layers=args.layers, address=args.ray, **how,
+                           options=WorkerOptions(args.workers, args.worker_threads, args.worker_gpus))
+    else:
+        handle = load_model(args.model)
+        layers = None if args.layers is None else parse_layers(args.layers, handle.n_layers, range(handle.n_layers))
+        ds = calibrate(handle, examples, layers=layers, **how)
     save_directions(ds, args.out)
     print(inspect_table(ds))
     print(f"\nwrote {args.out}")
