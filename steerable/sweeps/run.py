@@ -20,7 +20,7 @@ import torch
 from tqdm.auto import tqdm
 
 from steerable.directions.artifact import load_directions
-from steerable.evaluate.capability import MCItem, load_mmlu, mc_correct, stratified
+from steerable.evaluate.capability import DEFAULT_FORMAT, MCItem, load_mmlu, mc_correct, stratified
 from steerable.evaluate.logits import kl_rows, perplexity, score_batches
 from steerable.evaluate.refusal import rate
 from steerable.generation import generate
@@ -58,16 +58,20 @@ class SweepSpec:
     score_batch_size: int = 8
     group_rows: int = 256
     mmlu_per_subject: int = 0
+    capability_format: str = DEFAULT_FORMAT  # capability.py's formats, e.g. "cue+cal"
     examples: int = 4
     plan_extra: dict[str, Any] = field(default_factory=dict)  # gate, direction, site for every config
     names: dict[str, Any] = field(default_factory=dict)  # how prompts / benign were named, for the record
     known_kl: dict[Config, float] = field(default_factory=dict)  # already measured (tune's KL pre-pass)
 
     def context(self, handle: ModelHandle) -> dict[str, Any]:
-        return {"model": handle.name, "config_hash": handle.config_hash, "vector": str(self.vector),
-                "prompts": [r["prompt"] for r in self.prompts], "benign": [r["prompt"] for r in self.benign],
-                "behaviour": self.behaviour, "max_new_tokens": self.max_new_tokens,
-                "mmlu_per_subject": self.mmlu_per_subject, "plan_extra": self.plan_extra}
+        ctx = {"model": handle.name, "config_hash": handle.config_hash, "vector": str(self.vector),
+               "prompts": [r["prompt"] for r in self.prompts], "benign": [r["prompt"] for r in self.benign],
+               "behaviour": self.behaviour, "max_new_tokens": self.max_new_tokens,
+               "mmlu_per_subject": self.mmlu_per_subject, "plan_extra": self.plan_extra}
+        if self.mmlu_per_subject and self.capability_format != "letter":  # lines measured in "letter" keep their keys
+            ctx["capability_format"] = self.capability_format
+        return ctx
 
 
 def layer_profile(vector: str) -> LayerProfile:
@@ -188,7 +192,7 @@ def run_group(handle: ModelHandle, spec: SweepSpec, group: list[Config], baselin
     correct: list[bool] = []
     if items:
         correct = mc_correct(handle, items * len(group), plans=[p for p in plans for _ in items],
-                             batch_size=spec.score_batch_size * 2)
+                             batch_size=spec.score_batch_size * 2, format=spec.capability_format)
     needs_kl = any(not c.is_baseline and c not in spec.known_kl for c in group)
     if callable(reference):
         reference = reference() if needs_kl else None
