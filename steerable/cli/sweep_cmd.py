@@ -10,7 +10,8 @@ from typing import TYPE_CHECKING, Any
 
 from steerable.cli.main import _direction, add_ray_flags, batch_size, float_flag, int_flag, new_tokens, positive
 from steerable.cli.table import table
-from steerable.errors import DataError
+from steerable.errors import DataError, SteerableError
+from steerable.evaluate.capability import DEFAULT_FORMAT, DEFAULT_PER_SUBJECT, parse_format
 from steerable.models.builtin import DEFAULT_MODEL
 from steerable.sweeps.records import BEHAVIOURS
 from steerable.sweeps.select import CRITERIA
@@ -23,6 +24,14 @@ if TYPE_CHECKING:
 TUNE_LAYERS = "discriminative;top:4;all"
 _budget_flag = float_flag(0.0, 1e6)  # a KL or perplexity budget
 _fraction = float_flag(0.0, 1.0)  # a rate budget
+
+
+def _capability_format(name: str) -> str:
+    try:
+        parse_format(name)
+    except SteerableError as e:
+        raise argparse.ArgumentTypeError(str(e)) from e
+    return name
 
 
 def _grid_args(s: argparse.ArgumentParser, layers_default: str | None) -> None:
@@ -45,8 +54,11 @@ def _grid_args(s: argparse.ArgumentParser, layers_default: str | None) -> None:
     s.add_argument("--behaviour", default="refusal", choices=BEHAVIOURS,
                    help="success on --prompts: refusal (steer to refuse) or compliance (remove refusal)")
     s.add_argument("--limit", type=positive, help="use the first N prompts of each set")
-    s.add_argument("--mmlu", type=int_flag(0, 10**5), default=0, metavar="N",
-                   help="MMLU items per subject for capability (0: off)")
+    s.add_argument("--mmlu", type=int_flag(0, 10**5), default=0, nargs="?", const=DEFAULT_PER_SUBJECT, metavar="N",
+                   help=f"MMLU items per subject for capability (0: off; --mmlu alone: {DEFAULT_PER_SUBJECT}, "
+                        "the default item set; tune's --max-capability-drop turns it on)")
+    s.add_argument("--capability-format", type=_capability_format, default=DEFAULT_FORMAT,
+                   help=f"MMLU answer format (default {DEFAULT_FORMAT}; docs/results.md, \"Capability measure\")")
     s.add_argument("--max-new-tokens", type=new_tokens, default=64)
     s.add_argument("--batch-size", type=batch_size, default=64,
                    help="rows per generation batch (many configs share one)")
@@ -107,7 +119,9 @@ def _spec(args: argparse.Namespace) -> SweepSpec:
         extra["site"] = args.site
     return SweepSpec(vector=args.vector, configs=configs, prompts=prompts, benign=benign, behaviour=args.behaviour,
                      max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, group_rows=args.group_rows,
-                     mmlu_per_subject=args.mmlu, examples=args.examples, plan_extra=extra,
+                     mmlu_per_subject=args.mmlu or (DEFAULT_PER_SUBJECT if getattr(args, "max_capability_drop", None)
+                                                    is not None else 0),
+                     capability_format=args.capability_format, examples=args.examples, plan_extra=extra,
                      names={"prompts": args.prompts, "benign": args.benign, "limit": args.limit})
 
 
