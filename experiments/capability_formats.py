@@ -41,6 +41,7 @@ from steerable.evaluate.capability import (
     predicted,
     stratified,
 )
+from steerable.evaluate.capability_analogy import load_analogies
 from steerable.evaluate.refusal import rate
 from steerable.fsutil import write_text_atomic
 from steerable.generation import generate
@@ -114,24 +115,28 @@ def main() -> None:
     ap.add_argument("--chunk", type=int, default=114, help="items scored between two saves")
     ap.add_argument("--first-tokens", type=int, default=4, help="items whose greedy opening is recorded")
     ap.add_argument("--plan", type=Path, help="also run the formats under this plan (JSON) for the paired change")
+    ap.add_argument("--task", choices=("mmlu", "analogies"), default="mmlu",
+                    help="MMLU, or the word-analogy items (results under MODEL:analogies)")
     ap.add_argument("--out", type=Path, default=OUT)
     args = ap.parse_args()
     handle = load_model(args.model)
-    items = stratified(load_mmlu(), args.per_subject)
-    pool = dev_items(load_mmlu())
+    source = load_mmlu() if args.task == "mmlu" else load_analogies()
+    items = stratified(source, args.per_subject)
+    pool = dev_items(source)
+    name = args.model if args.task == "mmlu" else f"{args.model}:{args.task}"
     plan = json.loads(args.plan.read_text()) if args.plan else None
     label = str(args.plan) if args.plan else None
     order = round_robin(items)
     for group in args.groups:
         formats = group.split(",")
         data = json.loads(args.out.read_text()) if args.out.exists() else {}
-        model = data.setdefault(args.model, {"per_subject": args.per_subject, "n": len(items), "formats": {}})
+        model = data.setdefault(name, {"per_subject": args.per_subject, "n": len(items), "formats": {}})
         if model["per_subject"] != args.per_subject:
             model.update(per_subject=args.per_subject, n=len(items), formats={}, steered={}, partial={})
         model["key"] = {c: sum(it.answer == c for it in items) for c in "ABCD"}
         entry = _entry(model, label, plan)
         if all(f in entry["formats"] for f in formats):
-            print(args.model, group, label or "", "already done", flush=True)
+            print(name, group, label or "", "already done", flush=True)
             continue
         if label is not None and any(f not in model["formats"] for f in formats):
             raise SystemExit(f"run {group} unsteered first: the paired change needs the base scores")
@@ -149,7 +154,7 @@ def main() -> None:
                 keep = {str(i): [round(x, 4) for x in row] for i, row in zip(idx, s, strict=True)}
                 got.setdefault(f, {}).update(keep)
             write_text_atomic(args.out, json.dumps(data, separators=(",", ":")) + "\n")
-            print(args.model, group, label or "", f"{start + len(idx)}/{len(todo)}", f"{partial['seconds']:.0f}s",
+            print(name, group, label or "", f"{start + len(idx)}/{len(todo)}", f"{partial['seconds']:.0f}s",
                   flush=True)
         rounded = {f: [got[f][str(i)] for i in range(len(items))] for f in formats}
         seconds = round(partial["seconds"], 1)
@@ -168,7 +173,7 @@ def main() -> None:
                 if base is not None and fmt != "letter":
                     rec["vs_letter"] = _paired(rec["correct"], base)
         write_text_atomic(args.out, json.dumps(data, separators=(",", ":")) + "\n")
-        print(args.model, group, label or "", f"{seconds:.0f}s",
+        print(name, group, label or "", f"{seconds:.0f}s",
               {f: str(rate([bool(c) for c in _summary(s, items)["correct"]]))
                for f, s in _with_calibrated(rounded).items()}, flush=True)
 

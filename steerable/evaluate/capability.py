@@ -40,6 +40,7 @@ CUE = "The answer is ("
 BASE_FORMATS = ("letter", "cue", "choice-loglik")
 CAL = "+cal"
 DEFAULT_FORMAT = "letter"
+DEFAULT_PER_SUBJECT = 18  # the default capability item set: 18 of each of the 57 subjects, 1 026 items
 DEV_PER_SUBJECT = 5
 _SHOTS = re.compile(r"^(?P<base>[a-z-]+?)(?:-(?P<k>\d+)shot)?$")
 
