@@ -14,6 +14,7 @@ import socket
 import sys
 import threading
 import time
+import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -242,6 +243,22 @@ def test_serve_run_builder_arguments(files, tmp_path):
         ray_serve.parse_builder_args({"model": "m"})
     with pytest.raises(SteerableError, match="replicas"):
         ray_serve.build_app(config(files), ray_serve.RayServeOptions(replicas=0))
+
+
+def test_a_client_that_leaves_stops_its_generation(cluster):
+    # under Ray Serve a client that leaves cancels the handler's task; its row must stop, as on one process
+    c = openai.OpenAI(base_url=cluster + "/v1", api_key=ADMIN, max_retries=0, timeout=0.3)
+    with pytest.raises(openai.APITimeoutError):
+        c.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "Tell me about maps"}],
+                                  max_tokens=LIMITS.max_tokens, extra_body={"steering": None})
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:  # /metrics is per replica: ask until the one that served it answers
+        with urllib.request.urlopen(cluster + "/metrics", timeout=CALL_TIMEOUT) as r:
+            text = r.read().decode()
+        if 'steerable_serve_cancelled_total{reason="disconnect"} 1' in text:
+            return
+        time.sleep(0.2)
+    pytest.fail("the generation was not cancelled when its client left")
 
 
 def test_a_killed_replica_fails_only_its_own_requests_and_the_other_keeps_serving(cluster, single):

@@ -261,6 +261,9 @@ def create_app(state: ServerState) -> FastAPI:
             return await stream(endpoint, reply, watch)
         try:
             return await collect(endpoint, reply, admitted.job)
+        except asyncio.CancelledError:  # the handler itself was cancelled: Ray Serve's way of saying the client left
+            watch.cancel("disconnect")
+            raise
         finally:
             watch.close()
 
@@ -287,6 +290,7 @@ def create_app(state: ServerState) -> FastAPI:
         try:
             first = await job.events.get()
         except BaseException:
+            watch.cancel("disconnect")  # (a no-op unless the job is still running)
             watch.close()
             raise
         if isinstance(first, Failed):
