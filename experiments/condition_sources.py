@@ -1,31 +1,187 @@
-"""Conditions that generalise (issue 14): a condition fitted on advbench vs benign (the README's recipe) against one
-fitted on every harmful and benign source with leave-one-source-out selection, both measured on the held-out
-(test) split of every source.
+"""Conditions that generalise (issue 14), per model: the README's single-source condition (advbench vs benign)
+against conditions fitted on every shipped harmful and benign source with leave-one-source-out (LOSO) choice,
+all measured on the held-out (test) split of every source; and a search for one that reaches the target
+(recall ≥ 90 % on every held-out harmful source at ≤ 10 % false positives on every held-out benign one).
 
-    .venv/bin/python experiments/condition_sources.py --out experiments/results/condition_sources.json
-    (--rule margin: cast_calibration's max-margin threshold at the recall target instead of the FPR budget)
+    nice -n 10 .venv/bin/python experiments/condition_sources.py --model smollm2-135m \\
+        --out experiments/results/condition_sources.json
+    nice -n 10 .venv/bin/python experiments/condition_sources.py --model qwen2.5-0.5b \\
+        --out experiments/results/condition_sources_qwen.json
+
+The last-prompt-token features of every source's train and test prompts at every layer are computed once and
+cached (runs/condfeats-MODEL.pt; `capture.features.prompt_features`, the features a condition decides on);
+everything else works from them:
+
+- `single_source`: `calibrate` on advbench:train vs benign:train at position last (the README's recipe, rebuilt
+  from the cached features: the same statistics a capture pass streams), and the condition a plan with
+  layer/threshold "auto" would choose for score "cast", "projection" and "auto" (`choose_cast`): the
+  artifact's held-out precision/recall and the rates on every source's test split;
+- `multi_source`: `calibrate_condition` on the train split of all five sources, per estimator (source-balanced
+  mean difference, logistic probe), threshold rule "fpr" (the default) — its choice, its per-source LOSO
+  rates, and its rates on every test split;
+- `search`: every candidate by LOSO on the train splits: estimator × score × layer, and the mean of a window of
+  3 layers or of every layer (exploratory: a plan decides at one layer, so a window is not a plan option);
+  the best found by worst LOSO recall within the false-positive budget, and the best by balanced accuracy,
+  each refitted on all train prompts and measured on every test split; and for the best, the worst LOSO
+  recall at looser false-positive budgets (what the target costs).
 """
 
 from __future__ import annotations
 
+import os
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
 import argparse
 import json
+import math
 import time
+from pathlib import Path
+from typing import Any
 
+import torch
+
+from steerable.capture.features import prompt_features
+from steerable.capture.run import CaptureResult
+from steerable.capture.stats import LayerStats
 from steerable.data.condition_sources import BENIGN_SOURCES, HARMFUL_SOURCES, condition_source
-from steerable.data.loaders import contrastive_examples
-from steerable.directions.calibrate import calibrate
-from steerable.directions.multi_source import Source, calibrate_condition
-from steerable.evaluate.cast_hits import cast_hits
+from steerable.data.loaders import contrastive_examples, load_prompts
+from steerable.directions.calibrate import HELDOUT_EVERY, artifact_meta, directions_from_capture
+from steerable.directions.cast_calibration import choose_cast
+from steerable.directions.multi_source import (
+    Source,
+    _direction,
+    _fires,
+    _fit,
+    _loso,
+    _score,
+    calibrate_condition,
+)
 from steerable.fsutil import write_text_atomic
 from steerable.models.load import load_model
-from steerable.steering.plan import build_plan
+
+NAMES = [*HARMFUL_SOURCES, *BENIGN_SOURCES]
+LABELS = [int(n in HARMFUL_SOURCES) for n in NAMES]
 
 
-def fires(handle, vector, prompts: list) -> float:
-    plan = build_plan({"method": "conditional", "vector": vector, "then": {"vector": vector, "layers": [0]}}, handle)
-    hits = cast_hits(handle, plan, prompts)
-    return sum(hits) / len(hits)
+def features(handle, model: str, cache: Path) -> dict[str, torch.Tensor]:
+    """{"name:split": [n_layers, n, d]} last-prompt-token features, cached."""
+    if cache.exists():
+        data = torch.load(cache)
+        if data["layers"] == list(range(handle.n_layers)):
+            return data["sources"]
+    layers = list(range(handle.n_layers))
+    out = {}
+    for n in NAMES:
+        for split in ("train", "test"):
+            out[f"{n}:{split}"] = prompt_features(handle, condition_source(f"{n}:{split}")[1], layers, progress=False)
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    torch.save({"model": model, "layers": layers, "sources": out}, cache)
+    return out
+
+
+def single_source(handle, feats: dict[str, torch.Tensor]):
+    """`calibrate(handle, contrastive_examples(positive="advbench", negative="benign"), position="last")`, rebuilt
+    from the cached features (every statistic it keeps is order-free: sums, and reservoirs larger than the sets)."""
+    pos, neg = load_prompts("advbench:train"), load_prompts("benign:train")
+    assert pos == condition_source("advbench:train")[1]
+    assert neg == condition_source("benign:train")[1]
+    examples = contrastive_examples(positive="advbench", negative="benign")
+    stats = {layer: LayerStats(handle.hidden_size, False, seed=layer) for layer in range(handle.n_layers)}
+    rows, labels, held = [], [], []
+    counters = {1: 0, 0: 0}
+    for i, ex in enumerate(examples):
+        k = counters[ex.label]
+        counters[ex.label] += 1
+        rows.append(("advbench:train" if ex.label else "benign:train", k))
+        labels.append(ex.label)
+        key = ex.pair if ex.pair is not None else i
+        held.append(key % HELDOUT_EVERY == HELDOUT_EVERY - 1)
+    label_t, held_t = torch.tensor(labels), torch.tensor(held)
+    for layer, st in stats.items():
+        x = torch.stack([feats[src][layer, k] for src, k in rows])
+        st.add(x, label_t, held_t)
+    cap = CaptureResult(stats, "resid_post", "last", len(examples), 0)
+    data = {"positive": "advbench", "negative": "benign", "n_examples": len(examples),
+            "heldout_rule": f"pair (or example) index % {HELDOUT_EVERY} == {HELDOUT_EVERY - 1}"}
+    return directions_from_capture(cap, "mean-diff", artifact_meta(handle, data))
+
+
+def rates_on_test(feats, unit_fn, threshold: float, compare: str, score: str) -> dict[str, float]:
+    """Per source, the share of its test prompts on which `score(h, unit) compare threshold`."""
+    out = {}
+    for n in NAMES:
+        x, unit = unit_fn(feats[f"{n}:test"])
+        out[n] = float(_fires(_score(x.double(), unit.double(), score), threshold, compare).double().mean())
+    return out
+
+
+def summary_rates(rates: dict[str, float]) -> dict[str, float]:
+    hits = [rates[n] for n in HARMFUL_SOURCES if not math.isnan(rates[n])]
+    fprs = [rates[n] for n in BENIGN_SOURCES if not math.isnan(rates[n])]
+    return {"min_recall": min(hits), "mean_recall": sum(hits) / len(hits), "max_fpr": max(fprs),
+            "mean_fpr": sum(fprs) / len(fprs)}
+
+
+def view(x: torch.Tensor, window: tuple[int, int]) -> torch.Tensor:
+    """[n, d]: the features averaged over layers window[0] .. window[1] (inclusive)."""
+    return x[window[0] : window[1] + 1].mean(0)
+
+
+def search(feats, n_layers: int, recall: float, max_fpr: float) -> dict[str, Any]:
+    """Every candidate by LOSO on the train splits (rule: the false-positive budget)."""
+    train = [feats[f"{n}:train"] for n in NAMES]
+    sizes = [t.shape[1] for t in train]
+    groups, start = [], 0
+    for s in sizes:
+        groups.append(torch.arange(start, start + s))
+        start += s
+    windows = [(layer, layer) for layer in range(n_layers)]
+    windows += [(layer, layer + 2) for layer in range(n_layers - 2)] + [(0, n_layers - 1)]
+    table = []
+    for est in ("mean-diff", "logistic"):
+        for w in windows:
+            x = torch.cat([view(t, w) for t in train], 0).double()
+            units: dict[int, torch.Tensor] = {}
+            for score in ("projection", "cast"):
+                rates = _loso(x, groups, LABELS, NAMES, score, recall, max_fpr, est, units)
+                table.append({"estimator": est, "layers": list(w), "score": score, "rates": rates,
+                              **summary_rates(rates)})
+        print(f"search: {est} done ({len(table)} candidates)", flush=True)
+    for r in table:
+        r["balanced"] = (r["mean_recall"] + 1 - r["mean_fpr"]) / 2
+    in_budget = [r for r in table if r["max_fpr"] <= max_fpr]
+    best_budget = max(in_budget, key=lambda r: r["min_recall"]) if in_budget else None
+    best_balanced = max(table, key=lambda r: r["balanced"])
+    best_worst = max(table, key=lambda r: min(r["min_recall"], 1 - r["max_fpr"]))
+
+    def test_rates(r: dict[str, Any], budget: float) -> dict[str, Any]:
+        w = tuple(r["layers"])
+        x = torch.cat([view(t, w) for t in train], 0).double()
+        unit = _direction(x, groups, LABELS, r["estimator"])
+        t, cmp = _fit(x, unit, groups, LABELS, r["score"], recall, budget)
+        rates = rates_on_test(feats, lambda f: (view(f, w), unit), t, cmp, r["score"])
+        return {"threshold": t, "compare": cmp, "fires_on_test": rates, **summary_rates(rates)}
+
+    def looser(r: dict[str, Any]) -> list[dict[str, Any]]:
+        w = tuple(r["layers"])
+        x = torch.cat([view(t, w) for t in train], 0).double()
+        out = []
+        for b in (0.05, 0.1, 0.2, 0.3, 0.5):
+            rates = _loso(x, groups, LABELS, NAMES, r["score"], recall, b, r["estimator"])
+            out.append({"budget": b, "loso": rates, **summary_rates(rates)})
+        return out
+    picks = {}
+    for key, r in (("best_in_fpr_budget", best_budget), ("best_balanced", best_balanced),
+                   ("best_worst_case", best_worst)):
+        if r is not None:
+            picks[key] = {**r, "test": test_rates(r, max_fpr)}
+    target = picks.get("best_in_fpr_budget") or picks["best_balanced"]
+    picks["budgets_of_best"] = looser(target)
+    meets = [r for r in table if r["min_recall"] >= recall and r["max_fpr"] <= max_fpr]
+    return {"n_candidates": len(table), "n_meeting_targets": len(meets), "picks": picks,
+            "top_by_balanced": sorted(table, key=lambda r: -r["balanced"])[:8],
+            "top_in_budget": sorted(in_budget, key=lambda r: -r["min_recall"])[:8]}
 
 
 def main() -> None:
@@ -34,36 +190,67 @@ def main() -> None:
     ap.add_argument("--recall", type=float, default=0.9)
     ap.add_argument("--max-fpr", type=float, default=0.1)
     ap.add_argument("--rule", default="fpr", choices=["fpr", "margin"])
+    ap.add_argument("--cache", help="features cache (default runs/condfeats-MODEL.pt)")
     ap.add_argument("--out", default="experiments/results/condition_sources.json")
+    ap.add_argument("--save-conditions", help="folder to save the multi-source condition artifacts in")
     args = ap.parse_args()
     t0 = time.time()
+    torch.set_num_threads(min(2, os.cpu_count() or 1))
     handle = load_model(args.model)
-    names = [*HARMFUL_SOURCES, *BENIGN_SOURCES]
-    test = {n: condition_source(f"{n}:test")[1] for n in names}
-    # the README's recipe: advbench vs benign, position last, CAST score, layer/threshold auto
-    single = calibrate(handle, contrastive_examples(positive="advbench", negative="benign"), position="last",
-                       progress=False)
-    multi = calibrate_condition(handle, [Source(n, int(n in HARMFUL_SOURCES), condition_source(f"{n}:train")[1])
-                                         for n in names], recall=args.recall, max_fpr=args.max_fpr, rule=args.rule,
-                                progress=False)
-    cands = multi.meta["condition"]["candidates"]
-    best_tradeoffs = sorted(cands, key=lambda r: -r["balanced"])[:5]
-    out = {"model": args.model, "recall_target": args.recall, "max_fpr": args.max_fpr,
-           "test_sizes": {n: len(p) for n, p in test.items()},
-           "single_source": {"fitted_on": "advbench:train vs benign:train",
-                             "fires_on_test": {n: fires(handle, single, p) for n, p in test.items()}},
-           "multi_source": {"fitted_on": [f"{n}:train" for n in names],
-                            "choice": {k: v for k, v in multi.meta["condition"].items() if k != "candidates"},
-                            "fires_on_test": {n: fires(handle, multi, p) for n, p in test.items()},
-                            "best_balanced_candidates": best_tradeoffs,
-                            "fpr_ok_candidates": sorted([r for r in cands if r["max_fpr"] <= args.max_fpr],
-                                                        key=lambda r: -r["min_recall"])[:5]},
-           "seconds": round(time.time() - t0)}
-    write_text_atomic(args.out, json.dumps(out, indent=2))
-    for key in ("single_source", "multi_source"):
-        print(key, {n: round(v, 3) for n, v in out[key]["fires_on_test"].items()})
-    print("choice", out["multi_source"]["choice"]["layer"], out["multi_source"]["choice"]["score"],
-          "loso", out["multi_source"]["choice"]["loso"])
+    feats = features(handle, args.model, Path(args.cache or f"runs/condfeats-{args.model}.pt"))
+    print(f"features ready ({round(time.time() - t0)} s)", flush=True)
+    sizes = {n: feats[f"{n}:test"].shape[1] for n in NAMES}
+
+    single = single_source(handle, feats)
+    scores = {}
+    for score in ("cast", "projection", "auto"):
+        c = choose_cast(single, score=score, recall_target=0.95)  # a plan's default recall target
+        rates = rates_on_test(feats, lambda f, layer=c.layer: (f[layer], single.direction(layer).double()),
+                              c.threshold, c.compare, c.score)
+        scores[score] = {"layer": c.layer, "score": c.score, "compare": c.compare, "threshold": c.threshold,
+                         "artifact_heldout": {"precision": c.precision, "recall": c.recall, "fpr": c.fpr},
+                         "fires_on_test": rates,
+                         "test_advbench_vs_benign": _pr(rates["advbench"], rates["benign"],
+                                                        sizes["advbench"], sizes["benign"])}
+        print("single", score, c.layer, c.score, {n: round(v, 3) for n, v in rates.items()}, flush=True)
+
+    multi = {}
+    train_sources = [Source(n, y, condition_source(f"{n}:train")[1]) for n, y in zip(NAMES, LABELS, strict=True)]
+    train_feats = torch.cat([feats[f"{n}:train"] for n in NAMES], 1)
+    for est in ("mean-diff", "logistic"):
+        ds = calibrate_condition(handle, train_sources, recall=args.recall, max_fpr=args.max_fpr, rule=args.rule,
+                                 estimator=est, progress=False, features=train_feats)
+        if args.save_conditions:
+            from steerable.directions.artifact import save_directions
+            save_directions(ds, Path(args.save_conditions) / f"condition-{args.model}-{est}.safetensors")
+        c = ds.meta["condition"]
+        rates = rates_on_test(feats, lambda f, layer=c["layer"], ds=ds: (f[layer], ds.direction(layer).double()),
+                              c["threshold"], c["compare"], c["score"])
+        multi[est] = {"choice": {k: v for k, v in c.items() if k != "candidates"}, "fires_on_test": rates,
+                      **summary_rates(rates)}
+        print("multi", est, c["layer"], c["score"], "loso", {n: round(v, 3) for n, v in c["loso"].items()},
+              "test", {n: round(v, 3) for n, v in rates.items()}, flush=True)
+
+    found = search(feats, handle.n_layers, args.recall, args.max_fpr)
+    out = {"model": args.model, "recall_target": args.recall, "max_fpr": args.max_fpr, "rule": args.rule,
+           "test_sizes": sizes,
+           "single_source": {"fitted_on": "advbench:train vs benign:train (position last, mean-diff)",
+                             "recall_target": 0.95, "scores": scores},
+           "multi_source": {"fitted_on": [f"{n}:train" for n in NAMES], "by_estimator": multi},
+           "search": found, "seconds": round(time.time() - t0)}
+    write_text_atomic(args.out, json.dumps(out, indent=2) + "\n")
+    for key, r in found["picks"].items():
+        if key != "budgets_of_best":
+            print(key, r["estimator"], r["layers"], r["score"], "loso", {n: round(v, 3) for n, v in r["rates"].items()},
+                  "test", {n: round(v, 3) for n, v in r["test"]["fires_on_test"].items()})
+    for b in found["picks"]["budgets_of_best"]:
+        print("budget", b["budget"], "loso min recall", round(b["min_recall"], 3), "max fpr", round(b["max_fpr"], 3))
+    print(f"{found['n_meeting_targets']} of {found['n_candidates']} candidates meet the targets; wrote {args.out}")
+
+
+def _pr(recall: float, fpr: float, n_pos: int, n_neg: int) -> dict[str, float]:
+    tp, fp = recall * n_pos, fpr * n_neg
+    return {"recall": recall, "fpr": fpr, "precision": tp / (tp + fp) if tp + fp > 0 else math.nan}
 
 
 if __name__ == "__main__":

@@ -77,6 +77,7 @@ def _logistic_direction(x: torch.Tensor, groups: list[torch.Tensor], labels: lis
     """
     from sklearn.exceptions import ConvergenceWarning  # imported here: scikit-learn takes seconds to import
     from sklearn.linear_model import LogisticRegression
+    from threadpoolctl import threadpool_limits  # installed with scikit-learn
 
     rows, y, w = _weights(groups, labels)
     xs = x[rows].double()
@@ -85,7 +86,8 @@ def _logistic_direction(x: torch.Tensor, groups: list[torch.Tensor], labels: lis
     if not (math.isfinite(scale) and scale > 0):
         raise DataError("logistic condition: the prompts' features have no variance")
     model = LogisticRegression(C=1.0 / (l2 * len(rows)), solver="lbfgs", tol=1e-6, max_iter=2000)
-    with warnings.catch_warnings():
+    # one BLAS thread: the fit is small, and a thread pool per fit oversubscribes the cores tenfold
+    with warnings.catch_warnings(), threadpool_limits(limits=1):
         warnings.simplefilter("ignore", ConvergenceWarning)  # the direction is what is used, not the optimum
         model.fit((xc / scale).numpy(), y.numpy(), sample_weight=w.numpy())
     return _unit(torch.as_tensor(model.coef_[0], dtype=torch.float64))
