@@ -195,7 +195,8 @@ def start(config: ServeConfig, options: RayServeOptions, address: str = "auto") 
     try:
         serve.run(build_app(config, options), name=options.app_name, route_prefix="/")
     except RuntimeError as e:  # Serve reports a deployment whose replicas failed to start this way
-        raise SteerableError(f"the replicas did not start: {first_line(str(e))}") from None
+        raise SteerableError(f"the replicas did not start: {replica_error(serve, options) or first_line(str(e))}"
+                             ) from None
     host = f"[{config.host}]" if ":" in config.host else config.host
     return f"http://{host}:{config.port}"
 
@@ -204,6 +205,20 @@ def stop(options: RayServeOptions) -> None:
     """Remove this application (other Serve applications on the cluster keep running)."""
     serve = import_serve()
     serve.delete(options.app_name)
+
+
+def replica_error(serve: Any, options: RayServeOptions) -> str | None:
+    """The error a replica's constructor raised, from Serve's status of the deployment (its message ends with
+    the replica's traceback; the line naming a SteerableError is the one a user can act on)."""
+    try:
+        message = str(serve.status().applications[options.app_name].deployments[DEPLOYMENT].message)
+    except Exception:  # the status is best effort: fall back to Serve's own one-liner
+        return None
+    lines = [ln.strip() for ln in message.splitlines() if ln.strip()]
+    named = [ln for ln in lines if "SteerableError:" in ln]
+    if named:
+        return named[-1].split("SteerableError:", 1)[1].strip()[:1000]
+    return lines[-1][:1000] if lines else None
 
 
 def first_line(text: str, limit: int = 400) -> str:
