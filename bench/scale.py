@@ -168,7 +168,7 @@ def bench_serve(args: argparse.Namespace, work: Path) -> dict[str, Any]:
                     RayServeOptions(replicas=1, threads=1))
         start_s = time.monotonic() - t
         servers = {"single": f"http://127.0.0.1:{port}", "ray": url}
-        prompts = [r.prompt for r in load_prompt_rows("benign:test")]
+        prompts = [r["prompt"] for r in load_prompt_rows("benign:test")]
         plan = {"vector": "refusal", "method": "add", "layers": "9-15", "strength": 0.5}
         lengths = (1, args.serve_tokens)
         lat: dict[int, dict[str, list[float]]] = {n: {"single": [], "ray": []} for n in lengths}
@@ -226,6 +226,13 @@ def main() -> None:
             result["calibrate"] = bench_calibrate(args)
         result["serve"] = None if "serve" in args.skip else bench_serve(args, Path(d))
     result["loadavg_1min"] = {"before": round(load_before, 2), "after": round(os.getloadavg()[0], 2)}
+    previous = Path(args.out)
+    if args.skip and previous.is_file():  # a skipped part keeps its result from the last run that measured it
+        kept = json.loads(previous.read_text())
+        for part in args.skip:
+            if kept.get(part) is not None:
+                result[part] = kept[part]
+                result.setdefault("kept_from_previous_run", []).append(part)
     write_text_atomic(args.out, json.dumps(result, indent=2) + "\n")
     print(json.dumps(result, indent=2))
 
