@@ -16,6 +16,7 @@ skipped, so a run cut short resumes where it stopped.
 
     python experiments/capability_formats.py --model smollm2-135m --per-subject 18 \
         --out experiments/results/capability_formats_1k.json letter,cue choice-loglik
+    python experiments/capability_formats.py table experiments/results/capability_formats_1k.json  # markdown
 """
 
 from __future__ import annotations
@@ -106,7 +107,71 @@ def _entry(model: dict[str, Any], label: str | None, plan: Any) -> dict[str, Any
     return entry
 
 
+def scores_so_far(entry: dict[str, Any]) -> dict[str, dict[int, list[float]]]:
+    """Per format, the raw scores by item index of a finished or cut-short job (calibrated formats left out)."""
+    out: dict[str, dict[int, list[float]]] = {}
+    for fmt, rec in entry.get("formats", {}).items():
+        if "scores" in rec:
+            out[fmt] = dict(enumerate(rec["scores"]))
+    for part in entry.get("partial", {}).values():
+        for fmt, got in part["scores"].items():
+            out.setdefault(fmt, {}).update({int(i): s for i, s in got.items()})
+    return out
+
+
+def table(paths: list[Path]) -> str:
+    """Markdown: per model (task) and format, accuracy on the items scored so far, the letters picked, and
+    per steered plan the paired change from unsteered on the shared items, its 95 % half-width and the
+    half-width projected to the full item set from the measured discordance."""
+    data: dict[str, Any] = {}
+    for path in paths:
+        data.update(json.loads(path.read_text()))
+    head = "| model | items | format | accuracy | picked A/B/C/D |"
+    lines = [head, "|---|---|---|---|---|"]
+    steer = ["| model | plan | format | items | base → steered | paired change | half-width | at full set |",
+             "|---|---|---|---|---|---|---|---|"]
+    for name, model in data.items():
+        task = name.split(":")[1] if ":" in name else "mmlu"
+        items = stratified(load_mmlu() if task == "mmlu" else load_analogies(), model["per_subject"])
+        base = scores_so_far(model)
+        derived = {**base, **{f"{f}+cal": dict(zip(sc, calibrated(list(sc.values())), strict=True))
+                              for f, sc in base.items()}}
+
+        def correct(sc: dict[int, list[float]], idx: list[int], items: list[Any] = items) -> list[bool]:
+            return [p == items[i].answer for p, i in zip(predicted([sc[i] for i in idx]), idx, strict=True)]
+
+        for fmt, sc in derived.items():
+            idx = sorted(sc)
+            picks = predicted([sc[i] for i in idx])
+            lines.append(f"| {name} | {len(idx)}/{len(items)} | {fmt} | {rate(correct(sc, idx))} | "
+                         + "/".join(str(picks.count(c)) for c in "ABCD") + " |")
+        for label, entry in model.get("steered", {}).items():
+            st = scores_so_far(entry)
+            for fmt, sc in [*st.items(), *[(f"{f}+cal", sc) for f, sc in st.items()]]:
+                raw = fmt.removesuffix("+cal")
+                if raw not in base:
+                    continue
+                idx = sorted(set(sc) & set(base[raw]))
+                b = {i: base[raw][i] for i in idx}
+                t = {i: st[raw][i] for i in idx}
+                if fmt.endswith("+cal"):  # calibrated on the shared items, each run on its own
+                    b = dict(zip(idx, calibrated([b[i] for i in idx]), strict=True))
+                    t = dict(zip(idx, calibrated([t[i] for i in idx]), strict=True))
+                cb, ct = correct(b, idx), correct(t, idx)
+                ch = paired_change(ct, cb)
+                disc = sum(x != y for x, y in zip(cb, ct, strict=True)) / max(1, len(idx))
+                steer.append(f"| {name} | {Path(label).stem} | {fmt} | {len(idx)} | {rate(cb).value:.1%} → "
+                             f"{rate(ct).value:.1%} | {ch} | ±{(ch.hi - ch.lo) / 2:.1%} | "
+                             f"±{projected_half_width(disc, len(items)):.1%} (q={disc:.2f}) |")
+    return "\n".join(lines) + "\n\n" + "\n".join(steer) + "\n"
+
+
 def main() -> None:
+    import sys
+
+    if sys.argv[1:2] == ["table"]:
+        print(table([Path(p) for p in sys.argv[2:]] or [OUT]))
+        return
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", required=True)
     ap.add_argument("groups", nargs="+", help="comma-separated formats run as one job, e.g. letter,cue")
@@ -138,8 +203,6 @@ def main() -> None:
         if all(f in entry["formats"] for f in formats):
             print(name, group, label or "", "already done", flush=True)
             continue
-        if label is not None and any(f not in model["formats"] for f in formats):
-            raise SystemExit(f"run {group} unsteered first: the paired change needs the base scores")
         # per-item scores so far: {format: {item index: scores}}, saved after every chunk
         partial = entry.setdefault("partial", {}).setdefault(group, {"seconds": 0.0, "scores": {}})
         got = partial["scores"]
@@ -163,7 +226,7 @@ def main() -> None:
             if label is None and not fmt.endswith("+cal"):
                 rec["scores"] = s
                 rec["first_tokens"] = _first_tokens(handle, fmt, items, pool, args.first_tokens)
-            if label is not None:
+            if label is not None and fmt in model["formats"]:
                 rec["vs_unsteered"] = _paired(rec["correct"], model["formats"][fmt]["correct"])
             entry["formats"][fmt] = rec
         del entry["partial"][group]
