@@ -243,6 +243,8 @@ def test_serve_run_builder_arguments(files, tmp_path):
         ray_serve.parse_builder_args({"model": "m"})
     with pytest.raises(SteerableError, match="replicas"):
         ray_serve.build_app(config(files), ray_serve.RayServeOptions(replicas=0))
+    with pytest.raises(SteerableError, match="--port 0"):
+        ray_serve.start(config(files, port=0), ray_serve.RayServeOptions())
 
 
 def test_a_client_that_leaves_stops_its_generation(cluster):

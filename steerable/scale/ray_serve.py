@@ -188,6 +188,9 @@ def start(config: ServeConfig, options: RayServeOptions, address: str = "auto") 
     base URL. A replica that cannot start (a bad vector file, say) is a SteerableError."""
     options.check()
     config.check()
+    if config.port == 0:
+        raise SteerableError("--port 0 (any free port) does not work with --ray: Serve's proxies listen on one fixed "
+                             "port on every node; name it")
     serve = import_serve()
     connect(address)
     # (the proxy options and its middleware apply when this call starts Serve; a running Serve keeps its own)
