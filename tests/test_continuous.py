@@ -222,6 +222,32 @@ def _prefilled_cache(handle: Any) -> DynamicCache:
     return cache
 
 
+def test_a_fault_of_the_batching_itself_answers_500_and_the_server_goes_on(vectors: Path,
+                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    def broken(*_: Any) -> None:
+        raise RuntimeError("simulated join fault")
+
+    live = _live(vectors, "continuous")
+    slow = live.state.handle.model.register_forward_pre_hook(lambda *_: time.sleep(0.01))
+    requests = [{"body": {"model": "tiny", "prompt": p, "max_tokens": 30, "stream": False},
+                 "extra": {"steering": None}} for p in PROMPTS[:3]]
+    try:
+        monkeypatch.setattr(Rows, "join", broken)
+
+        async def go() -> list[Any]:
+            async with openai.AsyncOpenAI(api_key="none", base_url=live.url, max_retries=0, timeout=60) as client:
+                return list(await asyncio.gather(*(_send(client, r, 0.15 * i) for i, r in enumerate(requests)),
+                                                 return_exceptions=True))
+        results = asyncio.run(go())
+        assert any(isinstance(r, openai.InternalServerError) for r in results), results
+        assert all(isinstance(r, openai.InternalServerError | tuple) for r in results), results
+        monkeypatch.undo()
+        assert live.run(requests[:1], None)[0][2] > 0  # the worker is alive and serves
+    finally:
+        slow.remove()
+        live.stop()
+
+
 # -- the pieces ----------------------------------------------------------------------------------------
 
 

@@ -28,7 +28,7 @@ from steerable.evaluate.monitor import AxisMonitor
 from steerable.models.batch import PromptBatch
 from steerable.serve import kv_merge
 from steerable.serve.engine import Emit, Engine, Row, failure
-from steerable.serve.jobs import Failed, Job
+from steerable.serve.jobs import Event, Failed, Job
 from steerable.serve.sampling import pick
 from steerable.steering.cast import CastCondition
 from steerable.steering.hooks import steer
@@ -108,6 +108,22 @@ class ContinuousBatch:
         if self._session is not None:
             session, self._session = self._session, None
             session.close()
+
+    def abort(self, jobs: Sequence[Job] = ()) -> None:
+        """After a fault of the batching itself (not of a row's plan or a forward pass, which `admit` and
+        `step` handle): every running row and each of `jobs` not yet finished gets a 500; the batch is empty."""
+        self.close()
+        rows = self.state.rows if self.state is not None else []
+        self.state = None
+        err = failure(RuntimeError("continuous batching failed"), False)
+        events: list[tuple[Job, Event]] = []
+        for job in [r.job for r in rows] + list(jobs):
+            if not job.finished:
+                job.finished = True
+                events.append((job, Failed(err)))
+        if events:
+            self.emit(events)
+        self._gauge()
 
     # -- admission -----------------------------------------------------------------------------------
 

@@ -135,13 +135,18 @@ class Scheduler:
             while True:
                 running = len(batch)
                 # the running rows finish (a step each) once stopping; nothing new joins them
+                jobs: list[Job] = []
                 if batch.can_join and not (self._stopping and running):
                     jobs = self._take(self.limits.max_batch - running, wait=running == 0)
+                try:
                     if jobs:
                         batch.admit(jobs)
-                if self._stopping and not len(batch):
-                    break
-                batch.step()
+                    if self._stopping and not len(batch):
+                        break
+                    batch.step()
+                except Exception:  # a fault of the batching itself: answer everyone, keep serving
+                    log.exception("continuous batching failed; its %d rows get a 500", len(batch) + len(jobs))
+                    batch.abort(jobs)
                 self._batch_seconds = batch.request_seconds
         finally:
             batch.close()
