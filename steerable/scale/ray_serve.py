@@ -155,7 +155,8 @@ class ReplicaLostMiddleware:
         with contextlib.suppress(Exception):  # the client may be gone too
             if not state["started"]:
                 await send({"type": "http.response.start", "status": 502, "headers": [
-                    (b"content-type", b"application/json"), (b"content-length", str(len(data)).encode())]})
+                    (b"content-type", b"application/json"), (b"content-length", str(len(data)).encode()),
+                    (b"x-should-retry", b"true")]})  # (OpenAI's clients read it; they retry a 502 anyway)
                 await send({"type": "http.response.body", "body": data})
             else:
                 await send({"type": "http.response.body", "body": b"data: " + data + b"\n\ndata: [DONE]\n\n"})
