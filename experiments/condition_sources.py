@@ -5,8 +5,9 @@ all measured on the held-out (test) split of every source; and a search for one 
 
     nice -n 10 .venv/bin/python experiments/condition_sources.py --model smollm2-135m \\
         --out experiments/results/condition_sources.json
-    nice -n 10 .venv/bin/python experiments/condition_sources.py --model qwen2.5-0.5b \\
-        --out experiments/results/condition_sources_qwen.json
+    nice -n 10 .venv/bin/python experiments/condition_sources.py --model qwen2.5-0.5b --train-limit 80 \\
+        --test-limit 60 --out experiments/results/condition_sources_qwen.json
+    (--save-conditions runs: keep the multi-source condition artifacts; --tables: print the docs tables of --out)
 
 The last-prompt-token features of every source's train and test prompts at every layer are computed once and
 cached (runs/condfeats-MODEL.pt; `capture.features.prompt_features`, the features a condition decides on);
@@ -64,29 +65,42 @@ NAMES = [*HARMFUL_SOURCES, *BENIGN_SOURCES]
 LABELS = [int(n in HARMFUL_SOURCES) for n in NAMES]
 
 
-def features(handle, model: str, cache: Path) -> dict[str, torch.Tensor]:
-    """{"name:split": [n_layers, n, d]} last-prompt-token features, cached."""
+def prompts_of(name: str, split: str, limits: dict[str, int | None]) -> list:
+    return condition_source(f"{name}:{split}")[1][: limits[split]]
+
+
+def features(handle, model: str, cache: Path, limits: dict[str, int | None]) -> dict[str, torch.Tensor]:
+    """{"name:split": [n_layers, n, d]} last-prompt-token features of each source's first `limits[split]`
+    prompts, cached (saved after each source, so an interrupted run resumes)."""
+    layers = list(range(handle.n_layers))
+    out: dict[str, torch.Tensor] = {}
     if cache.exists():
         data = torch.load(cache)
-        if data["layers"] == list(range(handle.n_layers)):
-            return data["sources"]
-    layers = list(range(handle.n_layers))
-    out = {}
-    for n in NAMES:
-        for split in ("train", "test"):
-            out[f"{n}:{split}"] = prompt_features(handle, condition_source(f"{n}:{split}")[1], layers, progress=False)
+        if data["layers"] == layers:
+            out = data["sources"]
     cache.parent.mkdir(parents=True, exist_ok=True)
-    torch.save({"model": model, "layers": layers, "sources": out}, cache)
-    return out
+    for split in ("test", "train"):
+        for n in NAMES:
+            key, prompts = f"{n}:{split}", prompts_of(n, split, limits)
+            if key in out and out[key].shape[1] >= len(prompts):
+                continue
+            out[key] = prompt_features(handle, prompts, layers, progress=False)
+            torch.save({"model": model, "layers": layers, "sources": out}, cache)
+            print(f"features {key}: {len(prompts)} prompts", flush=True)
+    return {key: out[key][:, : len(prompts_of(*key.split(":"), limits))] for key in
+            (f"{n}:{s}" for n in NAMES for s in ("train", "test"))}
 
 
 def single_source(handle, feats: dict[str, torch.Tensor]):
     """`calibrate(handle, contrastive_examples(positive="advbench", negative="benign"), position="last")`, rebuilt
     from the cached features (every statistic it keeps is order-free: sums, and reservoirs larger than the sets)."""
-    pos, neg = load_prompts("advbench:train"), load_prompts("benign:train")
-    assert pos == condition_source("advbench:train")[1]
-    assert neg == condition_source("benign:train")[1]
-    examples = contrastive_examples(positive="advbench", negative="benign")
+    limit = feats["advbench:train"].shape[1] if feats["advbench:train"].shape[1] == feats["benign:train"].shape[1] \
+        else None
+    pos, neg = load_prompts("advbench:train")[:limit], load_prompts("benign:train")[:limit]
+    assert pos == condition_source("advbench:train")[1][: len(pos)]
+    assert neg == condition_source("benign:train")[1][: len(neg)]
+    assert (len(pos), len(neg)) == (feats["advbench:train"].shape[1], feats["benign:train"].shape[1])
+    examples = contrastive_examples(positive="advbench", negative="benign", limit=limit)
     stats = {layer: LayerStats(handle.hidden_size, False, seed=layer) for layer in range(handle.n_layers)}
     rows, labels, held = [], [], []
     counters = {1: 0, 0: 0}
@@ -102,7 +116,7 @@ def single_source(handle, feats: dict[str, torch.Tensor]):
         x = torch.stack([feats[src][layer, k] for src, k in rows])
         st.add(x, label_t, held_t)
     cap = CaptureResult(stats, "resid_post", "last", len(examples), 0)
-    data = {"positive": "advbench", "negative": "benign", "n_examples": len(examples),
+    data = {"positive": "advbench", "negative": "benign", "limit": limit, "n_examples": len(examples),
             "heldout_rule": f"pair (or example) index % {HELDOUT_EVERY} == {HELDOUT_EVERY - 1}"}
     return directions_from_capture(cap, "mean-diff", artifact_meta(handle, data))
 
@@ -193,11 +207,20 @@ def main() -> None:
     ap.add_argument("--cache", help="features cache (default runs/condfeats-MODEL.pt)")
     ap.add_argument("--out", default="experiments/results/condition_sources.json")
     ap.add_argument("--save-conditions", help="folder to save the multi-source condition artifacts in")
+    ap.add_argument("--train-limit", type=int, help="at most this many train prompts per source (default all)")
+    ap.add_argument("--test-limit", type=int, help="at most this many test prompts per source (default all)")
+    ap.add_argument("--tables", action="store_true", help="only print the docs tables of --out")
     args = ap.parse_args()
+    if args.tables:
+        print(markdown(json.loads(Path(args.out).read_text())))
+        if args.save_conditions:
+            print("\n" + by_score(args.model, Path(args.save_conditions)))
+        return
     t0 = time.time()
     torch.set_num_threads(min(2, os.cpu_count() or 1))
     handle = load_model(args.model)
-    feats = features(handle, args.model, Path(args.cache or f"runs/condfeats-{args.model}.pt"))
+    limits = {"train": args.train_limit, "test": args.test_limit}
+    feats = features(handle, args.model, Path(args.cache or f"runs/condfeats-{args.model}.pt"), limits)
     print(f"features ready ({round(time.time() - t0)} s)", flush=True)
     sizes = {n: feats[f"{n}:test"].shape[1] for n in NAMES}
 
@@ -215,7 +238,7 @@ def main() -> None:
         print("single", score, c.layer, c.score, {n: round(v, 3) for n, v in rates.items()}, flush=True)
 
     multi = {}
-    train_sources = [Source(n, y, condition_source(f"{n}:train")[1]) for n, y in zip(NAMES, LABELS, strict=True)]
+    train_sources = [Source(n, y, prompts_of(n, "train", limits)) for n, y in zip(NAMES, LABELS, strict=True)]
     train_feats = torch.cat([feats[f"{n}:train"] for n in NAMES], 1)
     for est in ("mean-diff", "logistic"):
         ds = calibrate_condition(handle, train_sources, recall=args.recall, max_fpr=args.max_fpr, rule=args.rule,
@@ -233,7 +256,7 @@ def main() -> None:
 
     found = search(feats, handle.n_layers, args.recall, args.max_fpr)
     out = {"model": args.model, "recall_target": args.recall, "max_fpr": args.max_fpr, "rule": args.rule,
-           "test_sizes": sizes,
+           "limits": limits, "train_sizes": {n: feats[f"{n}:train"].shape[1] for n in NAMES}, "test_sizes": sizes,
            "single_source": {"fitted_on": "advbench:train vs benign:train (position last, mean-diff)",
                              "recall_target": 0.95, "scores": scores},
            "multi_source": {"fitted_on": [f"{n}:train" for n in NAMES], "by_estimator": multi},
@@ -245,7 +268,82 @@ def main() -> None:
                   "test", {n: round(v, 3) for n, v in r["test"]["fires_on_test"].items()})
     for b in found["picks"]["budgets_of_best"]:
         print("budget", b["budget"], "loso min recall", round(b["min_recall"], 3), "max fpr", round(b["max_fpr"], 3))
-    print(f"{found['n_meeting_targets']} of {found['n_candidates']} candidates meet the targets; wrote {args.out}")
+    print(markdown(out))
+    print(f"wrote {args.out}")
+
+
+def _pct(v: float) -> str:
+    return "—" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{100 * v:.1f} %"
+
+
+def _pooled(rates: dict[str, float], sizes: dict[str, int]) -> dict[str, float]:
+    """Precision and recall over all harmful vs all benign test prompts pooled."""
+    tp = sum(rates[n] * sizes[n] for n in HARMFUL_SOURCES)
+    fp = sum(rates[n] * sizes[n] for n in BENIGN_SOURCES)
+    return {"recall": tp / sum(sizes[n] for n in HARMFUL_SOURCES),
+            "precision": tp / (tp + fp) if tp + fp else math.nan}
+
+
+def markdown(out: dict[str, Any]) -> str:
+    """The docs tables of one run: firing per source (test split and left out), and the scores compared."""
+    sizes = out["test_sizes"]
+    head = "| condition | " + " | ".join(f"{n} ({sizes[n]})" for n in NAMES) + " | pooled precision / recall |"
+    lines = ["Fires on the test split:", "", head, "|---" * (len(NAMES) + 2) + "|"]
+
+    def row(label: str, rates: dict[str, float]) -> str:
+        p = _pooled(rates, sizes)
+        return (f"| {label} | " + " | ".join(_pct(rates[n]) for n in NAMES)
+                + f" | {_pct(p['precision'])} / {_pct(p['recall'])} |")
+    for score, r in out["single_source"]["scores"].items():
+        lines.append(row(f"advbench vs benign, score {score} → {r['score']}, layer {r['layer']}", r["fires_on_test"]))
+    for est, r in out["multi_source"]["by_estimator"].items():
+        c = r["choice"]
+        lines.append(row(f"five sources, {est}, LOSO choice (layer {c['layer']}, {c['score']})", r["fires_on_test"]))
+    for key, r in out["search"]["picks"].items():
+        if key != "budgets_of_best":
+            lines.append(row(f"search {key}: {r['estimator']}, layers {r['layers'][0]}–{r['layers'][1]}, "
+                             f"{r['score']}", r["test"]["fires_on_test"]))
+    lines += ["", "Fires when left out of the fit (leave-one-source-out on the train splits):", "",
+              "| condition | " + " | ".join(NAMES) + " |", "|---" * (len(NAMES) + 1) + "|"]
+    for est, r in out["multi_source"]["by_estimator"].items():
+        c = r["choice"]
+        lines.append(f"| {est}, layer {c['layer']}, {c['score']} | " + " | ".join(_pct(c["loso"][n]) for n in NAMES)
+                     + " |")
+    for key, r in out["search"]["picks"].items():
+        if key != "budgets_of_best":
+            lines.append(f"| search {key}: {r['estimator']}, layers {r['layers'][0]}–{r['layers'][1]}, {r['score']} | "
+                         + " | ".join(_pct(r["rates"][n]) for n in NAMES) + " |")
+    lines += ["", "Worst left-out recall / worst left-out FPR of the best candidate at looser budgets: "
+              + "; ".join(f"budget {_pct(b['budget'])}: {_pct(b['min_recall'])} / {_pct(b['max_fpr'])}"
+                          for b in out["search"]["picks"]["budgets_of_best"]),
+              f"{out['search']['n_meeting_targets']} of {out['search']['n_candidates']} candidates meet the targets."]
+    lines += ["", "CAST scores on the bundled sets (advbench vs benign; `choose_cast`, recall target 0.95):", "",
+              "| score | chosen | artifact held-out precision / recall | test advbench vs benign precision / recall |",
+              "|---|---|---|---|"]
+    for score, r in out["single_source"]["scores"].items():
+        a, t = r["artifact_heldout"], r["test_advbench_vs_benign"]
+        lines.append(f"| {score} | layer {r['layer']}, {r['score']} {r['compare']} {r['threshold']:.4g} | "
+                     f"{_pct(a['precision'])} / {_pct(a['recall'])} | {_pct(t['precision'])} / {_pct(t['recall'])} |")
+    return "\n".join(lines)
+
+
+def by_score(model: str, folder: Path) -> str:
+    """Per estimator and score, the best single-layer candidate by leaving each source out, from the saved
+    condition artifacts' candidate tables (`--save-conditions`)."""
+    lines = ["Per estimator and score, the best layer by LOSO balanced accuracy (each source left out in turn):", "",
+             "| estimator | score | layer | " + " | ".join(NAMES) + " | worst recall / worst FPR |",
+             "|---" * (len(NAMES) + 4) + "|"]
+    from steerable.directions.artifact import load_directions
+    for est in ("mean-diff", "logistic"):
+        path = folder / f"condition-{model}-{est}.safetensors"
+        if not path.exists():
+            continue
+        cands = load_directions(path).meta["condition"]["candidates"]
+        for score in ("cast", "projection"):
+            r = max((c for c in cands if c["score"] == score), key=lambda c: c["balanced"])
+            lines.append(f"| {est} | {score} | {r['layer']} | " + " | ".join(_pct(r["rates"][n]) for n in NAMES)
+                         + f" | {_pct(r['min_recall'])} / {_pct(r['max_fpr'])} |")
+    return "\n".join(lines)
 
 
 def _pr(recall: float, fpr: float, n_pos: int, n_neg: int) -> dict[str, float]:
