@@ -142,10 +142,10 @@ def poisson_part(args: argparse.Namespace, ports: dict[str, int], bodies: Any, p
                  prompts: list[str]) -> dict:
     """Continuous vs dynamic batching under the same Poisson arrivals at `args.load` of saturation."""
     n = args.poisson_requests
-    reqs = bodies([plans[i % len(plans)] for i in range(n)])
-    for i, b in enumerate(reqs):  # more prompts than the 16 of the burst loads: cycle them, each with its own plan
-        b["messages"] = [{"role": "user", "content": prompts[i % len(prompts)]}]
     burst = bodies(plans)
+    # more prompts than the 16 of the burst loads, each request with one of the 16 plans
+    reqs = [{**burst[i % len(burst)], "messages": [{"role": "user", "content": prompts[i % len(prompts)]}]}
+            for i in range(n)]
     sat: dict[str, float] = {}
     for mode, port in ports.items():  # warm-up, then saturation: the 16-plan burst, as fast as the server goes
         asyncio.run(load(port, burst))
