@@ -220,8 +220,8 @@ def test_mc_correct_takes_the_highest_letter_logit(llama):
     right = [MCItem(it.question, it.choices, p, it.subject) for it, p in zip(base, predicted, strict=True)]
     wrong = [MCItem(it.question, it.choices, "ABCD"[("ABCD".index(p) + 1) % 4], it.subject)
              for it, p in zip(base, predicted, strict=True)]
-    assert mc_correct(llama, right + wrong, batch_size=4) == [True] * 3 + [False] * 3
-    acc = mmlu_accuracy(llama, items=right + wrong + right)
+    assert mc_correct(llama, right + wrong, batch_size=4, format="letter") == [True] * 3 + [False] * 3
+    acc = mmlu_accuracy(llama, items=right + wrong + right, format="letter")
     assert (acc.k, acc.n) == (6, 9)
     assert acc.lo <= acc.value <= acc.hi
 

@@ -14,7 +14,9 @@ from each item's score for a choice position, that position's mean over the *oth
 the same plan is subtracted (`calibrated`), so the answer is the letter the model favours more on this
 item than on average.
 
-Every format runs batched through `score_batches`, under one plan or a plan per item.
+Every format runs batched through `score_batches`, under one plan or a plan per item. The default,
+`DEFAULT_FORMAT` = "cue+cal" on `DEFAULT_PER_SUBJECT` = 18 items per subject (1 026), was chosen on the
+bundled chat models (docs/results.md, "Capability measure").
 """
 
 from __future__ import annotations
@@ -39,7 +41,7 @@ LETTERS = ("A", "B", "C", "D")
 CUE = "The answer is ("
 BASE_FORMATS = ("letter", "cue", "choice-loglik")
 CAL = "+cal"
-DEFAULT_FORMAT = "letter"
+DEFAULT_FORMAT = "cue+cal"
 DEFAULT_PER_SUBJECT = 18  # the default capability item set: 18 of each of the 57 subjects, 1 026 items
 DEV_PER_SUBJECT = 5
 _SHOTS = re.compile(r"^(?P<base>[a-z-]+?)(?:-(?P<k>\d+)shot)?$")
@@ -204,8 +206,8 @@ def mc_correct(handle: ModelHandle, items: Sequence[MCItem], plan: Any = None, *
                system: str | None = None, plans: Sequence[Any] | None = None, format: str = DEFAULT_FORMAT,
                pool: dict[str, list[MCItem]] | None = None) -> list[bool]:
     """Per item, whether the model's answer in format `format` is the correct one (under `plan`, or under
-    each item's own plan in `plans`). The default, "letter", takes the highest letter logit at the start
-    of the reply."""
+    each item's own plan in `plans`). The default, `DEFAULT_FORMAT` ("cue+cal"), reads the letter after the
+    answer cue with the letter prior removed (docs/results.md, "Capability measure")."""
     scores = mc_scores(handle, items, plan, format=format, batch_size=batch_size, system=system, plans=plans,
                        pool=pool)
     return [p == it.answer for p, it in zip(predicted(scores), items, strict=True)]
@@ -293,7 +295,7 @@ def mc_correct_formats(handle: ModelHandle, items: Sequence[MCItem], formats: Se
     return {f: [p == it.answer for p, it in zip(predicted(s), items, strict=True)] for f, s in scores.items()}
 
 
-def mmlu_accuracy(handle: ModelHandle, n_per_subject: int = 10, plan: Any = None, *,
+def mmlu_accuracy(handle: ModelHandle, n_per_subject: int = DEFAULT_PER_SUBJECT, plan: Any = None, *,
                   items: Sequence[MCItem] | None = None, batch_size: int = 16, seed: int = 0,
                   format: str = DEFAULT_FORMAT) -> Rate:
     """Accuracy on `items` (default: the stratified subset of the bundled MMLU) in `format`, k/n with a CI."""
@@ -333,8 +335,9 @@ def paired_change(steered: Sequence[bool], base: Sequence[bool], resamples: int 
     return Change(float(d.mean()), float(stats[int(0.025 * resamples)]), float(stats[int(0.975 * resamples) - 1]), n)
 
 
-def mmlu_change(handle: ModelHandle, plan: Any, n_per_subject: int = 10, *, items: Sequence[MCItem] | None = None,
-                batch_size: int = 16, seed: int = 0, format: str = DEFAULT_FORMAT) -> dict[str, Rate | Change]:
+def mmlu_change(handle: ModelHandle, plan: Any, n_per_subject: int = DEFAULT_PER_SUBJECT, *,
+                items: Sequence[MCItem] | None = None, batch_size: int = 16, seed: int = 0,
+                format: str = DEFAULT_FORMAT) -> dict[str, Rate | Change]:
     """Accuracy unsteered and under `plan` on the same items, and the paired change with its interval."""
     items = stratified(load_mmlu(), n_per_subject, seed) if items is None else items
     base = mc_correct(handle, items, None, batch_size=batch_size, format=format)
