@@ -124,8 +124,12 @@ def table(paths: list[Path]) -> str:
     per steered plan the paired change from unsteered on the shared items, its 95 % half-width and the
     half-width projected to the full item set from the measured discordance."""
     data: dict[str, Any] = {}
-    for path in paths:
-        data.update(json.loads(path.read_text()))
+    for path in paths:  # entries of one model from several files (base here, a steered run there) are merged
+        for name, entry in json.loads(path.read_text()).items():
+            have = data.setdefault(name, entry)
+            if have is not entry:
+                for key in ("formats", "partial", "steered"):
+                    have.setdefault(key, {}).update(entry.get(key, {}))
     head = "| model | items | format | accuracy | picked A/B/C/D |"
     lines = [head, "|---|---|---|---|---|"]
     steer = ["| model | plan | format | items | base → steered | paired change | half-width | at full set |",
