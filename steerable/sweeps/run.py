@@ -20,7 +20,8 @@ import torch
 from tqdm.auto import tqdm
 
 from steerable.directions.artifact import load_directions
-from steerable.evaluate.capability import DEFAULT_FORMAT, MCItem, load_mmlu, mc_correct, stratified
+from steerable.evaluate.capability import DEFAULT_FORMAT, MCItem, mc_correct
+from steerable.evaluate.capability_tasks import DEFAULT_TASK, task_items
 from steerable.evaluate.logits import kl_rows, perplexity, score_batches
 from steerable.evaluate.refusal import rate
 from steerable.generation import generate
@@ -59,6 +60,7 @@ class SweepSpec:
     group_rows: int = 256
     mmlu_per_subject: int = 0
     capability_format: str = DEFAULT_FORMAT  # capability.py's formats, e.g. "cue+cal"
+    capability_task: str = DEFAULT_TASK  # "mmlu", or "analogies" for a model at chance on MMLU
     examples: int = 4
     plan_extra: dict[str, Any] = field(default_factory=dict)  # gate, direction, site for every config
     names: dict[str, Any] = field(default_factory=dict)  # how prompts / benign were named, for the record
@@ -71,6 +73,8 @@ class SweepSpec:
                "mmlu_per_subject": self.mmlu_per_subject, "plan_extra": self.plan_extra}
         if self.mmlu_per_subject and self.capability_format != "letter":  # lines measured in "letter" keep their keys
             ctx["capability_format"] = self.capability_format
+        if self.mmlu_per_subject and self.capability_task != DEFAULT_TASK:
+            ctx["capability_task"] = self.capability_task
         return ctx
 
 
@@ -134,7 +138,7 @@ class Prepared:
 
 
 def prepare(handle: ModelHandle, spec: SweepSpec) -> Prepared:
-    items = stratified(load_mmlu(), spec.mmlu_per_subject) if spec.mmlu_per_subject else []
+    items = task_items(spec.capability_task, spec.mmlu_per_subject) if spec.mmlu_per_subject else []
     return Prepared(spec.context(handle), items, layer_profile(spec.vector))
 
 
