@@ -226,6 +226,8 @@ def main() -> None:
             result["calibrate"] = bench_calibrate(args)
         result["serve"] = None if "serve" in args.skip else bench_serve(args, Path(d))
     result["loadavg_1min"] = {"before": round(load_before, 2), "after": round(os.getloadavg()[0], 2)}
+    autogroup = Path("/proc/sys/kernel/sched_autogroup_enabled")  # 1: CPU is shared per session, not process
+    result["sched_autogroup_enabled"] = autogroup.read_text().strip() if autogroup.exists() else None
     previous = Path(args.out)
     if args.skip and previous.is_file():  # a skipped part keeps its result from the last run that measured it
         kept = json.loads(previous.read_text())

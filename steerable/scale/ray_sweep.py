@@ -116,6 +116,7 @@ def _drive(ray: Any, pool: ActorPool, spec: SweepSpec, out: str | Path, progress
     keys = prepared.keys(spec)
     done = {r.key: r for r in on_file if r.key in keys}
     baseline = next((r for r in done.values() if r.is_baseline), None)
+    expect_baseline = any(c.is_baseline for c in keys.values())
     needs_kl = any(not c.is_baseline and c not in spec.known_kl for g in groups for c in g)
     source: int | None = 0 if groups and any(c.is_baseline for c in groups[0]) else REFERENCE if needs_kl else None
     queue: deque[int] = deque(range(len(groups)))
@@ -167,7 +168,7 @@ def _drive(ray: Any, pool: ActorPool, spec: SweepSpec, out: str | Path, progress
         for rec in records:
             if baseline is None and rec.is_baseline:
                 baseline = rec
-        if baseline is None:  # a capability change is read against the baseline: those lines wait for it
+        if baseline is None and expect_baseline:  # capability changes are read against it: those lines wait
             waiting += [r for r in records if r.capability is not None]
             ready = [r for r in records if r.capability is None]
         else:
