@@ -12,6 +12,7 @@ from steerable.cli.main import _direction, add_ray_flags, batch_size, float_flag
 from steerable.cli.table import table
 from steerable.errors import DataError, SteerableError
 from steerable.evaluate.capability import DEFAULT_FORMAT, DEFAULT_PER_SUBJECT, parse_format
+from steerable.evaluate.capability_tasks import DEFAULT_TASK, TASKS
 from steerable.models.builtin import DEFAULT_MODEL
 from steerable.sweeps.records import BEHAVIOURS
 from steerable.sweeps.select import CRITERIA
@@ -59,6 +60,9 @@ def _grid_args(s: argparse.ArgumentParser, layers_default: str | None) -> None:
                         "the default item set; tune's --max-capability-drop turns it on)")
     s.add_argument("--capability-format", type=_capability_format, default=DEFAULT_FORMAT,
                    help=f"MMLU answer format (default {DEFAULT_FORMAT}; docs/results.md, \"Capability measure\")")
+    s.add_argument("--capability-task", choices=TASKS, default=DEFAULT_TASK,
+                   help="items --mmlu draws: MMLU, or the word analogies for a model at chance on MMLU "
+                        "(then N is per analogy section)")
     s.add_argument("--max-new-tokens", type=new_tokens, default=64)
     s.add_argument("--batch-size", type=batch_size, default=64,
                    help="rows per generation batch (many configs share one)")
@@ -121,7 +125,8 @@ def _spec(args: argparse.Namespace) -> SweepSpec:
                      max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, group_rows=args.group_rows,
                      mmlu_per_subject=args.mmlu or (DEFAULT_PER_SUBJECT if getattr(args, "max_capability_drop", None)
                                                     is not None else 0),
-                     capability_format=args.capability_format, examples=args.examples, plan_extra=extra,
+                     capability_format=args.capability_format, capability_task=args.capability_task,
+                     examples=args.examples, plan_extra=extra,
                      names={"prompts": args.prompts, "benign": args.benign, "limit": args.limit})
 
 
