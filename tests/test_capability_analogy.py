@@ -91,6 +91,7 @@ def test_sweep_and_tune_take_a_capability_format() -> None:
     args = ap.parse_args(["sweep", *base, "--mmlu", "--capability-format", "cue-3shot+cal"])
     assert (args.mmlu, args.capability_format) == (DEFAULT_PER_SUBJECT, "cue-3shot+cal")
     assert ap.parse_args(["sweep", *base, "--mmlu", "2"]).mmlu == 2
+    assert ap.parse_args(["tune", *base, "--capability-task", "analogies"]).capability_task == "analogies"
     with pytest.raises(SystemExit):
         ap.parse_args(["sweep", *base, "--capability-format", "essay"])
 
@@ -107,5 +108,16 @@ def test_the_capability_format_enters_the_resume_key_unless_letter() -> None:
     off = SweepSpec("v", [], rows, capability_format="cue+cal").context(handle)  # type: ignore[arg-type]
     assert "capability_format" not in letter
     assert "capability_format" not in off
+    ana = SweepSpec("v", [], rows, mmlu_per_subject=2, capability_format="letter",
+                    capability_task="analogies").context(handle)  # type: ignore[arg-type]
+    assert ana["capability_task"] == "analogies"
     assert cal["capability_format"] == "cue+cal"
     assert {k: v for k, v in cal.items() if k != "capability_format"} == letter
+
+
+def test_capability_tasks() -> None:
+    from steerable.errors import SteerableError
+    from steerable.evaluate.capability_tasks import task_items
+
+    with pytest.raises(SteerableError, match="unknown capability task"):
+        task_items("trivia", 1)
