@@ -119,17 +119,24 @@ def scores_so_far(entry: dict[str, Any]) -> dict[str, dict[int, list[float]]]:
     return out
 
 
-def table(paths: list[Path]) -> str:
-    """Markdown: per model (task) and format, accuracy on the items scored so far, the letters picked, and
-    per steered plan the paired change from unsteered on the shared items, its 95 % half-width and the
-    half-width projected to the full item set from the measured discordance."""
+def merged(paths: list[Path]) -> dict[str, Any]:
+    """The result files' entries, one model's entries from several files (base here, a steered run there)
+    merged."""
     data: dict[str, Any] = {}
-    for path in paths:  # entries of one model from several files (base here, a steered run there) are merged
+    for path in paths:
         for name, entry in json.loads(path.read_text()).items():
             have = data.setdefault(name, entry)
             if have is not entry:
                 for key in ("formats", "partial", "steered"):
                     have.setdefault(key, {}).update(entry.get(key, {}))
+    return data
+
+
+def table(paths: list[Path]) -> str:
+    """Markdown: per model (task) and format, accuracy on the items scored so far, the letters picked, and
+    per steered plan the paired change from unsteered on the shared items, its 95 % half-width and the
+    half-width projected to the full item set from the measured discordance."""
+    data = merged(paths)
     head = "| model | items | format | accuracy | picked A/B/C/D |"
     lines = [head, "|---|---|---|---|---|"]
     steer = ["| model | plan | format | items | base → steered | paired change | half-width | at full set |",
@@ -175,6 +182,10 @@ def main() -> None:
 
     if sys.argv[1:2] == ["table"]:
         print(table([Path(p) for p in sys.argv[2:]] or [OUT]))
+        return
+    if sys.argv[1:2] == ["merge"]:  # merge OUT FILE...: runs made in parallel into one file
+        write_text_atomic(Path(sys.argv[2]), json.dumps(merged([Path(p) for p in sys.argv[2:]]),
+                                                        separators=(",", ":")) + "\n")
         return
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", required=True)
