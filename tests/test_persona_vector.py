@@ -245,3 +245,15 @@ def test_persona_vector_cli(model_dir, tmp_path, capsys):
                  "--questions", "5", "--per-persona", "2", "--max-new-tokens", "4", "--bootstrap", "0",
                  "--filter", "projection", "--filter-layer", "1"]) == 0
     assert load_directions(tmp_path / "axis.safetensors").meta["axis"]["filter"]["layer"] == 1
+
+
+def test_hand_labels_fixture_is_well_formed():
+    from pathlib import Path
+
+    path = Path(__file__).parent / "fixtures" / "persona_vector_labels.jsonl"
+    rows = [json.loads(x) for x in path.read_text(encoding="utf-8").splitlines()]
+    assert len(rows) >= 20
+    for r in rows:
+        assert r["label"] in (0, 1)
+        PersonaRow(r["side"], r["question_id"], r["question"], r["system"], r["split"], r["response"])
+        assert r["response"].strip()
