@@ -47,7 +47,8 @@ def test_inspect_reports_recall_and_fpr_per_source(condition_file, capsys):
     assert (summary["layer"], summary["score"], summary["estimator"]) == (c["layer"], c["score"], "mean-diff")
     by_name = {r["source"]: r for r in summary["sources"]}
     assert set(by_name) == set(SOURCES)
-    assert by_name["h1"]["rate"] == "recall" and by_name["b1"]["rate"] == "fpr"
+    assert by_name["h1"]["rate"] == "recall"
+    assert by_name["b1"]["rate"] == "fpr"
     for name, r in by_name.items():
         assert r["left_out"] == c["loso"][name]
         assert r["fitted"] == c["fires_per_source"][name]["fires"]
@@ -116,7 +117,24 @@ def test_generate_writes_fired_flags_and_a_per_source_summary(model_dir, conditi
         mine = [f for r, f in zip(rows, flags, strict=False) if r.get("source") == name]
         assert summary[name]["n"] == len(mine) == 5
         assert summary[name]["fired"] == sum(mine)
-    assert summary["h1"]["measures"] == "recall" and summary["b2"]["measures"] == "fpr"  # from the artifact
+    assert summary["h1"]["measures"] == "recall"  # the classes come from the artifact
+    assert summary["b2"]["measures"] == "fpr"
+
+
+def test_generate_names_a_builtin_prompt_set_as_the_source(model_dir, condition_file, tmp_path, capsys):
+    plan_file = tmp_path / "plan.json"
+    plan_file.write_text(json.dumps({"method": "conditional", "vector": condition_file,
+                                     "then": {"vector": condition_file, "layers": [1]}}))
+    out = tmp_path / "out.jsonl"
+    assert main(["generate", "--model", model_dir, "--prompts", "benign:test", "--plan", str(plan_file),
+                 "--out", str(out), "--max-new-tokens", "1", "--batch-size", "8"]) == 0
+    line = next(x for x in capsys.readouterr().err.splitlines() if x.startswith("condition per source: "))
+    summary = json.loads(line.removeprefix("condition per source: "))
+    assert list(summary) == ["benign"]
+    assert summary["benign"]["measures"] == "fpr"  # a built-in benign source
+    rows = [json.loads(x) for x in out.read_text().splitlines()]
+    assert summary["benign"]["n"] == len(rows)
+    assert summary["benign"]["fired"] == sum(r["condition_fired"] for r in rows)
 
 
 def test_rows_fired_follows_each_rows_plan(llama, tmp_path):
