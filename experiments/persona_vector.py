@@ -18,6 +18,14 @@ runs already in OUT are skipped (delete one to redo it).
 
     nice -n 10 .venv/bin/python experiments/persona_vector.py            # both models, two traits each
     nice -n 10 .venv/bin/python experiments/persona_vector.py --models smollm2-135m --traits sycophantic
+    # what docs/persona.md reports (the qwen run smaller, on a shared machine), then the judges' agreement:
+    nice -n 10 .venv/bin/python experiments/persona_vector.py --models smollm2-135m
+    nice -n 10 .venv/bin/python experiments/persona_vector.py --models qwen2.5-0.5b --traits sycophantic \
+        --train 20 --test 8 --max-new-tokens 32 --strengths 0,4,8 --ab-items 40 \
+        --out experiments/results/persona_vector_qwen.json
+    nice -n 10 .venv/bin/python experiments/persona_vector.py --models smollm2-135m --agreement
+    nice -n 10 .venv/bin/python experiments/persona_vector.py --models qwen2.5-0.5b --traits sycophantic \
+        --out experiments/results/persona_vector_qwen.json --agreement
 """
 
 from __future__ import annotations
