@@ -49,6 +49,7 @@ from steerable.generation import generate
 from steerable.models.load import load_model
 
 OUT = Path("experiments/results/capability_formats.json")
+FULL = {"mmlu": 1026, "analogies": 1008}  # the ~1 000-item sets: 18 per MMLU subject, 72 per analogy section
 
 
 def projected_half_width(discordant: float, n: int) -> float:
@@ -124,6 +125,8 @@ def merged(paths: list[Path]) -> dict[str, Any]:
     merged."""
     data: dict[str, Any] = {}
     for path in paths:
+        if not path.exists():
+            continue
         for name, entry in json.loads(path.read_text()).items():
             have = data.setdefault(name, entry)
             if have is not entry:
@@ -139,7 +142,7 @@ def table(paths: list[Path]) -> str:
     data = merged(paths)
     head = "| model | items | format | accuracy | picked A/B/C/D |"
     lines = [head, "|---|---|---|---|---|"]
-    steer = ["| model | plan | format | items | base → steered | paired change | half-width | at full set |",
+    steer = ["| model | plan | format | items | base → steered | paired change | half-width | at ~1 000 items |",
              "|---|---|---|---|---|---|---|---|"]
     for name, model in data.items():
         task = name.split(":")[1] if ":" in name else "mmlu"
@@ -157,6 +160,17 @@ def table(paths: list[Path]) -> str:
             lines.append(f"| {name} | {len(idx)}/{len(items)} | {fmt} | {rate(correct(sc, idx))} | "
                          + "/".join(str(picks.count(c)) for c in "ABCD") + " |")
         for label, entry in model.get("steered", {}).items():
+            for fmt, rec in entry.get("formats", {}).items():  # finished runs kept only correctness
+                if "scores" in rec or fmt.removesuffix("+cal") in scores_so_far(entry) or \
+                        "correct" not in model["formats"].get(fmt, {}):
+                    continue
+                cb = [bool(c) for c in model["formats"][fmt]["correct"]]
+                ct = [bool(c) for c in rec["correct"]]
+                ch = paired_change(ct, cb)
+                disc = sum(x != y for x, y in zip(cb, ct, strict=True)) / len(cb)
+                steer.append(f"| {name} | {Path(label).stem} | {fmt} | {len(cb)} | {rate(cb).value:.1%} → "
+                             f"{rate(ct).value:.1%} | {ch} | ±{(ch.hi - ch.lo) / 2:.1%} | "
+                             f"±{projected_half_width(disc, FULL[task]):.1%} (q={disc:.2f}) |")
             st = scores_so_far(entry)
             for fmt, sc in [*st.items(), *[(f"{f}+cal", sc) for f, sc in st.items()]]:
                 raw = fmt.removesuffix("+cal")
@@ -173,7 +187,7 @@ def table(paths: list[Path]) -> str:
                 disc = sum(x != y for x, y in zip(cb, ct, strict=True)) / max(1, len(idx))
                 steer.append(f"| {name} | {Path(label).stem} | {fmt} | {len(idx)} | {rate(cb).value:.1%} → "
                              f"{rate(ct).value:.1%} | {ch} | ±{(ch.hi - ch.lo) / 2:.1%} | "
-                             f"±{projected_half_width(disc, len(items)):.1%} (q={disc:.2f}) |")
+                             f"±{projected_half_width(disc, FULL[task]):.1%} (q={disc:.2f}) |")
     return "\n".join(lines) + "\n\n" + "\n".join(steer) + "\n"
 
 
@@ -238,8 +252,9 @@ def main() -> None:
         seconds = round(partial["seconds"], 1)
         for fmt, s in _with_calibrated(rounded).items():
             rec = {**_summary(s, items), "seconds_for_job": seconds, "job": group}
-            if label is None and not fmt.endswith("+cal"):
+            if not fmt.endswith("+cal"):
                 rec["scores"] = s
+            if label is None and not fmt.endswith("+cal"):
                 rec["first_tokens"] = _first_tokens(handle, fmt, items, pool, args.first_tokens)
             if label is not None and fmt in model["formats"]:
                 rec["vs_unsteered"] = _paired(rec["correct"], model["formats"][fmt]["correct"])
