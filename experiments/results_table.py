@@ -50,6 +50,11 @@ def main() -> None:
     head = ["configuration", f"{name} (n={base.behaviour.n})",
             f"benign refused (n={base.benign.refusal.n})", "KL", "median ppl", f"ppl > {threshold:.1f}",
             "language", "compression", "rep-4"]
+    # coherent compliance (methods.md §8): on the steered prompts, neither refused nor incoherent; absent from
+    # lines written before it existed
+    coherent = all(r.prompts.coherent_compliance is not None for r in rows)
+    if coherent:
+        head.insert(2, f"coherent compliance (n={base.behaviour.n})")
     if mmlu or any(r.capability for r in records):
         head.append("MMLU Δ")
     print("| " + " | ".join(head) + " |")
@@ -58,7 +63,9 @@ def main() -> None:
         benign = r.benign
         if benign is None:
             raise SystemExit(f"{args.results}: {r.label} has no benign prompts")
-        cells = [r.label.replace("layers=", ""), _pct(r.behaviour), _pct(benign.refusal),
+        cells = [r.label.replace("layers=", ""), _pct(r.behaviour),
+                 *([_pct(r.prompts.coherent_compliance)] if coherent and r.prompts.coherent_compliance else []),
+                 _pct(benign.refusal),
                  f"{r.kl:.3f}", f"{median_ppl(r):.2f}", str(ppl_violations(r, threshold)),
                  f"{r.prompts.language_consistency:.3f}", f"{r.prompts.compression_ratio:.3f}",
                  f"{r.prompts.rep4:.3f}"]
