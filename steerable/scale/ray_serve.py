@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -174,6 +175,15 @@ def proxy_middlewares() -> list[Any]:
 
 
 PROXY_CALLBACK = {"RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH": f"{__name__}:proxy_middlewares"}
+# Serve's own proxy checks (5 s to become ready, 10 s per health check, 3 misses) kill a proxy that starts slowly
+# on a busy machine, and the whole start fails; these looser values apply unless the environment sets them.
+PROXY_CHECKS = {"RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S": "60", "RAY_SERVE_PROXY_HEALTH_CHECK_TIMEOUT_S": "30"}
+
+
+def controller_env() -> dict[str, str]:
+    """Environment of Serve's controller (which runs the proxy checks): the proxy callback and the checks'
+    timeouts (an operator's own values win)."""
+    return {**PROXY_CALLBACK, **{k: os.environ.get(k, v) for k, v in PROXY_CHECKS.items()}}
 
 
 def http_options(config: ServeConfig) -> dict[str, Any]:
@@ -195,7 +205,7 @@ def start(config: ServeConfig, options: RayServeOptions, address: str = "auto") 
     serve = import_serve()
     connect(address)
     # (the proxy options and its middleware apply when this call starts Serve; a running Serve keeps its own)
-    serve.start(http_options=http_options(config), controller_options={"runtime_env": {"env_vars": PROXY_CALLBACK}})
+    serve.start(http_options=http_options(config), controller_options={"runtime_env": {"env_vars": controller_env()}})
     try:
         serve.run(build_app(config, options), name=options.app_name, route_prefix="/")
     except RuntimeError as e:  # Serve reports a deployment whose replicas failed to start this way
