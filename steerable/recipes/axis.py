@@ -12,7 +12,7 @@ import logging
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol, TypeVar, cast
 
 from steerable.data import roles
 from steerable.data.jsonl import read_jsonl_numbered
@@ -32,17 +32,29 @@ from steerable.directions.axis import (
 from steerable.directions.axis_report import layer_agreement, stability
 from steerable.errors import DataError, SteerableError
 from steerable.generation import generate
-from steerable.models.load import ModelHandle
+from steerable.models.load import Messages, ModelHandle
 
 log = logging.getLogger(__name__)
 
 
-def answer(handle: ModelHandle, rows: Sequence[RoleRow], *, max_new_tokens: int = 48, batch_size: int = 16,
-           progress: bool = True) -> list[RoleRow]:
+class AnswerRow(Protocol):
+    """A row to answer: a dataclass with the chat to answer and a `response` field (role rows, persona rows)."""
+
+    @property
+    def response(self) -> str: ...
+
+    def messages(self) -> Messages: ...
+
+
+R = TypeVar("R", bound=AnswerRow)
+
+
+def answer(handle: ModelHandle, rows: Sequence[R], *, max_new_tokens: int = 48, batch_size: int = 16,
+           progress: bool = True) -> list[R]:
     """Greedy answers; rows whose answer is empty are dropped (they have no response-mean)."""
     texts = generate(handle, [r.messages() for r in rows], max_new_tokens=max_new_tokens, batch_size=batch_size,
                      progress=progress)
-    kept = [dataclasses.replace(r, response=t) for r, t in zip(rows, texts, strict=True) if t.strip()]
+    kept = [dataclasses.replace(cast(Any, r), response=t) for r, t in zip(rows, texts, strict=True) if t.strip()]
     if len(kept) < len(rows):
         log.info("dropped %d of %d empty answers", len(rows) - len(kept), len(rows))
     return kept

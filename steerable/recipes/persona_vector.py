@@ -54,8 +54,8 @@ from steerable.directions.calibrate import artifact_meta, directions_from_captur
 from steerable.directions.quality import auroc
 from steerable.errors import DataError, SteerableError
 from steerable.evaluate.logits import ab_score
-from steerable.generation import generate
 from steerable.models.load import Messages, ModelHandle
+from steerable.recipes.axis import answer
 
 log = logging.getLogger(__name__)
 
@@ -125,17 +125,6 @@ def choose_questions(questions: int | str | Path | None = None,
         train = roles.questions("train")[:questions]
         test = roles.questions("test")
     return train, test[:test_questions]
-
-
-def answer(handle: ModelHandle, rows: Sequence[PersonaRow], *, max_new_tokens: int = 48, batch_size: int = 16,
-           progress: bool = True) -> list[PersonaRow]:
-    """Greedy answers under each row's system prompt; rows whose answer is empty are dropped."""
-    texts = generate(handle, [r.messages() for r in rows], max_new_tokens=max_new_tokens, batch_size=batch_size,
-                     progress=progress)
-    kept = [dataclasses.replace(r, response=t) for r, t in zip(rows, texts, strict=True) if t.strip()]
-    if len(kept) < len(rows):
-        log.info("dropped %d of %d empty answers", len(rows) - len(kept), len(rows))
-    return kept
 
 
 def read_responses(path: str | Path) -> list[PersonaRow]:

@@ -27,7 +27,7 @@ from transformers import DynamicCache
 from steerable.evaluate.monitor import AxisMonitor
 from steerable.models.batch import PromptBatch
 from steerable.serve import kv_merge
-from steerable.serve.engine import Emit, Engine, Row, failure
+from steerable.serve.engine import Emit, Engine, Row, fail_alone, failure
 from steerable.serve.jobs import Event, Failed, Job
 from steerable.serve.sampling import pick
 from steerable.steering.cast import CastCondition
@@ -164,17 +164,7 @@ class ContinuousBatch:
             return None
 
     def _fail(self, row: Row, e: Exception) -> None:
-        job = row.job
-        if job.finished:
-            return
-        job.finished = True
-        err = failure(e, job.plan is not None)
-        if err.status >= 500:
-            log.error("request %s failed while generating", job.request_id or "?",
-                      exc_info=(type(e), e, e.__traceback__))
-        else:
-            log.warning("request %s: its plan failed while generating: %s", job.request_id or "?", e)
-        self.emit([(job, Failed(err))])
+        fail_alone(row.job, e, self.emit)
 
     def _prefill(self, rows: list[Row]) -> Rows | None:
         """Run the prompts of `rows` (their first generated token); None if they all finished at once."""

@@ -123,16 +123,7 @@ class Engine:
         try:
             self._decode([again], emit)
         except Exception as e:
-            if job.finished:
-                return
-            job.finished = True
-            err = failure(e, job.plan is not None)
-            if err.status >= 500:
-                log.error("request %s failed while generating", job.request_id or "?",
-                          exc_info=(type(e), e, e.__traceback__))
-            else:
-                log.warning("request %s: its plan failed while generating: %s", job.request_id or "?", e)
-            emit([(job, Failed(err))])
+            fail_alone(job, e, emit)
 
     def _decode(self, rows: list[Row], emit: Emit) -> None:
         model = self.handle.model
@@ -240,6 +231,19 @@ class Engine:
             emit(events)
         for job in ended:
             job.finished = True
+
+
+def fail_alone(job: Job, e: Exception, emit: Emit) -> None:
+    """End `job` (once) with the error its own rerun raised, logged as a server fault or as its plan's."""
+    if job.finished:
+        return
+    job.finished = True
+    err = failure(e, job.plan is not None)
+    if err.status >= 500:
+        log.error("request %s failed while generating", job.request_id or "?", exc_info=(type(e), e, e.__traceback__))
+    else:
+        log.warning("request %s: its plan failed while generating: %s", job.request_id or "?", e)
+    emit([(job, Failed(err))])
 
 
 def failure(e: BaseException, has_plan: bool) -> ApiError:
