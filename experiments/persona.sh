@@ -11,7 +11,9 @@ FLOORS=${FLOORS:-p1,p10,p25,p50,p75,p90}
 STRENGTHS=${STRENGTHS:-0.25,0.5,1,2}
 BANDS=${BANDS:-p5:p95,p25:p75}
 TOKENS=${TOKENS:-48}
-OUT=experiments/results/persona/$MODEL
+# capability: word analogies for smollm2 (at chance on MMLU), MMLU cue+cal for qwen (docs/results.md)
+CAPABILITY=${CAPABILITY:---mmlu 18 --capability-task analogies --capability-format choice-loglik}
+OUT=${OUT:-experiments/results/persona/$MODEL}
 mkdir -p "$OUT" runs
 AXIS=runs/$MODEL-axis.safetensors
 [ -f "$AXIS" ] || steerable axis --model "$MODEL" --out "$AXIS" | tee "$OUT/axis.txt"
@@ -19,9 +21,10 @@ cp "${AXIS%.safetensors}.report.json" "$OUT/axis.report.json"
 CAP=$(python -c "import json,sys; from steerable.directions.artifact import load_directions as l; print(l(sys.argv[1]).meta['axis']['cap_layers'])" "$AXIS")
 
 # threshold sweep: floor caps and bands (seed 000) at percentiles of the Assistant's own projections, and add α·(axis) for comparison
+# shellcheck disable=SC2086
 steerable sweep --model "$MODEL" --vector "$AXIS" --method cap,add --cap-floors "$FLOORS" --cap-bands "$BANDS" --strengths "$STRENGTHS" \
     --layers "$CAP" --prompts persona-harmful:all --benign benign:test --limit "$LIMIT" --behaviour refusal \
-    --mmlu 1 --max-new-tokens "$TOKENS" --out "$OUT/cap_sweep.jsonl"
+    $CAPABILITY --max-new-tokens "$TOKENS" --out "$OUT/cap_sweep.jsonl"
 steerable report "$OUT/cap_sweep.jsonl" --out "$OUT/cap_report" --criterion f1
 
 # drift over the held-out scripts, all conditions in one batch: unsteered, floor caps at p10/p25/p50 (p25 is the

@@ -11,5 +11,5 @@ COMMON=(--model qwen2.5-0.5b --vector runs/qwen-refusal-behav.safetensors --dire
         --behaviour compliance --max-new-tokens 32)
 steerable sweep "${COMMON[@]}" --method add --strengths=-0.1,-0.25,-0.5,-1,-2 --out "$OUT"
 steerable sweep "${COMMON[@]}" --method ablate,angular,angular-adaptive,rotate --angles 90,180,270 --out "$OUT"
-python experiments/qwen_methods_mmlu.py "$OUT"
+python experiments/qwen_methods_mmlu.py "$OUT" --per-subject "${MMLU_PER_SUBJECT:-6}"
 steerable report "$OUT" --out experiments/results/qwen_methods_report --criterion angle

@@ -20,7 +20,7 @@ import json
 from pathlib import Path
 
 from steerable.errors import SteerableError
-from steerable.evaluate.capability import load_mmlu, mc_correct, paired_change, stratified
+from steerable.evaluate.capability import DEFAULT_FORMAT, load_mmlu, mc_correct, paired_change, stratified
 from steerable.evaluate.refusal import rate
 from steerable.fsutil import write_text_atomic
 from steerable.models.load import load_model
@@ -58,7 +58,7 @@ def main() -> None:
     correct = mc_correct(handle, items * len(plans), plans=[p for p in plans for _ in items], batch_size=16)
     n = len(items)
     base_ok = correct[:n]
-    out = {"model": base.sweep.model, "items": n, "per_subject": args.per_subject,
+    out = {"model": base.sweep.model, "items": n, "per_subject": args.per_subject, "format": DEFAULT_FORMAT,
            "rule": "budget: median ppl ≤ 2 × unsteered median", "unsteered": rate(base_ok).to_json(), "configs": []}
     for k, r in enumerate(best, 1):
         ok = correct[k * n : (k + 1) * n]

@@ -4,10 +4,13 @@
 set -euo pipefail
 VEC=runs/smollm2-refusal.safetensors
 OUT=${OUT:-experiments/results/smollm2_induction.jsonl}
+# capability: smollm2 is at chance on MMLU, so the word analogies (docs/results.md, "Capability measure")
+CAPABILITY=${CAPABILITY:---mmlu 18 --capability-task analogies --capability-format choice-loglik}
 [ -f "$VEC" ] || steerable calibrate --model smollm2-135m --pairs refusal-pairs --position response-mean --out "$VEC"
+# shellcheck disable=SC2086
 steerable sweep --model smollm2-135m --vector "$VEC" --method add,cap --strengths 0.25,0.5,1,1.5 \
     --cap-floors p10,p50,p90 --layers "9-11;5-15" --prompts advbench:test --benign benign:test --limit 48 \
-    --behaviour refusal --max-new-tokens 40 --mmlu 1 --out "$OUT"
+    --behaviour refusal --max-new-tokens 40 $CAPABILITY --out "$OUT"
 steerable report "$OUT" --out experiments/results/smollm2_induction_report --max-over-refusal 0.05
 steerable tune --model smollm2-135m --vector "$VEC" --method add --strengths 0.25,0.5,1 \
     --layers "9-11;5-15" --prompts advbench:test --benign benign:test --limit 48 --max-new-tokens 40 \
