@@ -1,0 +1,169 @@
+"""Held-out choice accuracy of per-user steering (methods.md §7): teacher-forced, no generation.
+
+A pair (prompt, chosen a, rejected b) counts as a hit under a condition when the model, steered by that
+condition's plan for the pair's user, gives `a` a higher mean per-token log-likelihood than `b` after the
+rendered prompt (`choice_logliks`). Both continuations of a pair run under the same plan; every pair may
+carry its own plan (one user's vector per row), and rows of one batch never see each other's steering.
+
+Intervals are a cluster bootstrap over users (`accuracy`): a user's pairs share that user's vector, so
+resampling pairs alone would treat correlated hits as independent and make the interval too narrow.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from collections.abc import Hashable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from steerable.errors import SteerableError
+from steerable.evaluate.logits import score_batches
+from steerable.models.load import Messages, ModelHandle
+
+RESAMPLES = 2000
+
+
+def choice_logliks(handle: ModelHandle, prompts: Sequence[str | Messages], chosen: Sequence[str],
+                   rejected: Sequence[str], plan: Any = None, *, plans: Sequence[Any] | None = None,
+                   batch_size: int = 16, system: str | None = None) -> tuple[list[float], list[float]]:
+    """Per pair, the mean per-token log-likelihood of `chosen` and of `rejected` after its prompt (teacher
+    forced), under `plan` (all pairs) or `plans[i]` (pair i's own plan, None = unsteered). A pair's two
+    continuations are two rows of the same forward batching and get the same plan."""
+    n = len(prompts)
+    if not (len(chosen) == len(rejected) == n):
+        raise SteerableError(f"{n} prompts, {len(chosen)} chosen and {len(rejected)} rejected texts")
+    if plans is not None and len(plans) != n:
+        raise SteerableError(f"{len(plans)} plans for {n} pairs")
+    empty = [i for i in range(n) if not chosen[i] or not rejected[i]]
+    if empty:
+        raise SteerableError(f"pairs {empty[:5]} have an empty response: a mean log-likelihood needs a token")
+    row_prompts = list(prompts) + list(prompts)
+    tails = list(chosen) + list(rejected)
+    row_plans = None if plans is None else list(plans) + list(plans)
+    means = [math.nan] * (2 * n)
+    for b in score_batches(handle, row_prompts, tails, plan, batch_size, system=system, plans=row_plans):
+        target = b.ids[:, b.width :]
+        real = b.mask[:, b.width :].bool()
+        lp = b.logprobs[:, :-1].gather(-1, target.unsqueeze(-1)).squeeze(-1)  # [:, j] predicts token W + j
+        mean = torch.where(real, lp, 0.0).sum(1) / real.sum(1).clamp(min=1)
+        for r, i in enumerate(b.rows):
+            if not bool(real[r].any()):
+                raise SteerableError(f"pair {i % n}: a response encodes to no tokens")
+            means[i] = float(mean[r])
+    return means[:n], means[n:]
+
+
+def hits_from(chosen: Sequence[float], rejected: Sequence[float]) -> list[bool]:
+    """1 where the chosen response scores strictly higher (a tie counts as a miss, methods.md §7)."""
+    return [c > r for c, r in zip(chosen, rejected, strict=True)]
+
+
+@dataclass(frozen=True)
+class Accuracy:
+    """A share of hits with its sample size and a bootstrap 95 % interval (over users when they are known)."""
+
+    value: float
+    lo: float
+    hi: float
+    n: int
+    users: int
+
+    def to_json(self) -> dict[str, Any]:
+        return {"value": self.value, "ci95": [self.lo, self.hi], "n": self.n, "users": self.users}
+
+    def __str__(self) -> str:
+        return f"{self.value:5.1%} [{self.lo:.1%}, {self.hi:.1%}] (n={self.n})"
+
+
+def accuracy(hits: Sequence[float], groups: Sequence[Hashable] | None = None, *, resamples: int = RESAMPLES,
+             seed: int = 0) -> Accuracy:
+    """Mean of `hits` (0/1, or a probability per pair) with a 95 % percentile-bootstrap interval: users
+    (`groups`) are resampled with replacement, each bringing all its pairs; without groups, pairs are."""
+    x = np.asarray(hits, dtype=np.float64)
+    n = len(x)
+    if n == 0:
+        return Accuracy(math.nan, math.nan, math.nan, 0, 0)
+    keys = list(range(n)) if groups is None else list(groups)
+    if len(keys) != n:
+        raise SteerableError(f"{len(keys)} groups for {n} hits")
+    index: dict[Hashable, int] = {}
+    gid = np.asarray([index.setdefault(k, len(index)) for k in keys])
+    g = len(index)
+    sums = np.bincount(gid, weights=x, minlength=g)
+    counts = np.bincount(gid, minlength=g).astype(np.float64)
+    rng = np.random.default_rng(seed)
+    draws = rng.integers(0, g, (resamples, g))
+    stats = np.sort(sums[draws].sum(1) / counts[draws].sum(1))
+    lo, hi = float(stats[int(0.025 * resamples)]), float(stats[int(0.975 * resamples) - 1])
+    return Accuracy(float(x.mean()), lo, hi, n, g)
+
+
+def paired_difference(a: Sequence[float], b: Sequence[float], groups: Sequence[Hashable] | None = None, *,
+                      resamples: int = RESAMPLES, seed: int = 0) -> Accuracy:
+    """mean(a) − mean(b) over the same pairs, the interval from resampling users (or pairs), pairs kept."""
+    if len(a) != len(b):
+        raise SteerableError(f"{len(a)} results against {len(b)}")
+    return accuracy([float(x) - float(y) for x, y in zip(a, b, strict=True)], groups, resamples=resamples,
+                    seed=seed)
+
+
+def breakdown(hits: Sequence[float], keys: Sequence[Hashable], groups: Sequence[Hashable] | None = None, *,
+              seed: int = 0) -> dict[str, Accuracy]:
+    """`accuracy` within each value of `keys` (in first-seen order; None becomes "none")."""
+    out: dict[str, list[int]] = {}
+    for i, k in enumerate(keys):
+        out.setdefault("none" if k is None else str(k), []).append(i)
+    return {k: accuracy([hits[i] for i in rows], None if groups is None else [groups[i] for i in rows], seed=seed)
+            for k, rows in out.items()}
+
+
+def coin(*parts: str) -> bool:
+    """A fair coin seeded by the pair's text: the same pair always gets the same flip, on every machine."""
+    h = hashlib.sha256("\x1f".join(parts).encode("utf-8")).digest()
+    return bool(h[0] & 1)
+
+
+def chance_hits(users: Sequence[str], prompts: Sequence[str], chosen: Sequence[str],
+                rejected: Sequence[str]) -> list[bool]:
+    """The chance condition, computed on the pairs: a predictor that knows neither model nor user picks one of
+    the pair's two responses by a fair coin seeded by the pair (user, prompt and the two texts in sorted order,
+    so it cannot see which one is chosen). Its expected accuracy is ½; its realised accuracy on a finite set
+    of pairs is not, which is what seed 002's 48.3 % is."""
+    out = []
+    for u, p, a, b in zip(users, prompts, chosen, rejected, strict=True):
+        first, second = sorted((a, b))
+        pick = first if coin(u, p, first, second) else second
+        out.append(pick == a)
+    return out
+
+
+def bt_probability(phi_a: torch.Tensor, phi_b: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:
+    """P_u(a ≻ b) = σ(‖φ(b) − θ_u‖² − ‖φ(a) − θ_u‖²) (methods.md §7), per pair, from features [P, L, K] and
+    each pair's user's ideal point [P, L, K]; with several layers the per-layer margins are averaged (each
+    layer's fit is its own model of the same choices)."""
+    margin = ((phi_b - theta) ** 2).sum(-1) - ((phi_a - theta) ** 2).sum(-1)  # [P, L]
+    return torch.sigmoid(margin.mean(-1))
+
+
+def peaks(xs: Sequence[float], ys: Sequence[float], noise: float) -> dict[str, Any]:
+    """Local maxima of a dose-response curve y(x) (x sorted) and whether it is bimodal: two peaks with a dip
+    between them that sits more than `noise` below the lower peak (noise: one standard error of the
+    accuracies, so a wiggle inside the interval does not count as a second mode)."""
+    pts = sorted(zip(xs, ys, strict=True))
+    x = [p[0] for p in pts]
+    y = [p[1] for p in pts]
+    idx = [i for i in range(len(y)) if (i == 0 or y[i] > y[i - 1]) and (i == len(y) - 1 or y[i] >= y[i + 1])
+           and not (i == 0 and len(y) > 1 and y[0] <= y[1])]
+    bimodal = False
+    for j in range(len(idx)):
+        for k in range(j + 1, len(idx)):
+            a, b = idx[j], idx[k]
+            dip = min(y[a : b + 1])
+            if min(y[a], y[b]) - dip > noise:
+                bimodal = True
+    return {"peaks": [x[i] for i in idx], "peak_values": [y[i] for i in idx], "bimodal": bimodal,
+            "noise": noise}

@@ -1,0 +1,399 @@
+"""`steerable users eval` as one call: held-out choice accuracy of per-user steering and its checks (issue 15,
+methods.md §7).
+
+Conditions, each scored on the same held-out pairs (`preference_eval.choice_logliks`):
+- `unsteered`: no plan;
+- `population`: the library's population vector (mean difference chosen − rejected) at α_pop;
+- `personalised`: the pair's user's composed vector v_u = Σ_k (θ_u − φ̄)_k b̂_k at α;
+- `dislike_weighted`: the user's dislike-weighted vector at α_dislike;
+- `bt_model`: no steering: the fitted Bradley–Terry model's own prediction P_u(a ≻ b) > ½, from the
+  responses' features φ = Bᵀh read by the unsteered model;
+- `chance`: a fair coin per pair, seeded by the pair's text (`preference_eval.chance_hits`).
+A user the library does not hold gets the population vector (and θ_pop in `bt_model`); such pairs are
+counted in the report (`fallback`).
+
+Strengths: composed and population vectors have very different norms (seed 002: α ≈ 7.5–17.5 vs 0.3–0.6),
+so each composition gets its own α. Unless given, each is the best of its sweep on the tuning pairs (the
+training pairs of the source when it has them, else the evaluation pairs — then flagged as optimistic).
+
+Every pair runs under its own plan (in-memory DirectionSets from `ProfileLibrary.direction_set`, one plan
+object per (user, composition, α, gate), so the validator checks each once): users mix freely in a batch.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import torch
+
+from steerable.capture.features import response_means
+from steerable.errors import SteerableError
+from steerable.evaluate import preference_eval as pe
+from steerable.evaluate.capability import calibrated, mc_scores, paired_change, predicted, split_calibration
+from steerable.evaluate.capability_tasks import task_items
+from steerable.evaluate.logits import perplexity
+from steerable.evaluate.refusal import rate
+from steerable.generation import generate
+from steerable.models.load import ModelHandle
+from steerable.steering.layer_spec import parse_layers
+
+log = logging.getLogger(__name__)
+
+CONDITIONS = ("chance", "unsteered", "population", "personalised", "dislike_weighted", "bt_model")
+STEERED = ("population", "personalised", "dislike_weighted")
+#: seed 002's ranges and around them: composed vectors α ≈ 7.5–17.5, the population vector 0.3–0.6
+SWEEP_COMPOSED: tuple[float, ...] = (0.0, 2.5, 5.0, 7.5, 10.0, 12.5, 17.5, 25.0)
+SWEEP_POPULATION: tuple[float, ...] = (0.0, 0.15, 0.3, 0.45, 0.6, 1.0, 2.0)
+#: how the capability measure is chosen per model (docs/results.md "Capability measure": smollm2-135m is at
+#: chance on MMLU in every format, word analogies with choice-loglik separate it from chance)
+CAPABILITY_AUTO = {"smollm2": ("analogies", "choice-loglik"), "": ("mmlu", "cue+cal")}
+PAIR_BINS = ((0, 0, "0 (not in library)"), (1, 3, "1-3"), (4, 9, "4-9"), (10, 19, "10-19"), (20, 10**9, "20+"))
+
+
+class Row(Protocol):
+    """What the evaluation reads of a preference row (data/preferences.PreferenceRow)."""
+
+    @property
+    def user(self) -> str: ...
+    @property
+    def prompt(self) -> str: ...
+    @property
+    def chosen(self) -> str: ...
+    @property
+    def rejected(self) -> str: ...
+    @property
+    def category(self) -> str | None: ...
+    @property
+    def seen(self) -> bool | None: ...
+
+
+@dataclass
+class EvalConfig:
+    strength: float | None = None  # α of the composed vectors (personalised); None: chosen by the sweep
+    population_strength: float | None = None  # α of the population vector; None: chosen by the sweep
+    dislike_strength: float | None = None  # α of the dislike-weighted vectors; None: chosen by the sweep
+    layers: Any = None  # steered layers (a subset of the library's); None: all of them
+    sweep_composed: Sequence[float] = SWEEP_COMPOSED
+    sweep_population: Sequence[float] = SWEEP_POPULATION
+    sweep: bool = True
+    gate_first: int = 4  # K of the "prompt+first:K" gating comparison
+    capability: str = "auto"  # "auto", "mmlu", "analogies" or "none"
+    capability_format: str | None = None  # None: the task's default (CAPABILITY_AUTO)
+    capability_per_subject: int = 2
+    gen_prompts: int = 24  # held-out prompts of the generation check (one per user, up to this many)
+    max_new_tokens: int = 32
+    batch_size: int = 16
+    seed: int = 0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def pair_bin(count: int) -> str:
+    for lo, hi, name in PAIR_BINS:
+        if lo <= count <= hi:
+            return name
+    return PAIR_BINS[-1][2]
+
+
+class Plans:
+    """One plan dict per (user, composition, α, gate), built once and reused, so every row of a user shares
+    one object (the validator checks it once) and the library composes each user's vector once."""
+
+    def __init__(self, library: Any, layers: list[int], population_strength: float = 0.45) -> None:
+        self.library = library
+        self.layers = layers
+        #: a user the library does not hold is served as the population is: its vector at its strength
+        self.population_strength = population_strength
+        self._sets: dict[tuple[str | None, str], tuple[Any, bool]] = {}
+        self._plans: dict[tuple[Any, ...], dict[str, Any] | None] = {}
+
+    def direction_set(self, user: str | None, composition: str) -> tuple[Any, bool]:
+        key = (None if composition == "population" else user, composition)
+        if key not in self._sets:
+            self._sets[key] = self.library.direction_set(key[0], composition)
+        ds, fallback = self._sets[key]
+        return ds, fallback or (composition != "population" and user not in self.library)
+
+    def plan(self, user: str | None, composition: str, strength: float, gate: str = "all") -> dict[str, Any] | None:
+        if composition != "population" and composition != "unsteered" and user not in self.library:
+            composition, strength = "population", self.population_strength
+        if composition == "unsteered" or strength == 0:
+            return None
+        key = (None if composition == "population" else user, composition, float(strength), gate)
+        if key not in self._plans:
+            ds, _ = self.direction_set(user, composition)
+            self._plans[key] = {"vector": ds, "method": "add", "strength": float(strength),
+                                "layers": list(self.layers), "gate": gate}
+        return self._plans[key]
+
+
+def steered_layers(handle: ModelHandle, library: Any, spec: Any) -> list[int]:
+    have = list(library.layers)
+    if spec is None:
+        return have
+    want = list(parse_layers(spec, handle.n_layers, have))
+    missing = [x for x in want if x not in have]
+    if missing:
+        raise SteerableError(f"layers {missing} are not in the profile library (it holds {have})")
+    return want
+
+
+def condition_hits(handle: ModelHandle, rows: Sequence[Row], plans: Plans, composition: str, strength: float,
+                   gate: str = "all", batch_size: int = 16) -> list[bool]:
+    """Per pair, whether `composition` at `strength` (under token gate `gate`) prefers the chosen response."""
+    row_plans = [plans.plan(r.user, composition, strength, gate) for r in rows]
+    ch, rj = pe.choice_logliks(handle, [r.prompt for r in rows], [r.chosen for r in rows],
+                               [r.rejected for r in rows], plans=row_plans, batch_size=batch_size)
+    return pe.hits_from(ch, rj)
+
+
+# --- the library's fitted model (directions/profiles.ProfileLibrary: basis, theta(user), theta_pop) ----------
+
+def ideal_points(library: Any, users: Sequence[str | None], layers: list[int]) -> torch.Tensor:
+    """[len(users), L, K] fitted ideal points at `layers`; θ_pop for a user the library does not hold."""
+    rows = [list(library.layers).index(x) for x in layers]
+    cache: dict[str | None, torch.Tensor] = {}
+    for u in users:
+        if u not in cache:
+            cache[u] = library.theta(u)[0].float()[rows]
+    return torch.stack([cache[u] for u in users])
+
+
+def features(handle: ModelHandle, library: Any, prompts: Sequence[str], texts: Sequence[str], layers: list[int],
+             batch_size: int) -> torch.Tensor:
+    """φ = Bᵀh per text [n, L, K]: each text's response-mean activation at the library's site, read by the
+    unsteered model, projected on the library's basis."""
+    rows = [list(library.layers).index(x) for x in layers]
+    basis = library.basis.float()[rows]  # [L, K, d]
+    h = response_means(handle, list(prompts), list(texts), layers, site=str(library.site), batch_size=batch_size,
+                       progress=False)  # [L, n, d]
+    return torch.einsum("lnd,lkd->nlk", h.float(), basis)
+
+
+def bt_hits(handle: ModelHandle, library: Any, rows: Sequence[Row], layers: list[int],
+            batch_size: int) -> tuple[list[bool], list[float]]:
+    """The fitted BT model's own prediction P_u(chosen ≻ rejected) > ½ per pair (no steering)."""
+    prompts = [r.prompt for r in rows]
+    fa = features(handle, library, prompts, [r.chosen for r in rows], layers, batch_size)
+    fb = features(handle, library, prompts, [r.rejected for r in rows], layers, batch_size)
+    theta = ideal_points(library, [r.user for r in rows], layers)
+    p = pe.bt_probability(fa, fb, theta)
+    return [bool(x > 0.5) for x in p], [float(x) for x in p]
+
+
+# --- the pieces of the report ---------------------------------------------------------------------------------
+
+def sweep(handle: ModelHandle, rows: Sequence[Row], plans: Plans, cfg: EvalConfig) -> dict[str, Any]:
+    """Accuracy against α for each steered composition on `rows`; α = 0 is the unsteered run (shared)."""
+    users = [r.user for r in rows]
+    base = condition_hits(handle, rows, plans, "unsteered", 0.0, batch_size=cfg.batch_size)
+    out: dict[str, Any] = {}
+    grids = {"population": cfg.sweep_population, "personalised": cfg.sweep_composed,
+             "dislike_weighted": cfg.sweep_composed}
+    for comp, grid in grids.items():
+        points = []
+        for a in sorted({float(x) for x in grid} | {0.0}):
+            hits = base if a == 0 else condition_hits(handle, rows, plans, comp, a, batch_size=cfg.batch_size)
+            acc = pe.accuracy(hits, users, seed=cfg.seed)
+            points.append({"strength": a, **acc.to_json()})
+            log.info("sweep %s α=%g: %s", comp, a, acc)
+        se = sum((p["ci95"][1] - p["ci95"][0]) / (2 * 1.96) for p in points) / len(points)
+        shape = pe.peaks([p["strength"] for p in points], [p["value"] for p in points], se)
+        best = max(points, key=lambda p: (p["value"], -abs(p["strength"])))
+        out[comp] = {"points": points, "best": best["strength"], **shape}
+    return out
+
+
+def capability(handle: ModelHandle, rows: Sequence[Row], plans: Plans, strengths: dict[str, float],
+               cfg: EvalConfig) -> dict[str, Any] | None:
+    """Capability unsteered, under the population vector and under personalised vectors (item i steered by the
+    i-th held-out user's vector, cycling), with the paired change and its interval. `+cal` formats are
+    calibrated over all items of a condition (one letter prior per condition, not per user)."""
+    if cfg.capability == "none":
+        return None
+    task, fmt = cfg.capability, cfg.capability_format
+    if task == "auto":
+        key = "smollm2" if "smollm2" in handle.name.lower() else ""
+        task, auto_fmt = CAPABILITY_AUTO[key]
+        fmt = fmt or auto_fmt
+    fmt = fmt or ("choice-loglik" if task == "analogies" else "cue+cal")
+    items = task_items(task, cfg.capability_per_subject, cfg.seed)
+    raw, cal = split_calibration(fmt)
+    users: list[str | None] = list(dict.fromkeys(r.user for r in rows if r.user in plans.library)) or [None]
+
+    def correct(item_plans: list[Any] | None) -> list[bool]:
+        scores = mc_scores(handle, items, format=raw, batch_size=cfg.batch_size, plans=item_plans)
+        scores = calibrated(scores) if cal else scores
+        return [p == it.answer for p, it in zip(predicted(scores), items, strict=True)]
+
+    base = correct(None)
+    out: dict[str, Any] = {"task": task, "format": fmt, "items": len(items),
+                           "per_subject": cfg.capability_per_subject, "unsteered": rate(base).to_json()}
+    for comp in ("population", "personalised"):
+        ps = [plans.plan(users[i % len(users)], comp, strengths[comp]) for i in range(len(items))]
+        hits = correct(ps if any(ps) else None)
+        out[comp] = {**rate(hits).to_json(), "change": paired_change(hits, base, seed=cfg.seed).to_json()}
+    return out
+
+
+def generation_check(handle: ModelHandle, rows: Sequence[Row], plans: Plans, strengths: dict[str, float],
+                     layers: list[int], cfg: EvalConfig) -> dict[str, Any] | None:
+    """Greedy replies to held-out prompts (the first held-out pair of each user the library holds) unsteered,
+    with the population vector and with the user's personalised vector; each reply re-read by the unsteered
+    model and projected on the basis, φ(reply). Closeness to u's profile is the BT utility −‖φ − θ_u‖²
+    (mean over layers): a hit when u's personalised reply has a higher utility than the population reply.
+    Perplexity of each condition's replies under the unsteered model rides along."""
+    lib = plans.library
+    first: dict[str, Row] = {}
+    for r in rows:
+        if r.user in lib and r.user not in first:
+            first[r.user] = r
+    picked = list(first.values())[: cfg.gen_prompts]
+    if not picked or cfg.gen_prompts == 0:
+        return None
+    prompts = [r.prompt for r in picked]
+    users = [r.user for r in picked]
+    replies: dict[str, list[str]] = {}
+    for comp in ("unsteered", "population", "personalised"):
+        ps = [plans.plan(u, comp, strengths.get(comp, 0.0)) for u in users]
+        replies[comp] = generate(handle, prompts, plans=ps if any(ps) else None, max_new_tokens=cfg.max_new_tokens,
+                                 batch_size=cfg.batch_size)
+    ok = [i for i in range(len(picked)) if all(replies[c][i].strip() for c in replies)]
+    out: dict[str, Any] = {"prompts": len(picked), "scored": len(ok), "max_new_tokens": cfg.max_new_tokens,
+                           "perplexity_unsteered_model": {}}
+    for comp, texts in replies.items():
+        ppl = [x for x in perplexity(handle, prompts, texts, None, batch_size=cfg.batch_size) if math.isfinite(x)]
+        ppl.sort()
+        out["perplexity_unsteered_model"][comp] = {"median": ppl[len(ppl) // 2] if ppl else None, "n": len(ppl)}
+    if not ok:
+        return out
+    theta = ideal_points(lib, [users[i] for i in ok], layers)
+    util: dict[str, list[float]] = {}
+    for comp, texts in replies.items():
+        phi = features(handle, lib, [prompts[i] for i in ok], [texts[i] for i in ok], layers, cfg.batch_size)
+        util[comp] = [float(x) for x in -((phi - theta) ** 2).sum(-1).mean(-1)]
+    sel = [users[i] for i in ok]
+    for other in ("population", "unsteered"):
+        hits = [float(a > b) for a, b in zip(util["personalised"], util[other], strict=True)]
+        out[f"personalised_closer_than_{other}"] = pe.accuracy(hits, sel, seed=cfg.seed).to_json()
+        out[f"utility_gain_vs_{other}"] = pe.paired_difference(util["personalised"], util[other], sel,
+                                                                seed=cfg.seed).to_json()
+    out["mean_utility"] = {c: sum(v) / len(v) for c, v in util.items()}
+    out["examples"] = [{"user": users[i], "prompt": prompts[i][:300],
+                        **{c: replies[c][i] for c in replies}} for i in ok[:6]]
+    return out
+
+
+def _seen(library: Any, row: Row) -> str:
+    """The row's user split: the row's own flag, else the library's record of the user, else unknown."""
+    seen = getattr(row, "seen", None)
+    if seen is None and row.user in library and callable(getattr(library, "seen", None)):
+        seen = library.seen(row.user)
+    return "unknown" if seen is None else "seen" if seen else "unseen"
+
+
+def _choose(given: float | None, sweep_out: dict[str, Any] | None, comp: str, default: float) -> float:
+    if given is not None:
+        return float(given)
+    if sweep_out is not None:
+        return float(sweep_out[comp]["best"])
+    return default
+
+
+def evaluate_users(handle: ModelHandle, library: Any, rows: Sequence[Row], cfg: EvalConfig | None = None, *,
+                   tune_rows: Sequence[Row] | None = None, provenance: dict[str, Any] | None = None
+                   ) -> dict[str, Any]:
+    """The whole report (a JSON-ready dict) for the held-out `rows`; `tune_rows` choose the strengths."""
+    cfg = cfg or EvalConfig()
+    if not rows:
+        raise SteerableError("no preference pairs to evaluate")
+    library.check_model(handle)
+    layers = steered_layers(handle, library, cfg.layers)
+    plans = Plans(library, layers)
+    users = [r.user for r in rows]
+    known = [u in library for u in users]
+    # the sweep reads users the library holds (a fallback row would only repeat the population curve)
+    sweep_rows = [r for r in (tune_rows or rows) if r.user in library] or list(tune_rows or rows)
+    sweep_on = "tuning pairs" if tune_rows else "evaluation pairs (α chosen on the pairs it is scored on: optimistic)"
+    sw = sweep(handle, sweep_rows, plans, cfg) if cfg.sweep else None
+    strengths = {"population": _choose(cfg.population_strength, sw, "population", 0.45),
+                 "personalised": _choose(cfg.strength, sw, "personalised", 10.0),
+                 "dislike_weighted": _choose(cfg.dislike_strength if cfg.dislike_strength is not None else
+                                             cfg.strength, sw, "dislike_weighted", 10.0)}
+    plans.population_strength = strengths["population"]
+    log.info("strengths %s", strengths)
+
+    hits: dict[str, list[float]] = {}
+    hits["chance"] = [float(x) for x in pe.chance_hits(users, [r.prompt for r in rows], [r.chosen for r in rows],
+                                                       [r.rejected for r in rows])]
+    hits["unsteered"] = [float(x) for x in condition_hits(handle, rows, plans, "unsteered", 0.0,
+                                                          batch_size=cfg.batch_size)]
+    for comp in STEERED:
+        hits[comp] = [float(x) for x in condition_hits(handle, rows, plans, comp, strengths[comp],
+                                                       batch_size=cfg.batch_size)]
+    bt, bt_p = bt_hits(handle, library, rows, layers, cfg.batch_size)
+    hits["bt_model"] = [float(x) for x in bt]
+
+    def acc_of(sel: list[int]) -> dict[str, Any]:
+        return {c: pe.accuracy([hits[c][i] for i in sel], [users[i] for i in sel], seed=cfg.seed).to_json()
+                for c in CONDITIONS}
+
+    def split_by(keys: list[str]) -> dict[str, Any]:
+        groups: dict[str, list[int]] = {}
+        for i, k in enumerate(keys):
+            groups.setdefault(k, []).append(i)
+        return {k: acc_of(sel) for k, sel in groups.items()}
+
+    counts = [library.pair_count(u) if k else 0 for u, k in zip(users, known, strict=True)]
+    report: dict[str, Any] = {
+        "model": handle.name,
+        "profiles": str(getattr(library, "path", None) or "<in memory>"),
+        "pairs": len(rows),
+        "users": len(set(users)),
+        "accuracy": acc_of(list(range(len(rows)))),
+        "strength": strengths["personalised"],
+        "strengths": strengths,
+        "strengths_from": {c: "given" if g is not None else ("sweep" if sw else "default")
+                           for c, g in (("population", cfg.population_strength), ("personalised", cfg.strength),
+                                        ("dislike_weighted", cfg.dislike_strength if cfg.dislike_strength
+                                         is not None else cfg.strength))},
+        "layers": layers,
+        "site": str(library.site),
+        "fallback": {"pairs": sum(not k for k in known),
+                     "users": len({u for u, k in zip(users, known, strict=True) if not k}),
+                     "rule": "users not in the library are steered with the population vector (and scored by "
+                             "bt_model with θ_pop)"},
+        "by_pairs_per_user": split_by([pair_bin(c) for c in counts]),
+        "by_seen": split_by([_seen(library, r) for r in rows]),
+        "by_category": split_by([str(getattr(r, "category", None) or "none") for r in rows]),
+        "by_library": split_by(["in library" if k else "fallback" for k in known]),
+        "differences": {
+            f"{a}-{b}": pe.paired_difference(hits[a], hits[b], users, seed=cfg.seed).to_json()
+            for a, b in (("personalised", "population"), ("personalised", "unsteered"),
+                         ("population", "unsteered"), ("dislike_weighted", "population"))},
+        "bt_model_mean_probability": sum(bt_p) / len(bt_p),
+        "chance_rule": "a fair coin per pair seeded by sha256 of (user, prompt, the two texts sorted): expected ½, "
+                       "realised on these pairs",
+        "accuracy_rule": "hit: mean per-token log-likelihood of the chosen response after the prompt (teacher "
+                         "forced) > the rejected one's; ties are misses; 95 % intervals: bootstrap over users",
+        "sweep": sw,
+        "sweep_on": sweep_on if sw else None,
+        "sweep_pairs": len(sweep_rows) if sw else 0,
+        "provenance": provenance or {},
+    }
+    # gating (seed 002: steering only the prefill and the first K tokens is a no-op): personalised at its α
+    gates = {}
+    for gate in ("all", "prompt", f"prompt+first:{cfg.gate_first}"):
+        g_hits = (hits["personalised"] if gate == "all" else
+                  [float(x) for x in condition_hits(handle, rows, plans, "personalised", strengths["personalised"],
+                                                    gate, cfg.batch_size)])
+        gates[gate] = {**pe.accuracy(g_hits, users, seed=cfg.seed).to_json(),
+                       "difference_vs_all": pe.paired_difference(g_hits, hits["personalised"], users,
+                                                                 seed=cfg.seed).to_json()}
+    report["gating"] = {"composition": "personalised", "strength": strengths["personalised"], "gates": gates}
+    report["capability"] = capability(handle, rows, plans, strengths, cfg)
+    report["generation"] = generation_check(handle, rows, plans, strengths, layers, cfg)
+    return report
