@@ -22,9 +22,11 @@ from steerable.steering.plan import (
     SteeringPlan,
     build_plan,
     build_row_plans,
+    caching_profile_resolver,
     caching_resolver,
     parse_layers,
     read_plan_file,
+    with_user,
 )
 from steerable.steering.plan import plan_from_flags as steering_flags_plan
 from steerable.tables import table
@@ -81,15 +83,29 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
 
 def plan_from_flags(args: argparse.Namespace) -> Any:
-    """The plan `--plan FILE` or the `--steer ...` flags describe (None: unsteered)."""
+    """The plan `--plan FILE`, the `--steer ...` flags or the `--profiles P --user U ...` flags describe (None:
+    unsteered). `--user` with `--plan` sets the user of the plan's profile entries."""
+    profile = getattr(args, "profile", None)
+    if profile and (args.steer or args.plan):
+        raise SteerableError(f"give --profiles or {'--plan' if args.plan else '--steer'}, not both (a plan file names "
+                             "its profile library in \"profile\")")
     if args.plan:
         if args.steer:
             raise SteerableError("give --plan or --steer, not both")
         check_regular(args.plan, "plan file", PlanError)  # a FIFO is refused before anything opens it
-        return read_plan_file(args.plan)
-    if not args.steer:
+        spec = read_plan_file(args.plan)
+        user = getattr(args, "user", None)
+        if user is not None:
+            try:
+                spec = with_user(spec, user)
+            except PlanError as e:
+                raise PlanError(f"--plan {args.plan} --user: {e}") from None
+        return spec
+    if not args.steer and not profile:
+        if getattr(args, "user", None) is not None or getattr(args, "composition", None) is not None:
+            raise PlanError("--user and --composition need --profiles (the profile library to steer with)")
         return None
-    return steering_flags_plan(vars(args), args.steer)
+    return steering_flags_plan(vars(args), args.steer or None)
 
 
 def _check_out(path: str) -> None:
@@ -97,10 +113,10 @@ def _check_out(path: str) -> None:
         raise SteerableError(f"--out {path}: is a directory; give a file name")
 
 
-def _checked(spec: Any, handle: ModelHandle, resolve: Any, where: str) -> SteeringPlan | None:
+def _checked(spec: Any, handle: ModelHandle, resolve: Any, where: str, profiles: Any = None) -> SteeringPlan | None:
     """One plan checked by the validator; its error is prefixed with where the plan came from."""
     try:
-        plan = build_plan(spec, handle, resolve)
+        plan = build_plan(spec, handle, resolve, profiles=profiles or caching_profile_resolver())
     except SteerableError as e:
         raise type(e)(f"{where}: {e}") from None
     return plan or None
@@ -164,15 +180,35 @@ def cmd_generate(args: argparse.Namespace) -> int:
         raise DataError(f"no prompts in {args.prompts}")
     _check_out(args.out)
     flags_plan = plan_from_flags(args)
+    for where, row in located:  # a row's "user" is checked before the model loads
+        if "user" in row and (not isinstance(row["user"], str) or not row["user"]):
+            raise DataError(f'{where}: "user" must be a non-empty string (a user id of the profile library)')
     handle = load_model(args.model)
-    resolve = caching_resolver()
-    source = f"--plan {args.plan}" if args.plan else "--steer flags"
-    shared = None if flags_plan is None else _checked(flags_plan, handle, resolve, source)
-    # a row's own "plan" (an object, a list, or null for unsteered) wins over the flags for that row; its
-    # errors name the prompts file's line
+    if getattr(args, "adapter", None):  # issue 16: a `steerable train` adapter, checked against the model
+        from steerable.train.adapter import load_adapter
+
+        load_adapter(handle, args.adapter)
+    resolve, profiles = caching_resolver(), caching_profile_resolver()
+    source = f"--plan {args.plan}" if args.plan else "--profiles flags" if args.profile else "--steer flags"
+    shared = None if flags_plan is None else _checked(flags_plan, handle, resolve, source, profiles)
+    # a row's own "plan" (an object, a list, or null for unsteered) wins over the flags for that row; a row's
+    # "user" picks that user's vector from the profile entries of its plan; errors name the prompts file's line
     plans: list[SteeringPlan | None] = []
     for where, row in located:
-        plans.append(_checked(row["plan"], handle, resolve, f'{where}: "plan"') if "plan" in row else shared)
+        if "user" in row:
+            base = row.get("plan", flags_plan)
+            what = f'{where}: "user"'
+            if base is None:
+                raise PlanError(f"{what}: the row's plan steers with no profile library (give --profiles, or a "
+                                "\"plan\" with \"profile\")")
+            try:
+                spec = with_user(base, row["user"])
+            except PlanError as e:
+                raise PlanError(f"{what}: {e}") from None
+            plans.append(_checked(spec, handle, resolve, what, profiles))
+        else:
+            plans.append(_checked(row["plan"], handle, resolve, f'{where}: "plan"', profiles) if "plan" in row
+                         else shared)
         try:
             handle.render(row["prompt"])
         except DataError as e:
@@ -183,11 +219,27 @@ def cmd_generate(args: argparse.Namespace) -> int:
     completions = generate(handle, [r["prompt"] for r in rows], plans=plans, max_new_tokens=args.max_new_tokens,
                            batch_size=args.batch_size, progress=True)
     with atomic_path(args.out) as tmp, open(tmp, "w", encoding="utf-8") as f:
-        for row, text, hit in zip(rows, completions, fired, strict=True):
-            extra = {} if hit is None else {"condition_fired": hit}
+        for row, plan, text, hit in zip(rows, plans, completions, fired, strict=True):
+            extra: dict[str, Any] = {} if hit is None else {"condition_fired": hit}
+            extra.update(profile_fields(plan))
             f.write(json.dumps({**row, **extra, "completion": text}, ensure_ascii=False) + "\n")
+    fell_back = sum(1 for p in plans if p is not None and p.profile_fallback)
+    if fell_back:
+        print(f"profile: {fell_back} of {len(rows)} rows steered a user the library does not hold, with the "
+              "population vector (\"profile_fallback\": true)", file=sys.stderr)
     print(f"wrote {len(rows)} completions to {args.out}", file=sys.stderr)
     return 0
+
+
+def profile_fields(plan: SteeringPlan | None) -> dict[str, Any]:
+    """The output row's report of per-user steering: which user (a list if the plan steers several) and
+    whether one fell back to the population vector. Empty when the plan uses no profile library."""
+    uses = plan.profile_uses if plan is not None else ()
+    if not uses:
+        return {}
+    users = list(dict.fromkeys(u.user for u in uses))
+    return {"profile_user": users[0] if len(users) == 1 else users,
+            "profile_fallback": any(u.fallback for u in uses)}
 
 
 def cmd_export_gguf(args: argparse.Namespace) -> int:

@@ -98,6 +98,7 @@ def build_parser() -> argparse.ArgumentParser:
     from steerable.cli.persona_cmd import add_persona_parsers
     from steerable.cli.serve_cmd import add_serve_parser
     from steerable.cli.sweep_cmd import add_sweep_parsers
+    from steerable.cli.train_cmd import add_train_parser
 
     p = argparse.ArgumentParser(prog="steerable", description="Steer language models by editing activations.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -136,10 +137,14 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", required=True)
     s.add_argument("--steer", help="direction file")
     s.add_argument("--plan", help="plan JSON file (instead of --steer flags); a row's \"plan\" wins over both")
+    s.add_argument("--profiles", dest="profile", metavar="PROFILES",
+                   help="profile library (steerable users fit) to steer per user with, instead of --steer (add "
+                        "only): --user U, or a \"user\" per row of --prompts")
     s.add_argument("--method", default="add", choices=list(METHODS))
-    add_plan_flags(s)
+    add_plan_flags(s, skip=("profile",))
     s.add_argument("--max-new-tokens", type=new_tokens, default=64)
     s.add_argument("--batch-size", type=batch_size, default=8)
+    s.add_argument("--adapter", help="a `steerable train` output directory: generate with its LoRA adapter")
     s.set_defaults(fn=c.cmd_generate)
 
     s = sub.add_parser("export-gguf", help="write a llama.cpp control vector (add-only)")
@@ -160,6 +165,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_sweep_parsers(sub)
     add_serve_parser(sub)
     add_persona_parsers(sub)
+    add_train_parser(sub)
     return p
 
 

@@ -6,7 +6,8 @@
         ...
 
 A `Plan` is an ordered list of plan entries — the same objects a plan file holds, except that a vector
-may be an in-memory `DirectionSet` — and is checked by the one validator when it is used. Composition is
+may be an in-memory `DirectionSet` (and a profile an in-memory `ProfileLibrary`) — and is checked by the one
+validator when it is used. Per-user steering: `add(profile=library, user="u17", strength=8.0)`. Composition is
 of plans (interventions applied in order), never algebra on directions: a direction set's percentiles
 and AUROC do not survive a linear combination (`DirectionSet.combine` says which statistics it drops).
 """
@@ -18,6 +19,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from steerable.directions.artifact import DirectionSet
+from steerable.steering.methods.add import profile_label
 
 
 @dataclass(frozen=True)
@@ -50,7 +52,8 @@ class Plan:
         return conditional(condition, self, layer=layer, threshold=threshold, recall=recall, compare=compare)
 
     def to_json(self) -> list[dict[str, Any]]:
-        """The plan as JSON; in-memory direction sets appear by their label (their file path once saved)."""
+        """The plan as JSON; in-memory direction sets and profile libraries appear by their label (their file
+        path once saved)."""
         return [_json(e) for e in self.entries]
 
 
@@ -59,20 +62,27 @@ def _json(entry: Mapping[str, Any]) -> dict[str, Any]:
         if isinstance(v, DirectionSet):
             return v.label
         return [vec(x) for x in v] if isinstance(v, list) else v
-    out = {k: vec(v) if k == "vector" else v for k, v in entry.items()}
-    if isinstance(out.get("then"), Plan):
-        out["then"] = out["then"].to_json()
+    out = {k: vec(v) if k == "vector" else profile_label(v) if k == "profile" else v for k, v in entry.items()}
+    then = out.get("then")
+    if isinstance(then, Plan):
+        out["then"] = then.to_json()
     return out
 
 
 def _entry(method: str, vector: Any, **keys: Any) -> Plan:
-    return Plan(({"method": method, "vector": vector, **{k: v for k, v in keys.items() if v is not None}},))
+    head = {"method": method} if vector is None and keys.get("profile") is not None else {
+        "method": method, "vector": vector}
+    return Plan(({**head, **{k: v for k, v in keys.items() if v is not None}},))
 
 
-def add(vector: Any, strength: float = 1.0, *, layers: Any = None, gate: str | None = None,
-        direction: str | int | None = None, site: str | list[str] | None = None) -> Plan:
-    """h + α·(μ_P − μ_N)·v̂ on `layers` (default: every calibrated layer)."""
-    return _entry("add", vector, strength=strength, layers=layers, gate=gate, direction=direction, site=site)
+def add(vector: Any = None, strength: float = 1.0, *, layers: Any = None, gate: str | None = None,
+        direction: str | int | None = None, site: str | list[str] | None = None, profile: Any = None,
+        user: str | None = None, composition: str | None = None) -> Plan:
+    """h + α·(μ_P − μ_N)·v̂ on `layers` (default: every calibrated layer). With `profile` (a profile library's
+    path or a ProfileLibrary) instead of `vector`: h + α·v_u, user `user`'s vector composed by `composition`
+    (default personalised; a user the library lacks gets the population vector), on the library's layers."""
+    return _entry("add", vector, strength=strength, layers=layers, gate=gate, direction=direction, site=site,
+                  profile=profile, user=user, composition=composition)
 
 
 def ablate(vector: Any, strength: float = 1.0, *, layers: Any = None, gate: str | None = None,
