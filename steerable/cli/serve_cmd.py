@@ -22,7 +22,11 @@ def add_serve_parser(sub: Any) -> None:
                    help="directory of *.safetensors direction files: the only vectors requests may name")
     s.add_argument("--presets", type=Path, help="directory of plan JSON files (e.g. from `steerable tune --out`)")
     s.add_argument("--default-plan", help="plan JSON file or preset name applied to requests that send no steering")
-    s.add_argument("--api-keys", type=Path, help='JSON {"KEY": {"vectors": [...], "presets": [...]} | "*"}')
+    s.add_argument("--profiles", type=Path, nargs="+", action="extend", default=[], metavar="P",
+                   help="profile libraries (`steerable users fit --out`, or directories of them) for per-user "
+                        "steering: a plan entry {\"profile\": NAME, ...} is composed for the request's user")
+    s.add_argument("--api-keys", type=Path,
+                   help='JSON {"KEY": {"vectors": [...], "presets": [...], "profiles": [...]} | "*"}')
     s.add_argument("--host", default="127.0.0.1")
     s.add_argument("--port", type=int, default=8000)
     s.add_argument("--served-name", help="model id clients send (default: the --model name)")
@@ -53,7 +57,8 @@ def config_from_args(args: argparse.Namespace) -> ServeConfig:
                     max_queue=args.max_queue, timeout=args.timeout, max_body_bytes=args.max_body_bytes,
                     batch_window=args.batch_window / 1000, batching=args.batching)
     return ServeConfig(model=args.model, vectors=args.vectors, presets=args.presets, default_plan=args.default_plan,
-                       api_keys=args.api_keys, host=args.host, port=args.port, served_name=args.served_name,
+                       api_keys=args.api_keys, profiles=tuple(args.profiles), host=args.host, port=args.port,
+                       served_name=args.served_name,
                        dtype=args.dtype, device=args.device, limits=limits)
 
 

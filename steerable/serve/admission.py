@@ -85,7 +85,7 @@ class Admission:
             raise bad_request(f"stop: at most {self.limits.max_stop} stop strings", "stop")
         if any(not s or len(s) > MAX_STOP_CHARS for s in stop):
             raise bad_request(f"stop: each stop string must have 1 … {MAX_STOP_CHARS} characters", "stop")
-        chosen = self.book.choose(req.steering, present(req, "steering"), grant)
+        chosen = self.book.choose(req.steering, present(req, "steering"), grant, req.user)
         monitor = parse_monitor(req.steering_monitor, self.book.library, grant)
         turns = None
         if chosen.plan is not None and chosen.plan.needs_turns:

@@ -354,6 +354,8 @@ def create_app(state: ServerState) -> FastAPI:
         steering = {"vectors": [v for v in state.library.names if grant.allows_vector(v)],
                     "presets": [p for p in sorted(book.presets) if grant.allows_preset(p)],
                     "default_plan": book.default is not None}
+        if book.shelf:  # listed only when the server has profile libraries, so older clients see what they did
+            steering["profiles"] = [p for p in book.shelf.names if grant.allows_profile(p)]
         return JSONResponse({"object": "list", "data": [
             {"id": state.model_id, "object": "model", "created": state.started, "owned_by": "steerable",
              "steering": steering}]})

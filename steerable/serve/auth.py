@@ -1,8 +1,9 @@
 """API keys (`--api-keys FILE`): who may call the server, and which vectors and presets each key may use.
 
-The file is JSON: {"KEY": {"vectors": ["refusal", ...] | "*", "presets": [...] | "*"}, "KEY2": "*"}.
-A missing or unknown key gets 401; using a vector or preset the key is not granted gets 403. The server's
-default plan is the operator's choice and applies whatever the key.
+The file is JSON: {"KEY": {"vectors": ["refusal", ...] | "*", "presets": [...] | "*", "profiles": [...] | "*"},
+"KEY2": "*"}. A missing or unknown key gets 401; using a vector, preset or profile library the key is not
+granted gets 403 (a key that lists no "profiles" may use none). The server's default plan and the presets a
+key is granted are the operator's choice and apply whatever profile libraries they name.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ class Grant:
 
     vectors: frozenset[str] | None = None
     presets: frozenset[str] | None = None
+    profiles: frozenset[str] | None = None
 
     def check_vector(self, name: str, param: str = "steering") -> None:
         if self.vectors is not None and check_name(name, param=param) not in self.vectors:
@@ -34,6 +36,14 @@ class Grant:
         if self.presets is not None and name not in self.presets:
             raise ApiError(403, f"this API key may not use preset {name!r}", param="steering",
                            code="preset_not_granted", kind="permission")
+
+    def check_profile(self, name: str, param: str = "steering.profile") -> None:
+        if self.profiles is not None and check_name(name, "profile library", param) not in self.profiles:
+            raise ApiError(403, f"this API key may not use profile library {name!r}", param=param,
+                           code="profile_not_granted", kind="permission")
+
+    def allows_profile(self, name: str) -> bool:
+        return self.profiles is None or name in self.profiles
 
     def allows_vector(self, name: str) -> bool:
         return self.vectors is None or name in self.vectors
@@ -53,7 +63,8 @@ def _names(key_label: str, field: str, value: Any) -> frozenset[str] | None:
     if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
         raise SteerableError(f"api keys: {key_label}: \"{field}\" must be \"*\" or a list of names")
     try:
-        return frozenset(check_name(v, field[:-1]) if field == "vectors" else v for v in value)
+        what = {"vectors": "vector", "profiles": "profile library"}.get(field)
+        return frozenset(check_name(v, what) if what else v for v in value)
     except ApiError as e:
         raise SteerableError(f"api keys: {key_label}: {e.message}") from None
 
@@ -90,10 +101,12 @@ class ApiKeys:
             if spec == "*":
                 grants[key] = EVERYTHING
                 continue
-            if not isinstance(spec, dict) or set(spec) - {"vectors", "presets"}:
-                raise SteerableError(f"api keys: {label}: grant must be \"*\" or {{\"vectors\": …, \"presets\": …}}")
+            if not isinstance(spec, dict) or set(spec) - {"vectors", "presets", "profiles"}:
+                raise SteerableError(f"api keys: {label}: grant must be \"*\" or {{\"vectors\": …, \"presets\": …, "
+                                     "\"profiles\": …}")
             grants[key] = Grant(_names(label, "vectors", spec.get("vectors")),
-                                _names(label, "presets", spec.get("presets")))
+                                _names(label, "presets", spec.get("presets")),
+                                _names(label, "profiles", spec.get("profiles")))
         return cls(grants)
 
     def check(self, authorization: str | None) -> Grant:

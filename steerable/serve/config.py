@@ -49,6 +49,7 @@ class ServeConfig:
     presets: Path | None = None
     default_plan: str | None = None  # a plan file, or the name of a preset
     api_keys: Path | None = None
+    profiles: tuple[Path, ...] = ()  # profile library files (or directories of them): per-user steering
     host: str = "127.0.0.1"
     port: int = 8000
     served_name: str | None = None  # the model id clients send; default: the --model name (a directory's name)
@@ -67,6 +68,9 @@ class ServeConfig:
             raise SteerableError(f"--vectors {self.vectors}: not a directory (it is a file)")
         if self.presets is not None and self.presets.exists() and not self.presets.is_dir():
             raise SteerableError(f"--presets {self.presets}: not a directory (it is a file)")
+        for p in self.profiles:
+            if not Path(p).exists():
+                raise SteerableError(f"--profiles {p}: no such file or directory")
 
     @property
     def model_id(self) -> str:

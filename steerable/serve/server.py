@@ -24,6 +24,7 @@ from steerable.serve.jobs import Job
 from steerable.serve.library import VectorLibrary
 from steerable.serve.metrics import Metrics
 from steerable.serve.plans import PlanBook
+from steerable.serve.profiles import ProfileShelf
 from steerable.serve.scheduler import Scheduler
 from steerable.steering.plan import SteeringPlan
 
@@ -48,7 +49,9 @@ class ServerState:
         """Everything but the model is loaded here; any bad file stops the server before it listens."""
         config.check()
         library = VectorLibrary.load(config.vectors, handle)
-        book = PlanBook.load(handle, library, config.presets, config.default_plan, config.limits.max_plan_entries)
+        shelf = ProfileShelf.load(config.profiles, handle)
+        book = PlanBook.load(handle, library, config.presets, config.default_plan, config.limits.max_plan_entries,
+                             shelf)
         keys = ApiKeys.load(config.api_keys)
         scheduler_box: list[Scheduler] = []
         metrics = Metrics(queue_depth=lambda: scheduler_box[0].depth if scheduler_box else 0)
@@ -57,10 +60,11 @@ class ServerState:
         admission = Admission(handle, book, config.limits, config.model_id)
         # a preset or default plan that cannot run is refused now, not at every request that uses it
         trial = Engine(handle, Metrics())
+        # (a preset naming a profile library runs for a user the library lacks: its population vector)
         for name, plan in sorted(book.presets.items()):
-            trial_run(trial, admission, plan, f"preset {name}")
+            trial_run(trial, admission, book.instance(plan, None), f"preset {name}")
         if book.default is not None and all(book.default is not p for p in book.presets.values()):
-            trial_run(trial, admission, book.default, f"default plan {book.default_name}")
+            trial_run(trial, admission, book.instance(book.default, None), f"default plan {book.default_name}")
         return cls(config.model_id, handle, library, book, keys, config.limits, metrics, scheduler, admission,
                    int(time.time()))
 
@@ -75,6 +79,8 @@ class ServerState:
         lines = [f"steerable serve: {self.model_id} at {url}/v1 (OpenAI-compatible; /health, /metrics)",
                  f"  vectors ({self.library.directory}): {', '.join(self.library.names) or 'none'}",
                  f"  presets: {', '.join(sorted(self.book.presets)) or 'none'}",
+                 *([f"  profiles (per-user, from the request's user): {', '.join(self.book.shelf.describe())}"]
+                   if self.book.shelf else []),
                  f"  default plan: {self.book.default_name or 'none (requests are unsteered unless they ask)'}",
                  f"  API keys: {'required' if self.keys.enabled else 'off (anyone who can reach the port may call)'}",
                  f"  limits: max_tokens {self.limits.max_tokens}, max_prompt_tokens {self.limits.max_prompt_tokens}, "
