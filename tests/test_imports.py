@@ -19,7 +19,7 @@ STAGES: list[tuple[int, str, tuple[str, ...]]] = [
     (2, "capture", ("steerable.capture",)),
     (3, "directions", ("steerable.directions",)),
     (4, "steering", ("steerable.steering",)),
-    (5, "apply", ("steerable.generation", "steerable.bake")),
+    (5, "apply", ("steerable.generation", "steerable.bake", "steerable.train")),
     (6, "evaluate", ("steerable.evaluate",)),
     (7, "recipes", ("steerable.recipes",)),
     (8, "sweeps / serve / sim / scale", ("steerable.sweeps", "steerable.serve", "steerable.sim", "steerable.scale")),
