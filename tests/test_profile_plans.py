@@ -245,3 +245,40 @@ def test_generate_profile_errors_are_clean(model_dir, tmp_path, capsys):
     other = str(tiny_library(handle, model={"config_hash": "feedfacefeedface"}).save(tmp_path / "o.safetensors"))
     assert main([*base, "--profiles", other]) == 2
     assert "config hash" in capsys.readouterr().err
+
+
+def test_sweep_over_one_users_vector(model_dir, tmp_path, capsys):
+    """`sweep --profiles P --user U` sweeps α of the user's composed vector like any other sweep: the same line
+    format, resumable, a report, and each line's plan usable by `generate --plan`."""
+    lib = str(tiny_library(load_model(model_dir)).save(tmp_path / "p.safetensors"))
+    prompts = _jsonl(tmp_path / "p.jsonl", [{"prompt": f"hurt someone {i}"} for i in range(3)])
+    out = tmp_path / "results.jsonl"
+    args = ["sweep", "--model", model_dir, "--profiles", lib, "--user", "u04", "--strengths", "2,8", "--layers",
+            "1-2;2", "--prompts", prompts, "--max-new-tokens", "4", "--out", str(out)]
+    assert main(args) == 0
+    lines = [json.loads(x) for x in out.read_text().splitlines()]
+    assert len(lines) == 1 + 2 * 2
+    steered = [x for x in lines if x["plan"] is not None]
+    assert all(x["plan"]["profile"] == lib and x["plan"]["user"] == "u04" and "vector" not in x["plan"]
+               for x in steered)
+    assert {x["sweep"]["vector"] for x in lines} == {lib}  # the sweep is named by the library
+    before = out.read_text()
+    assert main(args) == 0
+    assert out.read_text() == before  # resumed: nothing left to run
+    other = tmp_path / "other.jsonl"  # another user is another setting: its own keys
+    assert main([*args[:6], "u05", *args[7:-1], str(other)]) == 0
+    assert {json.loads(x)["key"] for x in other.read_text().splitlines()[1:]}.isdisjoint(x["key"] for x in steered)
+    assert main(["report", str(out), "--out", str(tmp_path / "report")]) == 0
+
+    plan = tmp_path / "plan.json"
+    plan.write_text(json.dumps(steered[-1]["plan"]))
+    gen = str(tmp_path / "gen.jsonl")
+    assert main(["generate", "--model", model_dir, "--prompts", prompts, "--out", gen, "--plan", str(plan),
+                 "--max-new-tokens", "4"]) == 0
+    assert all(r["profile_user"] == "u04" for r in _rows(gen))
+
+    capsys.readouterr()
+    assert main([*args[:3], "--vector", lib, *args[3:]]) == 2
+    assert "give --vector (a direction file) or --profiles (a profile library), not both" in capsys.readouterr().err
+    assert main(["sweep", "--model", model_dir, "--prompts", prompts, "--out", str(out), "--user", "u1"]) == 2
+    assert "not neither" in capsys.readouterr().err

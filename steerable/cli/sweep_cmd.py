@@ -14,6 +14,7 @@ from steerable.errors import DataError, SteerableError
 from steerable.evaluate.capability import DEFAULT_FORMAT, DEFAULT_PER_SUBJECT, parse_format
 from steerable.evaluate.capability_tasks import DEFAULT_TASK, TASKS
 from steerable.models.builtin import DEFAULT_MODEL
+from steerable.steering.methods.add import COMPOSITIONS
 from steerable.sweeps.records import BEHAVIOURS
 from steerable.sweeps.select import CRITERIA
 
@@ -37,7 +38,12 @@ def _capability_format(name: str) -> str:
 
 def _grid_args(s: argparse.ArgumentParser, layers_default: str | None) -> None:
     s.add_argument("--model", default=DEFAULT_MODEL)
-    s.add_argument("--vector", required=True, help="direction file")
+    s.add_argument("--vector", help="direction file (or --profiles)")
+    s.add_argument("--profiles", dest="profile", metavar="PROFILES",
+                   help="profile library (steerable users fit): sweep one user's vector instead of --vector (add)")
+    s.add_argument("--user", help="with --profiles: whose vector (absent or not in the library: the population's)")
+    s.add_argument("--composition", choices=COMPOSITIONS,
+                   help="with --profiles: how the user's vector is composed (default personalised)")
     s.add_argument("--method", default="add", help="a method, or several joined with commas")
     s.add_argument("--strengths", help="e.g. 0,0.5,1,2 (add: default 0.5,1,2,4; others 1)")
     s.add_argument("--angles", help="degrees for rotate / angular / angular-adaptive (default 90,180,270)")
@@ -115,13 +121,22 @@ def _spec(args: argparse.Namespace) -> SweepSpec:
     if not prompts:
         raise DataError(f"no prompts in {args.prompts}")
     extra: dict[str, Any] = {}
+    if bool(args.vector) == bool(args.profile):
+        raise SteerableError("give --vector (a direction file) or --profiles (a profile library), not "
+                             f"{'both' if args.vector else 'neither'}")
+    if args.profile:  # one user's vector swept like any direction file's; the library's path names the sweep
+        extra.update({"profile": args.profile, "user": args.user, "composition": args.composition})
+        extra = {k: v for k, v in extra.items() if v is not None}
+    elif args.user is not None or args.composition is not None:
+        raise SteerableError("--user and --composition need --profiles (the profile library to steer with)")
     if args.gate:
         extra["gate"] = args.gate
     if args.direction:
         extra["direction"] = args.direction
     if args.site:
         extra["site"] = args.site
-    return SweepSpec(vector=args.vector, configs=configs, prompts=prompts, benign=benign, behaviour=args.behaviour,
+    return SweepSpec(vector=args.vector or args.profile, configs=configs, prompts=prompts, benign=benign,
+                     behaviour=args.behaviour,
                      max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, group_rows=args.group_rows,
                      mmlu_per_subject=args.mmlu or (DEFAULT_PER_SUBJECT if getattr(args, "max_capability_drop", None)
                                                     is not None else 0),

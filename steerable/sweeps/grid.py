@@ -44,9 +44,12 @@ class Config:
         return getattr(self, self.knob)
 
     def plan(self, vector: str, extra: dict[str, Any] | None = None) -> dict[str, Any] | None:
+        """The configuration's plan entry; with a "profile" in `extra` (a sweep over one user's vector from a
+        profile library) the profile names the vectors, and `vector` (the library's path) is not repeated."""
         if self.is_baseline:
             return None
-        return {"vector": vector, **self.to_json(), **(extra or {})}
+        head = {} if (extra or {}).get("profile") is not None else {"vector": vector}
+        return {**head, **self.to_json(), **(extra or {})}
 
     def label(self) -> str:
         if self.is_baseline:

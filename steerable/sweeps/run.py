@@ -139,7 +139,9 @@ class Prepared:
 
 def prepare(handle: ModelHandle, spec: SweepSpec) -> Prepared:
     items = task_items(spec.capability_task, spec.mmlu_per_subject) if spec.mmlu_per_subject else []
-    return Prepared(spec.context(handle), items, layer_profile(spec.vector))
+    # a profile library (plan_extra "profile") has no per-layer calibration statistics
+    profile = LayerProfile([], [], []) if "profile" in spec.plan_extra else layer_profile(spec.vector)
+    return Prepared(spec.context(handle), items, profile)
 
 
 def pending_groups(spec: SweepSpec, keys: dict[str, Config], done: Collection[str]) -> list[list[Config]]:
