@@ -97,7 +97,7 @@ def test_files_without_a_usable_row_are_refused(tmp_path):
         load_preferences(str(only_test), split="train")
     with pytest.raises(DataError, match="no such preferences file"):
         load_preferences(str(tmp_path / "missing.jsonl"))
-    for spec in ("nonsense", "users-caa:dev", ""):
+    for spec in ("nonsense", "users-caa:dev", "", "prism:", "prism::test"):
         with pytest.raises(DataError):
             load_preferences(spec)
     with pytest.raises(DataError, match="split"):

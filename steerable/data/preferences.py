@@ -159,7 +159,10 @@ def load_preferences(spec: str, *, split: str | None = None) -> list[PreferenceR
     elif base.startswith("prism:"):
         from steerable.data.prism import load_prism
 
-        rows = load_prism(base[len("prism:"):], split or "all")
+        directory = base[len("prism:"):]
+        if not directory:
+            raise DataError(f"{spec}: name the directory holding PRISM's files (prism:DIR)")
+        rows = load_prism(directory, split or "all")
     elif base.endswith(".jsonl") or Path(base).is_file():
         if not Path(base).exists():
             raise DataError(f"no such preferences file: {base}")
