@@ -94,6 +94,7 @@ def test_builder_takes_an_in_memory_library(llama, lib, tmp_path):
     ({"profile": "P", "composition": "mean"}, "composition must be one of personalised, population"),
     ({"profile": "P", "user": 7}, "user must be a user id"),
     ({"profile": "P", "user": ""}, "user must be a user id"),
+    ({"profile": "P", "user": "x" * 257}, "user must be a user id"),
     ({"profile": 5}, "must be the path or name of a profile library"),
     ({"profile": "P", "layers": "0-2"}, r"layer 0 is not in profile library .* \(its layers: 1-2\)"),
     ({"profile": "P", "layers": 3}, "layer 3 is not in profile library"),
@@ -204,14 +205,16 @@ def test_generate_with_profiles_and_per_row_users(model_dir, tmp_path, capsys):
     # per-row users: each row its own plan; a row without "user" takes the flags' (here: no --user →
     # population, a fallback); a row with "plan": null is unsteered and reports nothing
     rows = [{"prompt": "hello", "user": "u02"}, {"prompt": "goodbye now", "user": "u07"},
-            {"prompt": "hello", "user": "ghost"}, {"prompt": "hello"}, {"prompt": "hello", "plan": None}]
+            {"prompt": "hello", "user": "ghost"}, {"prompt": "hello"}, {"prompt": "hello", "plan": None},
+            {"prompt": "hello", "user": "u02", "plan": {"method": "add", "profile": lib, "strength": 3}}]
     per_row = _jsonl(tmp_path / "rows.jsonl", rows)
     assert main(["generate", "--model", model_dir, "--prompts", per_row, "--out", out, "--profiles", lib,
-                 "--strength", "3", "--max-new-tokens", "5", "--batch-size", "5"]) == 0
+                 "--strength", "3", "--max-new-tokens", "5", "--batch-size", "6"]) == 0
     got = _rows(out)
     assert [(r.get("profile_user"), r.get("profile_fallback")) for r in got] == [
-        ("u02", False), ("u07", False), ("ghost", True), (None, True), (None, None)]
+        ("u02", False), ("u07", False), ("ghost", True), (None, True), (None, None), ("u02", False)]
     assert got[0]["completion"] == one[0]["completion"]  # u02 in a mixed batch = u02 for the whole file
+    assert got[5]["completion"] == one[0]["completion"]  # the row's own plan, with the row's user
     assert got[0]["user"] == "u02"  # the row's own fields are kept
 
     plan = tmp_path / "plan.json"  # --plan with a profile, and --user

@@ -32,7 +32,7 @@ from steerable.steering.cast import CONDITIONAL_KEYS, CastCondition, build_condi
 from steerable.steering.gates import parse_gate
 from steerable.steering.layer_spec import parse_layers, resolve_layers
 from steerable.steering.methods import METHOD_NAMES, METHODS, Intervention
-from steerable.steering.methods.add import COMPOSITIONS, profile_label
+from steerable.steering.methods.add import COMPOSITIONS, MAX_USER_CHARS, profile_label
 from steerable.steering.spec import COMMON_FLAGS, COMMON_KEYS
 from steerable.steering.values import number
 
@@ -153,8 +153,9 @@ def _profile_vectors(spec: Mapping[str, Any], handle: Any, resolve: ProfileResol
                         f"{str(ref)[:40]!r})")
     lib.check_model(handle)
     user = spec.get("user")
-    if user is not None and (not isinstance(user, str) or not user):
-        raise PlanError(f"user must be a user id (a non-empty string), got {str(user)[:40]!r}")
+    if user is not None and (not isinstance(user, str) or not user or len(user) > MAX_USER_CHARS):
+        raise PlanError(f"user must be a user id (a string of 1 to {MAX_USER_CHARS} characters), got "
+                        f"{str(user)[:40]!r}")
     composition = spec.get("composition") or "personalised"
     if composition not in COMPOSITIONS:
         raise PlanError(f"composition must be one of {', '.join(COMPOSITIONS)}, got {str(composition)[:40]!r}")
