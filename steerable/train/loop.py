@@ -39,7 +39,7 @@ from steerable.train.artifact import LOG_FILE, file_sha256, prepare_out, save_ad
 from steerable.train.batches import Batch, Tokenised, collate, schedule, tokenise
 from steerable.train.config import STEERED, TrainConfig
 from steerable.train.losses import Reference, reference, steering_terms, task_loss
-from steerable.train.reader import ActivationReader, hook_counts
+from steerable.train.reader import ActivationReader, steering_hooks
 
 log = logging.getLogger(__name__)
 
@@ -182,7 +182,7 @@ def train(handle: ModelHandle, sft: SFTSet, config: TrainConfig, out: str | Path
     visited = sorted({r for s in steps for r in s})
     items = dict(zip(visited, tokenise(handle, [sft.examples[r] for r in visited], config.max_length), strict=True))
 
-    hooks_before = hook_counts(handle.model)
+    hooks_before = steering_hooks(handle.model)
     torch.manual_seed(config.seed)
     peft_model = _lora(handle, config)
     params = [p for p in peft_model.parameters() if p.requires_grad]
@@ -233,8 +233,9 @@ def train(handle: ModelHandle, sft: SFTSet, config: TrainConfig, out: str | Path
     finally:
         bar.close()
         logfile.close()
-    if hook_counts(handle.model) != hooks_before:  # every hook of this run is gone before anything is saved
-        raise SteerableError(f"internal: {hook_counts(handle.model) - hooks_before} training hook(s) left on the model")
+    if steering_hooks(handle.model) != hooks_before:  # every hook of this run is gone before anything is saved
+        raise SteerableError(f"internal: {steering_hooks(handle.model) - hooks_before} training hook(s) left on the "
+                             "model")
     for p in params:
         p.requires_grad_(False)
     last = logfile.lines[-1]

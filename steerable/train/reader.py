@@ -79,4 +79,18 @@ def hook_counts(model: Any) -> int:
     return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules())
 
 
-__all__ = ["ActivationReader", "hook_counts"]
+_OURS = ("ActivationReader.", "Session.")  # this module's reader hooks and steering.hooks' Session hooks
+
+
+def steering_hooks(model: Any) -> int:
+    """How many of `model`'s hooks are training or steering hooks (transformers adds hooks of its own lazily, e.g.
+    for output_hidden_states; those are not counted)."""
+    n = 0
+    for m in model.modules():
+        for hook in (*m._forward_hooks.values(), *m._forward_pre_hooks.values()):
+            name = getattr(hook, "__qualname__", "") or getattr(getattr(hook, "__func__", None), "__qualname__", "")
+            n += name.startswith(_OURS)
+    return n
+
+
+__all__ = ["ActivationReader", "hook_counts", "steering_hooks"]
