@@ -99,6 +99,7 @@ def build_parser() -> argparse.ArgumentParser:
     from steerable.cli.serve_cmd import add_serve_parser
     from steerable.cli.sweep_cmd import add_sweep_parsers
     from steerable.cli.train_cmd import add_train_parser
+    from steerable.cli.users_cmd import add_users_parsers
 
     p = argparse.ArgumentParser(prog="steerable", description="Steer language models by editing activations.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -166,6 +167,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_serve_parser(sub)
     add_persona_parsers(sub)
     add_train_parser(sub)
+    add_users_parsers(sub)
     return p
 
 

@@ -1,0 +1,145 @@
+"""Bradley–Terry ideal points (directions/ideal_points.py) on planted data: known ideal points, labels drawn
+from the model itself."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from steerable.directions.ideal_points import (
+    choose_tau,
+    dislike_weights,
+    fit_ideal_points,
+    fit_map,
+    log_odds,
+    population_point,
+)
+from steerable.errors import SteerableError
+
+
+def planted(n_users: int, pairs: int | list[int], *, layers: int = 2, k: int = 3, spread: float = 1.0,
+            flip: float = 0.0, seed: int = 0, center_scale: float = 20.0):
+    """Features around a common centre (large, as real activations are), true points θ_pop + δ_u, and
+    labels from P_u(a ≻ b) (each then flipped with probability `flip`: noisier pairs)."""
+    gen = torch.Generator().manual_seed(seed)
+    center = center_scale * torch.randn(layers, k, generator=gen, dtype=torch.float64)
+    pop = center + 0.3 * torch.randn(layers, k, generator=gen, dtype=torch.float64)
+    true = pop + spread * torch.randn(n_users, layers, k, generator=gen, dtype=torch.float64)
+    counts = [pairs] * n_users if isinstance(pairs, int) else pairs
+    user = torch.repeat_interleave(torch.arange(n_users), torch.tensor(counts))
+    a = center + torch.randn(len(user), layers, k, generator=gen, dtype=torch.float64)
+    b = center + torch.randn(len(user), layers, k, generator=gen, dtype=torch.float64)
+    p = torch.sigmoid(log_odds(true[user], a, b))[:, 0]  # one label per pair, drawn at layer 0
+    a_wins = torch.rand(len(user), generator=gen, dtype=torch.float64) < p
+    a_wins ^= torch.rand(len(user), generator=gen, dtype=torch.float64) < flip
+    # the same choice at every layer; layer 1 has its own true point, so label its pairs at layer 1's own
+    chosen = torch.where(a_wins[:, None, None], a, b)
+    rejected = torch.where(a_wins[:, None, None], b, a)
+    return chosen, rejected, user, true, pop
+
+
+def test_log_odds_is_the_ideal_point_model():
+    theta, a, b = torch.randn(4), torch.randn(4), torch.randn(4)
+    expect = ((b - theta) ** 2).sum() - ((a - theta) ** 2).sum()
+    assert torch.allclose(log_odds(theta, a, b), expect.double())
+
+
+def test_planted_ideal_points_are_recovered():
+    ch, rj, user, true, _ = planted(20, 600, layers=1, k=3)
+    fit = fit_ideal_points(ch, rj, user, 20, tau=50.0)
+    err = (fit.theta.double() - true).norm(dim=-1) / (true - true.mean(0)).norm(dim=-1).mean()
+    assert float(err.mean()) < 0.1
+    assert float(err.max()) < 0.3
+    # the deviations from the users' mean point point the planted way
+    centre = true.mean(0)
+    cos = torch.nn.functional.cosine_similarity(fit.theta.double() - centre, true - centre, dim=-1)
+    assert float(cos.mean()) > 0.95
+
+
+def test_tau_chosen_by_heldout_likelihood_recovers_planted_points():
+    ch, rj, user, true, _ = planted(60, 40, layers=1, k=3)
+    fit = fit_ideal_points(ch, rj, user, 60)
+    dev = fit.theta.double() - fit.theta_pop.double()
+    cos = torch.nn.functional.cosine_similarity(dev, true - true.mean(0), dim=-1)
+    assert float(cos.mean()) > 0.8
+    assert fit.selection["folds"] == 5
+    assert len(fit.selection["heldout_loglik_per_pair"][0]) == len(
+        fit.selection["grid_relative"])
+
+
+def test_prior_shrinks_a_user_with_few_pairs_toward_the_population():
+    counts = [3] * 20 + [200] * 20
+    ch, rj, user, true, _ = planted(40, counts, layers=1, k=3)
+    fit = fit_ideal_points(ch, rj, user, 40)
+    dev = (fit.theta.double() - fit.theta_pop.double()).norm(dim=-1)[:, 0]
+    true_dev = (true - fit.theta_pop.double()).norm(dim=-1)[:, 0]
+    few, many = slice(0, 20), slice(20, 40)
+    assert float((dev[few] / true_dev[few]).mean()) < 0.5  # 3 pairs: close to the population's point
+    assert float((dev[many] / true_dev[many]).mean()) > 0.6  # 200 pairs: most of the way to its own
+    # a 3-pair user under a weak prior strays further: the chosen τ is what held it back
+    loose = fit_map(ch, rj, user, 40, prior_mean=fit.theta_pop, tau=fit.tau * 100)
+    assert float((loose.double() - fit.theta_pop.double()).norm(dim=-1)[few].mean()) > float(dev[few].mean())
+
+
+def test_noisier_pairs_choose_more_shrinkage():
+    clean = planted(80, 12, layers=1, k=3, seed=3)
+    noisy = planted(80, 12, layers=1, k=3, seed=3, flip=0.4)
+    taus = []
+    for ch, rj, user, _, _ in (clean, noisy):
+        pop = population_point(ch, rj)
+        tau, record = choose_tau(ch, rj, user, 80, prior_mean=pop)
+        taus.append(float(tau[0]))
+        assert record["how"].startswith("5-fold held-out")
+    assert taus[1] < taus[0]
+
+
+def test_vectorised_fit_equals_a_per_user_loop():
+    counts = [1, 2, 3, 7, 15, 40, 0, 5]
+    ch, rj, user, _, pop = planted(len(counts), counts, layers=2, k=4)
+    tau = torch.tensor([0.05, 0.2], dtype=torch.float64)
+    batched = fit_map(ch, rj, user, len(counts), prior_mean=pop, tau=tau)
+    for u in range(len(counts)):
+        mine = user == u
+        alone = fit_map(ch[mine], rj[mine], torch.zeros(int(mine.sum()), dtype=torch.long), 1, prior_mean=pop,
+                        tau=tau)[0]
+        assert torch.allclose(batched[u], alone, atol=1e-6), u
+    assert torch.allclose(batched[6], pop)  # no pairs: the prior mean
+
+
+def test_users_without_pairs_keep_the_population_point():
+    ch, rj, user, _, _ = planted(5, 10)
+    fit = fit_ideal_points(ch, rj, user, 7)  # users 5 and 6 have no pairs
+    assert torch.allclose(fit.theta[5], fit.theta_pop)
+    assert torch.allclose(fit.theta[6], fit.theta_pop)
+    assert fit.pair_counts.tolist() == [10] * 5 + [0, 0]
+
+
+def test_chunked_layout_matches_one_chunk(monkeypatch):
+    import steerable.directions.ideal_points as ip
+
+    counts = [2, 9, 4, 30, 1, 12]
+    ch, rj, user, _, pop = planted(len(counts), counts, layers=2, k=3)
+    whole = fit_map(ch, rj, user, len(counts), prior_mean=pop, tau=0.1)
+    monkeypatch.setattr(ip, "_DENSE_BUDGET", 60)  # a few users per chunk
+    assert len(ip._chunks(ch, rj, user, len(counts), 2, 0)) > 2
+    assert torch.allclose(fit_map(ch, rj, user, len(counts), prior_mean=pop, tau=0.1), whole, atol=1e-8)
+
+
+def test_dislike_weights_are_each_users_mean_difference():
+    ch, rj, user, _, _ = planted(3, [4, 1, 6])
+    w = dislike_weights(ch, rj, user, 4)
+    for u in range(3):
+        assert torch.allclose(w[u].double(), (ch[user == u] - rj[user == u]).mean(0), atol=1e-5)
+    assert torch.allclose(w[3].double(), (ch - rj).mean(0), atol=1e-5)  # no pairs: the population's
+
+
+def test_bad_inputs_are_named():
+    ch, rj, user, _, pop = planted(3, 4)
+    with pytest.raises(SteerableError, match="user_index"):
+        fit_map(ch, rj, user[:-1], 3, prior_mean=pop, tau=1.0)
+    with pytest.raises(SteerableError, match="lie in"):
+        fit_map(ch, rj, user, 2, prior_mean=pop, tau=1.0)
+    with pytest.raises(SteerableError, match="tau"):
+        fit_ideal_points(ch, rj, user, 3, tau=-1.0)
+    with pytest.raises(SteerableError, match="NaN"):
+        fit_map(ch * float("nan"), rj, user, 3, prior_mean=pop, tau=1.0)
