@@ -203,3 +203,24 @@ def test_cli_writes_report_index_and_pngs(tmp_path, model_dir):
     assert report["sweep_on"].startswith("evaluation pairs")
     for name in ("index.html", "accuracy.png", "sweep.png", "breakdown.png"):
         assert (out / name).stat().st_size > 0
+
+
+@pytest.mark.parametrize("gate", ["all", "prompt", "prompt+first:1"])
+def test_cached_scoring_equals_full_forward_passes_under_gates(handle, gate):
+    """choice_logliks scores both tails from one prompt pass; it equals scoring prompt + tail from scratch
+    (score_batches, as generate lays it out), token gates included, on every tiny family."""
+    from steerable.evaluate.logits import score_batches
+
+    lib = library(handle)
+    plan = {"vector": lib.direction_set("u2")[0], "method": "add", "strength": 20.0, "layers": [1, 2], "gate": gate}
+    prompts = [r.prompt for r in ROWS]
+    got = pe.choice_logliks(handle, prompts, [r.chosen for r in ROWS], [r.rejected for r in ROWS], plan, batch_size=2)
+    for side, texts in enumerate(([r.chosen for r in ROWS], [r.rejected for r in ROWS])):
+        want = [0.0] * len(ROWS)
+        for b in score_batches(handle, prompts, texts, plan, 2):
+            target, real = b.ids[:, b.width :], b.mask[:, b.width :].bool()
+            lp = b.logprobs[:, :-1].gather(-1, target.unsqueeze(-1)).squeeze(-1)
+            mean = torch.where(real, lp, 0.0).sum(1) / real.sum(1)
+            for r, i in enumerate(b.rows):
+                want[i] = float(mean[r])
+        assert got[side] == pytest.approx(want, abs=1e-4)

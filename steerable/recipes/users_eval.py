@@ -24,13 +24,13 @@ from __future__ import annotations
 
 import logging
 import math
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import torch
 
-from steerable.capture.features import response_means
 from steerable.errors import SteerableError
 from steerable.evaluate import preference_eval as pe
 from steerable.evaluate.capability import calibrated, mc_scores, paired_change, predicted, split_calibration
@@ -39,6 +39,7 @@ from steerable.evaluate.logits import perplexity
 from steerable.evaluate.refusal import rate
 from steerable.generation import generate
 from steerable.models.load import ModelHandle
+from steerable.recipes.users_fit import capture_texts
 from steerable.steering.layer_spec import parse_layers
 
 log = logging.getLogger(__name__)
@@ -100,33 +101,25 @@ def pair_bin(count: int) -> str:
 
 class Plans:
     """One plan dict per (user, composition, α, gate), built once and reused, so every row of a user shares
-    one object (the validator checks it once) and the library composes each user's vector once."""
+    one object (the plan validator checks it, and composes the user's vector, once). Plans use the `profile`
+    key with the library object itself. A user the library does not hold is served as the population is:
+    the population vector at the population's strength (not the composed α, which is ~20× larger)."""
 
     def __init__(self, library: Any, layers: list[int], population_strength: float = 0.45) -> None:
         self.library = library
         self.layers = layers
-        #: a user the library does not hold is served as the population is: its vector at its strength
         self.population_strength = population_strength
-        self._sets: dict[tuple[str | None, str], tuple[Any, bool]] = {}
         self._plans: dict[tuple[Any, ...], dict[str, Any] | None] = {}
 
-    def direction_set(self, user: str | None, composition: str) -> tuple[Any, bool]:
-        key = (None if composition == "population" else user, composition)
-        if key not in self._sets:
-            self._sets[key] = self.library.direction_set(key[0], composition)
-        ds, fallback = self._sets[key]
-        return ds, fallback or (composition != "population" and user not in self.library)
-
     def plan(self, user: str | None, composition: str, strength: float, gate: str = "all") -> dict[str, Any] | None:
-        if composition != "population" and composition != "unsteered" and user not in self.library:
+        if composition not in ("population", "unsteered") and user not in self.library:
             composition, strength = "population", self.population_strength
         if composition == "unsteered" or strength == 0:
             return None
         key = (None if composition == "population" else user, composition, float(strength), gate)
         if key not in self._plans:
-            ds, _ = self.direction_set(user, composition)
-            self._plans[key] = {"vector": ds, "method": "add", "strength": float(strength),
-                                "layers": list(self.layers), "gate": gate}
+            self._plans[key] = {"method": "add", "profile": self.library, "user": key[0], "composition": composition,
+                                "strength": float(strength), "layers": list(self.layers), "gate": gate}
         return self._plans[key]
 
 
@@ -143,11 +136,19 @@ def steered_layers(handle: ModelHandle, library: Any, spec: Any) -> list[int]:
 
 def condition_hits(handle: ModelHandle, rows: Sequence[Row], plans: Plans, composition: str, strength: float,
                    gate: str = "all", batch_size: int = 16) -> list[bool]:
-    """Per pair, whether `composition` at `strength` (under token gate `gate`) prefers the chosen response."""
+    """Per pair, whether `composition` at `strength` (under token gate `gate`) prefers the chosen response.
+    Pairs with the same texts under the same plan (many users answer the same items; every user shares the
+    population's plan) are scored once."""
     row_plans = [plans.plan(r.user, composition, strength, gate) for r in rows]
-    ch, rj = pe.choice_logliks(handle, [r.prompt for r in rows], [r.chosen for r in rows],
-                               [r.rejected for r in rows], plans=row_plans, batch_size=batch_size)
-    return pe.hits_from(ch, rj)
+    unique: dict[tuple[Any, ...], int] = {}
+    keys = [(id(p), r.prompt, r.chosen, r.rejected) for p, r in zip(row_plans, rows, strict=True)]
+    first = [unique.setdefault(k, i) for i, k in enumerate(keys)]
+    todo = sorted(set(first))
+    ch, rj = pe.choice_logliks(handle, [rows[i].prompt for i in todo], [rows[i].chosen for i in todo],
+                               [rows[i].rejected for i in todo], plans=[row_plans[i] for i in todo],
+                               batch_size=batch_size)
+    hit = dict(zip(todo, pe.hits_from(ch, rj), strict=True))
+    return [hit[f] for f in first]
 
 
 # --- the library's fitted model (directions/profiles.ProfileLibrary: basis, theta(user), theta_pop) ----------
@@ -164,13 +165,16 @@ def ideal_points(library: Any, users: Sequence[str | None], layers: list[int]) -
 
 def features(handle: ModelHandle, library: Any, prompts: Sequence[str], texts: Sequence[str], layers: list[int],
              batch_size: int) -> torch.Tensor:
-    """φ = Bᵀh per text [n, L, K]: each text's response-mean activation at the library's site, read by the
-    unsteered model, projected on the library's basis."""
+    """φ = Bᵀh per text [n, L, K]: each text's activation at the library's site and position (as `users fit`
+    read its training texts), read by the unsteered model, projected on the library's basis. Repeated
+    (prompt, text) pairs are read once."""
     rows = [list(library.layers).index(x) for x in layers]
     basis = library.basis.float()[rows]  # [L, K, d]
-    h = response_means(handle, list(prompts), list(texts), layers, site=str(library.site), batch_size=batch_size,
-                       progress=False)  # [L, n, d]
-    return torch.einsum("lnd,lkd->nlk", h.float(), basis)
+    index: dict[tuple[str, str], int] = {}
+    where = [index.setdefault((p, t), len(index)) for p, t in zip(prompts, texts, strict=True)]
+    h = capture_texts(handle, list(index), layers, site=str(library.site), position=str(library.position),
+                      batch_size=batch_size, progress=False)  # [L, N, d]
+    return torch.einsum("lnd,lkd->nlk", h.float(), basis)[torch.tensor(where, dtype=torch.long)]
 
 
 def bt_hits(handle: ModelHandle, library: Any, rows: Sequence[Row], layers: list[int],
@@ -261,9 +265,14 @@ def generation_check(handle: ModelHandle, rows: Sequence[Row], plans: Plans, str
         ps = [plans.plan(u, comp, strengths.get(comp, 0.0)) for u in users]
         replies[comp] = generate(handle, prompts, plans=ps if any(ps) else None, max_new_tokens=cfg.max_new_tokens,
                                  batch_size=cfg.batch_size)
-    ok = [i for i in range(len(picked)) if all(replies[c][i].strip() for c in replies)]
+    if str(lib.position) == "answer-token":  # the features of an A/B library sit at the answer letter
+        replies_read = {c: [_answer_of(t) for t in texts] for c, texts in replies.items()}
+    else:
+        replies_read = {c: [t if t.strip() else None for t in texts] for c, texts in replies.items()}
+    ok = [i for i in range(len(picked)) if all(replies_read[c][i] is not None for c in replies)]
     out: dict[str, Any] = {"prompts": len(picked), "scored": len(ok), "max_new_tokens": cfg.max_new_tokens,
-                           "perplexity_unsteered_model": {}}
+                           "read": "the reply's answer letter (answer-token library)" if str(lib.position) ==
+                           "answer-token" else "the whole reply (response-mean)", "perplexity_unsteered_model": {}}
     for comp, texts in replies.items():
         ppl = [x for x in perplexity(handle, prompts, texts, None, batch_size=cfg.batch_size) if math.isfinite(x)]
         ppl.sort()
@@ -272,19 +281,30 @@ def generation_check(handle: ModelHandle, rows: Sequence[Row], plans: Plans, str
         return out
     theta = ideal_points(lib, [users[i] for i in ok], layers)
     util: dict[str, list[float]] = {}
-    for comp, texts in replies.items():
-        phi = features(handle, lib, [prompts[i] for i in ok], [texts[i] for i in ok], layers, cfg.batch_size)
+    for comp, read in replies_read.items():
+        phi = features(handle, lib, [prompts[i] for i in ok], [str(read[i]) for i in ok], layers, cfg.batch_size)
         util[comp] = [float(x) for x in -((phi - theta) ** 2).sum(-1).mean(-1)]
     sel = [users[i] for i in ok]
     for other in ("population", "unsteered"):
         hits = [float(a > b) for a, b in zip(util["personalised"], util[other], strict=True)]
         out[f"personalised_closer_than_{other}"] = pe.accuracy(hits, sel, seed=cfg.seed).to_json()
+        out[f"personalised_tied_with_{other}"] = sum(a == b for a, b in zip(util["personalised"], util[other],
+                                                                              strict=True)) / len(ok)
         out[f"utility_gain_vs_{other}"] = pe.paired_difference(util["personalised"], util[other], sel,
                                                                 seed=cfg.seed).to_json()
     out["mean_utility"] = {c: sum(v) / len(v) for c, v in util.items()}
     out["examples"] = [{"user": users[i], "prompt": prompts[i][:300],
                         **{c: replies[c][i] for c in replies}} for i in ok[:6]]
     return out
+
+
+_ANSWER = re.compile(r"\(\s*([A-Za-z])\s*\)")
+
+
+def _answer_of(reply: str) -> str | None:
+    """The answer letter a reply opens with ("(B) I would…" → "(B)"; within its first 40 characters), or None."""
+    m = _ANSWER.search(reply[:40])
+    return None if m is None else f"({m.group(1).upper()})"
 
 
 def _seen(library: Any, row: Row) -> str:
