@@ -58,9 +58,10 @@ def reference(ds: DirectionSet, layers: Sequence[int]) -> Reference:
         if not bool(torch.isfinite(mu).all()):
             raise SteerableError(f"{ds.label} has no class means at layer {layer} (a combined or imported set): "
                                  "the auxiliary and regularisation terms need them")
-        unit[layer] = a.float()
+        # clones: a set calibrated under inference_mode holds inference tensors, which autograd cannot save
+        unit[layer] = a.float().clone()
         p_ref[layer] = float(mu @ a)
-        mean[layer] = mu.float()
+        mean[layer] = mu.float().clone()
     return Reference(tuple(layers), unit, p_ref, mean, "positive" if positive else "negative")
 
 
