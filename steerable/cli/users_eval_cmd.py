@@ -24,8 +24,24 @@ def _grid(text: str) -> tuple[float, ...]:
     return tuple(out)
 
 
+def _gates(text: str) -> tuple[str, ...]:
+    """--gates: comma-separated gate specs (steering/gates.py), checked here so a typo fails before any work."""
+    from steerable.errors import PlanError
+    from steerable.steering.gates import parse_gate
+
+    out = tuple(g.strip() for g in text.split(",") if g.strip())
+    if not out or len(out) > 8:
+        raise argparse.ArgumentTypeError(f"{text[:40]!r}: give 1 to 8 comma-separated gates")
+    for g in out:
+        try:
+            parse_gate(g.replace("{K}", "1"))
+        except PlanError as e:
+            raise argparse.ArgumentTypeError(str(e)) from None
+    return out
+
+
 def add_parser(users_subparsers: Any) -> argparse.ArgumentParser:
-    from steerable.recipes.users_eval import SWEEP_COMPOSED, SWEEP_POPULATION
+    from steerable.recipes.users_eval import SWEEP_POPULATION
 
     s = users_subparsers.add_parser(
         "eval", help="held-out choice accuracy of per-user steering: unsteered, population, personalised, "
@@ -48,9 +64,14 @@ def add_parser(users_subparsers: Any) -> argparse.ArgumentParser:
                         "has none, so the evaluation pairs are used and the report says so)")
     s.add_argument("--tune-limit", type=positive, default=120, help="at most N tuning pairs (round-robin over users)")
     s.add_argument("--no-sweep", action="store_true", help="skip the α sweep (strengths as given or defaults)")
-    s.add_argument("--sweep-composed", type=_grid, default=SWEEP_COMPOSED, help="α grid of the composed vectors")
+    s.add_argument("--sweep-composed", type=_grid,
+                   help="α grid of the composed vectors (default: the population grid × ‖v_pop‖/‖v_u‖, equal added "
+                        "norms; seed 002's range is 2.5,5,7.5,10,12.5,17.5,25)")
     s.add_argument("--sweep-population", type=_grid, default=SWEEP_POPULATION, help="α grid of the population vector")
     s.add_argument("--gate-first", type=int_flag(0, 4096), default=4, help="K of the prompt+first:K gating comparison")
+    s.add_argument("--gates", type=_gates, default=("prompt", "prompt+first:{K}"),
+                   help="token gates compared with steering every token, comma-separated ({K}: --gate-first); "
+                        "default prompt,prompt+first:{K}")
     s.add_argument("--capability", default="auto", choices=["auto", "mmlu", "analogies", "none"],
                    help="capability measure at the operating point (auto: analogies/choice-loglik for smollm2, "
                         "MMLU cue+cal otherwise)")
@@ -127,7 +148,7 @@ def run(args: argparse.Namespace) -> int:
     cfg = EvalConfig(strength=args.strength, population_strength=args.population_strength,
                      dislike_strength=args.dislike_strength, layers=args.layers,
                      sweep_composed=args.sweep_composed, sweep_population=args.sweep_population,
-                     sweep=not args.no_sweep, gate_first=args.gate_first, capability=args.capability,
+                     sweep=not args.no_sweep, gate_first=args.gate_first, gates=args.gates, capability=args.capability,
                      capability_per_subject=args.capability_per_subject, gen_prompts=args.gen_prompts,
                      max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, seed=args.seed)
     provenance = {"preferences": args.preferences, "limit": args.limit, "tune_preferences": tune_from,

@@ -16,8 +16,8 @@ Strengths: composed and population vectors have very different norms (seed 002: 
 so each composition gets its own α. Unless given, each is the best of its sweep on the tuning pairs (the
 training pairs of the source when it has them, else the evaluation pairs — then flagged as optimistic).
 
-Every pair runs under its own plan (in-memory DirectionSets from `ProfileLibrary.direction_set`, one plan
-object per (user, composition, α, gate), so the validator checks each once): users mix freely in a batch.
+Every pair runs under its own plan (the `profile` plan key with the library object, one plan object per
+(user, composition, α, gate), so the validator composes each user's vector once): users mix freely in a batch.
 """
 
 from __future__ import annotations
@@ -46,9 +46,10 @@ log = logging.getLogger(__name__)
 
 CONDITIONS = ("chance", "unsteered", "population", "personalised", "dislike_weighted", "bt_model")
 STEERED = ("population", "personalised", "dislike_weighted")
-#: seed 002's ranges and around them: composed vectors α ≈ 7.5–17.5, the population vector 0.3–0.6
-SWEEP_COMPOSED: tuple[float, ...] = (0.0, 2.5, 5.0, 7.5, 10.0, 12.5, 17.5, 25.0)
-SWEEP_POPULATION: tuple[float, ...] = (0.0, 0.15, 0.3, 0.45, 0.6, 1.0, 2.0)
+#: seed 002's composed-vector range (α ≈ 7.5–17.5; its population vector took 0.3–0.6), for an explicit
+#: --sweep-composed; by default each composed grid is the population grid rescaled to equal added norms
+SEED_SWEEP_COMPOSED: tuple[float, ...] = (2.5, 5.0, 7.5, 10.0, 12.5, 17.5, 25.0)
+SWEEP_POPULATION: tuple[float, ...] = (0.25, 0.5, 1.0, 2.0, 4.0)
 #: how the capability measure is chosen per model (docs/results.md "Capability measure": smollm2-135m is at
 #: chance on MMLU in every format, word analogies with choice-loglik separate it from chance)
 CAPABILITY_AUTO = {"smollm2": ("analogies", "choice-loglik"), "": ("mmlu", "cue+cal")}
@@ -78,10 +79,11 @@ class EvalConfig:
     population_strength: float | None = None  # α of the population vector; None: chosen by the sweep
     dislike_strength: float | None = None  # α of the dislike-weighted vectors; None: chosen by the sweep
     layers: Any = None  # steered layers (a subset of the library's); None: all of them
-    sweep_composed: Sequence[float] = SWEEP_COMPOSED
+    sweep_composed: Sequence[float] | None = None  # None: SWEEP_POPULATION × ‖v_pop‖ / mean ‖v_u‖ (`grids`)
     sweep_population: Sequence[float] = SWEEP_POPULATION
     sweep: bool = True
     gate_first: int = 4  # K of the "prompt+first:K" gating comparison
+    gates: Sequence[str] = ("prompt", "prompt+first:{K}")  # compared with "all" ({K}: gate_first)
     capability: str = "auto"  # "auto", "mmlu", "analogies" or "none"
     capability_format: str | None = None  # None: the task's default (CAPABILITY_AUTO)
     capability_per_subject: int = 2
@@ -190,16 +192,41 @@ def bt_hits(handle: ModelHandle, library: Any, rows: Sequence[Row], layers: list
 
 # --- the pieces of the report ---------------------------------------------------------------------------------
 
-def sweep(handle: ModelHandle, rows: Sequence[Row], plans: Plans, cfg: EvalConfig) -> dict[str, Any]:
+def vector_norms(library: Any, users: Sequence[str], layers: list[int]) -> dict[str, float]:
+    """Mean over `users` (those the library holds) and the steered layers of each composition's ‖v‖."""
+    rows = [list(library.layers).index(x) for x in layers]
+    held: list[str | None] = list(dict.fromkeys(u for u in users if u in library)) or [None]
+    out = {}
+    for comp in STEERED:
+        norms = [float(library.vectors(u, comp)[0][rows].norm(dim=1).mean()) for u in held]
+        out[comp] = sum(norms) / len(norms)
+    return out
+
+
+def grids(cfg: EvalConfig, norms: dict[str, float]) -> dict[str, list[float]]:
+    """Each composition's α grid: the population grid, and for composed vectors either the given grid or the
+    population grid rescaled by ‖v_pop‖ / ‖v_comp‖, so each point adds a vector as long as the population's
+    at the same grid position (the two kinds differ in norm by an order of magnitude, in either direction)."""
+    out = {"population": sorted({float(x) for x in cfg.sweep_population} | {0.0})}
+    for comp in ("personalised", "dislike_weighted"):
+        if cfg.sweep_composed is not None:
+            grid = [float(x) for x in cfg.sweep_composed]
+        else:
+            ratio = norms["population"] / norms[comp] if norms[comp] > 0 else 1.0
+            grid = [float(f"{x * ratio:.3g}") for x in cfg.sweep_population]
+        out[comp] = sorted(set(grid) | {0.0})
+    return out
+
+
+def sweep(handle: ModelHandle, rows: Sequence[Row], plans: Plans, cfg: EvalConfig,
+          grid: dict[str, list[float]]) -> dict[str, Any]:
     """Accuracy against α for each steered composition on `rows`; α = 0 is the unsteered run (shared)."""
     users = [r.user for r in rows]
     base = condition_hits(handle, rows, plans, "unsteered", 0.0, batch_size=cfg.batch_size)
     out: dict[str, Any] = {}
-    grids = {"population": cfg.sweep_population, "personalised": cfg.sweep_composed,
-             "dislike_weighted": cfg.sweep_composed}
-    for comp, grid in grids.items():
+    for comp, alphas in grid.items():
         points = []
-        for a in sorted({float(x) for x in grid} | {0.0}):
+        for a in alphas:
             hits = base if a == 0 else condition_hits(handle, rows, plans, comp, a, batch_size=cfg.batch_size)
             acc = pe.accuracy(hits, users, seed=cfg.seed)
             points.append({"strength": a, **acc.to_json()})
@@ -338,11 +365,16 @@ def evaluate_users(handle: ModelHandle, library: Any, rows: Sequence[Row], cfg: 
     # the sweep reads users the library holds (a fallback row would only repeat the population curve)
     sweep_rows = [r for r in (tune_rows or rows) if r.user in library] or list(tune_rows or rows)
     sweep_on = "tuning pairs" if tune_rows else "evaluation pairs (α chosen on the pairs it is scored on: optimistic)"
-    sw = sweep(handle, sweep_rows, plans, cfg) if cfg.sweep else None
-    strengths = {"population": _choose(cfg.population_strength, sw, "population", 0.45),
-                 "personalised": _choose(cfg.strength, sw, "personalised", 10.0),
+    norms = vector_norms(library, [r.user for r in sweep_rows], layers)
+    grid = grids(cfg, norms)
+    sw = sweep(handle, sweep_rows, plans, cfg, grid) if cfg.sweep else None
+    # without a sweep or a given α: the population vector at α = 1 (the mean difference itself) and each composed
+    # vector at the α that adds the same norm
+    ratio = {c: norms["population"] / norms[c] if norms[c] > 0 else 1.0 for c in STEERED}
+    strengths = {"population": _choose(cfg.population_strength, sw, "population", 1.0),
+                 "personalised": _choose(cfg.strength, sw, "personalised", ratio["personalised"]),
                  "dislike_weighted": _choose(cfg.dislike_strength if cfg.dislike_strength is not None else
-                                             cfg.strength, sw, "dislike_weighted", 10.0)}
+                                             cfg.strength, sw, "dislike_weighted", ratio["dislike_weighted"])}
     plans.population_strength = strengths["population"]
     log.info("strengths %s", strengths)
 
@@ -399,6 +431,10 @@ def evaluate_users(handle: ModelHandle, library: Any, rows: Sequence[Row], cfg: 
                        "realised on these pairs",
         "accuracy_rule": "hit: mean per-token log-likelihood of the chosen response after the prompt (teacher "
                          "forced) > the rejected one's; ties are misses; 95 % intervals: bootstrap over users",
+        "vector_norms": norms,
+        "sweep_grids": grid if sw else None,
+        "sweep_grid_rule": ("given" if cfg.sweep_composed is not None else
+                            "composed grids = the population grid × ‖v_pop‖/‖v_comp‖ (equal added norms)"),
         "sweep": sw,
         "sweep_on": sweep_on if sw else None,
         "sweep_pairs": len(sweep_rows) if sw else 0,
@@ -406,7 +442,7 @@ def evaluate_users(handle: ModelHandle, library: Any, rows: Sequence[Row], cfg: 
     }
     # gating (seed 002: steering only the prefill and the first K tokens is a no-op): personalised at its α
     gates = {}
-    for gate in ("all", "prompt", f"prompt+first:{cfg.gate_first}"):
+    for gate in dict.fromkeys(["all", *(g.replace("{K}", str(cfg.gate_first)) for g in cfg.gates)]):
         g_hits = (hits["personalised"] if gate == "all" else
                   [float(x) for x in condition_hits(handle, rows, plans, "personalised", strengths["personalised"],
                                                     gate, cfg.batch_size)])
