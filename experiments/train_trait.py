@@ -6,7 +6,8 @@ Vectors paper's fine-tuning-shift measure) before and after, and (b) the CAA A/B
 letter) / (p(A) + p(B))) before and after, (c) the held-out SFT loss. The criterion: the mean projection shift
 over seeds ≥ 3× its seed-to-seed standard deviation, and the behaviour score moves.
 
-  python experiments/train_trait.py --vector runs/h16/syc.safetensors --seeds 0,1,2 --out experiments/results/training_trait.json
+  python experiments/train_trait.py --vector syc.safetensors --layer 18 --seeds 0,1,2 \
+      --out experiments/results/training/smollm2-135m-sycophancy-sft.json   (experiments/training.sh runs it)
 """
 
 from __future__ import annotations
@@ -93,7 +94,8 @@ def main() -> None:
     runs = []
     for seed in [int(s) for s in args.seeds.split(",")]:
         h = load_model(args.model)
-        config = TrainConfig(method=args.method, vector=None if args.method == "none" else (args.train_vector or args.vector),
+        vector = None if args.method == "none" else (args.train_vector or args.vector)
+        config = TrainConfig(method=args.method, vector=vector,
                              layers=args.layers or str(layer), lam=args.lam, strength=args.strength,
                              steps=args.steps, lr=args.lr, batch_size=args.batch_size, max_length=args.max_length,
                              seed=seed)
