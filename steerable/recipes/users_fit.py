@@ -56,14 +56,15 @@ def default_layers(n_layers: int) -> list[int]:
 
 @dataclass
 class UsersFit:
-    """The library, and what a measurement needs beside it: the distinct texts, their features φ [N, L, K]
-    and each row's chosen/rejected text index, and the seconds each stage took."""
+    """The library, and what a measurement needs beside it: the distinct texts, their features φ [N, L, K],
+    each row's chosen/rejected text index and user (row of the library), and the seconds each stage took."""
 
     library: ProfileLibrary
     texts: list[tuple[str, str]]
     phi: torch.Tensor
     chosen: torch.Tensor
     rejected: torch.Tensor
+    user_index: torch.Tensor
     timings: dict[str, float] = field(default_factory=dict)
 
 
@@ -296,4 +297,4 @@ def fit_users(
         seen=None if all(s is None for s in seen) else seen, meta=meta)
     log.info("profile library: %d users, K=%d (%s), layers %s", len(names), library.k, basis_info["kind"],
              layer_list)
-    return UsersFit(library, texts, phi.float(), ci, ri, timings)
+    return UsersFit(library, texts, phi.float(), ci, ri, user_index, timings)
