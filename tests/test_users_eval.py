@@ -126,6 +126,7 @@ def test_chance_bootstrap_and_peaks():
     assert shape["bimodal"]
     assert not pe.peaks([0, 1, 2, 3, 4], [0.5, 0.6, 0.59, 0.6, 0.55], noise=0.02)["bimodal"]
     assert pe.peaks([0, 1, 2], [0.7, 0.6, 0.5], noise=0.0)["peaks"] == [0]
+    assert pe.peaks([0, 0.5, 1, 2, 4], [0.48, 0.5, 0.5, 0.58, 0.62], noise=0.0)["peaks"] == [4]  # plateau, then rise
 
 
 def _small_cfg(**kw) -> ue.EvalConfig:

@@ -181,8 +181,16 @@ def peaks(xs: Sequence[float], ys: Sequence[float], noise: float) -> dict[str, A
     pts = sorted(zip(xs, ys, strict=True))
     x = [p[0] for p in pts]
     y = [p[1] for p in pts]
-    idx = [i for i in range(len(y)) if (i == 0 or y[i] > y[i - 1]) and (i == len(y) - 1 or y[i] >= y[i + 1])
-           and not (i == 0 and len(y) > 1 and y[0] <= y[1])]
+
+    def falls_after(i: int) -> bool:  # the next different value to the right is lower (or there is none)
+        j = i + 1
+        while j < len(y) and y[j] == y[i]:
+            j += 1
+        return j == len(y) or y[j] < y[i]
+
+    # a peak: higher than its left neighbour (or the first point) and the curve falls after it (a plateau counts
+    # once, at its left end; a plateau followed by a rise is no peak)
+    idx = [i for i in range(len(y)) if (i == 0 or y[i] > y[i - 1]) and falls_after(i)]
     bimodal = False
     for j in range(len(idx)):
         for k in range(j + 1, len(idx)):

@@ -386,6 +386,7 @@ def evaluate_users(handle: ModelHandle, library: Any, rows: Sequence[Row], cfg: 
     for comp in STEERED:
         hits[comp] = [float(x) for x in condition_hits(handle, rows, plans, comp, strengths[comp],
                                                        batch_size=cfg.batch_size)]
+        log.info("%s at α=%g: %s", comp, strengths[comp], pe.accuracy(hits[comp], users, seed=cfg.seed))
     bt, bt_p = bt_hits(handle, library, rows, layers, cfg.batch_size)
     hits["bt_model"] = [float(x) for x in bt]
 
@@ -397,7 +398,8 @@ def evaluate_users(handle: ModelHandle, library: Any, rows: Sequence[Row], cfg: 
         groups: dict[str, list[int]] = {}
         for i, k in enumerate(keys):
             groups.setdefault(k, []).append(i)
-        return {k: acc_of(sel) for k, sel in groups.items()}
+        order = {b: i for i, (_, _, b) in enumerate(PAIR_BINS)}  # pair-count bins in their natural order
+        return {k: acc_of(groups[k]) for k in sorted(groups, key=lambda k: (order.get(k, len(order)), k))}
 
     counts = [library.pair_count(u) if k else 0 for u, k in zip(users, known, strict=True)]
     report: dict[str, Any] = {
