@@ -4,6 +4,7 @@
 # composed vectors separately), the prompt+first:K gating comparison, capability and a generation check.
 #   MODEL=smollm2-135m bash experiments/users.sh
 #   MODEL=qwen2.5-0.5b LIMIT=160 TUNE=48 bash experiments/users.sh
+#   TAU=0.005 SWEEP_POPULATION=1,2,4,8 bash experiments/users.sh     # the prior's τ given instead of chosen
 # The 2 shared CPU cores of the project machine make a full run (960 held-out pairs, 2 720 training pairs)
 # take hours; LIMIT and TUNE cap the held-out and tuning pairs (taken round-robin over users, so every user
 # keeps pairs) and the report records both.
@@ -18,12 +19,15 @@ SWEEP_POPULATION=${SWEEP_POPULATION:-0.5,1,2,4}
 COMPOSED=${SWEEP_COMPOSED:+--sweep-composed $SWEEP_COMPOSED}
 GEN=${GEN:-12}
 CAP_PER_SUBJECT=${CAP_PER_SUBJECT:-3}
-OUT=${OUT:-experiments/results/users/$MODEL}
-LIB=runs/users/$MODEL-caa.safetensors
+TAU=${TAU:-}                 # empty: users fit chooses τ by held-out likelihood
+SUFFIX=${TAU:+-tau$TAU}
+OUT=${OUT:-experiments/results/users/$MODEL$SUFFIX}
+LIB=runs/users/$MODEL-caa$SUFFIX.safetensors
 mkdir -p "$OUT" runs/users
 export OMP_WAIT_POLICY=PASSIVE
+# shellcheck disable=SC2086
 [ -f "$LIB" ] || nice -n 5 steerable users fit --model "$MODEL" --preferences users-caa --out "$LIB" \
-    --position "$POSITION" | tee "$OUT/fit.txt"
+    --position "$POSITION" ${TAU:+--tau $TAU} | tee "$OUT/fit.txt"
 steerable users show "$LIB" --json > "$OUT/library.json"
 # shellcheck disable=SC2086
 nice -n 5 steerable users eval --model "$MODEL" --profiles "$LIB" --preferences users-caa --out "$OUT/eval" \
