@@ -4,10 +4,37 @@ from __future__ import annotations
 
 import argparse
 import sys
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from steerable.cli.main import MAX_SEED, MAX_STRENGTH, batch_size, float_flag, int_flag, positive
+from steerable.cli.main import MAX_COUNT, MAX_SEED, MAX_STRENGTH, batch_size, float_flag, int_flag, positive
 from steerable.models.builtin import DEFAULT_MODEL
+
+if TYPE_CHECKING:
+    from steerable.models.load import ModelHandle
+
+ADAPTER_HELP = ("a `steerable train` output directory: run with its LoRA adapter on --model (an adapter trained for "
+                "another model is refused, naming the difference)")
+
+
+def add_adapter_flag(s: argparse.ArgumentParser) -> None:
+    """`--adapter DIR` of every command that runs a model: sweep, tune, drift, users eval, serve (and generate,
+    whose flag in main.py says the same)."""
+    s.add_argument("--adapter", metavar="DIR", help=ADAPTER_HELP)
+
+
+def load_model_for(args: argparse.Namespace, **load_kw: Any) -> ModelHandle:
+    """`--model` with `--adapter` (if given) on it: `steerable.train.adapter.load_adapted`, as generate does."""
+    from steerable.train.adapter import load_adapted
+
+    return load_adapted(args.model, getattr(args, "adapter", None), **load_kw)
+
+
+def adapter_record(args: argparse.Namespace) -> dict[str, Any] | None:
+    """What a command's output records about `--adapter` (None without one)."""
+    from steerable.train.adapter import adapter_info
+
+    adapter = getattr(args, "adapter", None)
+    return adapter_info(adapter) if adapter else None
 
 
 def add_train_parser(sub: Any) -> None:
@@ -42,6 +69,12 @@ def add_train_parser(sub: Any) -> None:
     s.add_argument("--seed", type=int_flag(0, MAX_SEED), default=0)
     s.add_argument("--gradient-checkpointing", action="store_true",
                    help="recompute activations in backward (less memory; each term still counted once)")
+    s.add_argument("--resume", action="store_true",
+                   help="continue the unfinished run in --out from its last checkpoint (the same flags, data and "
+                        "model; a difference is refused, naming it)")
+    s.add_argument("--checkpoint-every", type=int_flag(0, MAX_COUNT), default=25, metavar="N",
+                   help="write a checkpoint (LoRA weights, optimiser and RNG state) every N steps, for --resume "
+                        "(0: never; removed when the run finishes)")
     s.set_defaults(fn=cmd_train)
 
 
@@ -50,6 +83,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     from steerable.models.load import load_model
     from steerable.train import TrainConfig, train
     from steerable.train.artifact import prepare_out
+    from steerable.train.checkpoint import prepare_resume
 
     config = TrainConfig(method=args.method, vector=args.vector, layers=args.layers, lam=args.lam,
                          lam_reg=args.lambda_reg, strength=args.strength, steps=args.steps, lr=args.lr,
@@ -57,10 +91,16 @@ def cmd_train(args: argparse.Namespace) -> int:
                          lora_alpha=args.lora_alpha, seed=args.seed, gradient_checkpointing=args.gradient_checkpointing)
     config.check()  # before the model loads: a bad flag or file costs nothing
     sft = load_sft(args.data)
-    prepare_out(args.out)
+    if args.resume:  # (what cannot be resumed is refused before the model loads)
+        prepare_resume(args.out)
+    else:
+        prepare_out(args.out)
     handle = load_model(args.model)
-    result = train(handle, sft, config, args.out, progress=True)
+    result = train(handle, sft, config, args.out, progress=True, resume=args.resume,
+                   checkpoint_every=args.checkpoint_every)
     final = result.record["final"]
-    print(f"wrote {args.out}: {args.steps} steps, final loss {final['loss']:.4f} (task {final['task_loss']:.4f}, "
+    resumed = result.record.get("resumed_from_step")
+    how = f" (resumed at step {resumed})" if resumed else ""
+    print(f"wrote {args.out}: {args.steps} steps{how}, final loss {final['loss']:.4f} (task {final['task_loss']:.4f}, "
           f"steering {final['steer_loss']:.4f})", file=sys.stderr)
     return 0

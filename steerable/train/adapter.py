@@ -10,8 +10,8 @@ from pathlib import Path
 from typing import Any
 
 from steerable.errors import ArtifactError, ModelMismatchError
-from steerable.models.load import ModelHandle
-from steerable.train.artifact import ADAPTER_FILES, read_steering
+from steerable.models.load import ModelHandle, load_model
+from steerable.train.artifact import ADAPTER_FILES, file_sha256, read_steering
 
 
 def model_record(handle: ModelHandle) -> dict[str, Any]:
@@ -51,4 +51,26 @@ def load_adapter(handle: ModelHandle, adapter_dir: str | Path) -> Any:
     return peft_model
 
 
-__all__ = ["check_adapter", "load_adapter", "model_record"]
+def load_adapted(model: str, adapter: str | Path | None = None, **load_kw: Any) -> ModelHandle:
+    """`load_model(model, **load_kw)` with the adapter in `adapter` (if any) on it: the one way every command that
+    takes `--adapter` (generate, sweep, tune, drift, users eval, serve and its Ray replicas) gets its model. The
+    adapter directory's record is read before the model loads, so a directory that is no training run costs nothing;
+    the model check (ModelMismatchError naming the field) needs the loaded model."""
+    if adapter is not None:
+        read_steering(adapter)
+    handle = load_model(model, **load_kw)
+    if adapter is not None:
+        load_adapter(handle, adapter)
+    return handle
+
+
+def adapter_info(adapter_dir: str | Path) -> dict[str, Any]:
+    """What a result made with an adapter records about it: the directory, the weights' sha256 (the adapter's
+    identity: a retrained adapter in the same directory is another one), the method and the base model."""
+    record = read_steering(adapter_dir)
+    weights = Path(adapter_dir) / ADAPTER_FILES[1]
+    return {"dir": str(adapter_dir), "sha256": file_sha256(weights) if weights.is_file() else None,
+            "method": record.get("method"), "model": record["model"].get("name")}
+
+
+__all__ = ["adapter_info", "check_adapter", "load_adapted", "load_adapter", "model_record"]

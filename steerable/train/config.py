@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from steerable.directions.artifact import DirectionSet
 from steerable.errors import SteerableError
@@ -21,6 +22,14 @@ METHOD_TERMS: dict[str, tuple[str, ...]] = {
 }
 METHODS = tuple(METHOD_TERMS)
 STEERED = ("preventative", "caft")  # the methods that run the training forward passes under a plan
+
+# a run's identity (TrainConfig.identity plus what the loop adds) -> the `steerable train` flag that sets it, for
+# the message refusing a resume under other settings
+RESUME_FLAGS = {"method": "--method", "vector": "--vector", "layers": "--layers", "lam": "--lambda",
+                "lam_reg": "--lambda-reg", "strength": "--strength", "steps": "--steps", "lr": "--lr",
+                "batch_size": "--batch-size", "max_length": "--max-length", "lora_r": "--lora-r",
+                "lora_alpha": "--lora-alpha", "seed": "--seed", "gradient_checkpointing": "--gradient-checkpointing",
+                "data": "--data", "model": "--model"}
 
 
 @dataclass(frozen=True)
@@ -45,6 +54,15 @@ class TrainConfig:
     lora_dropout: float = 0.0
     seed: int = 0
     gradient_checkpointing: bool = False
+
+    def identity(self) -> dict[str, Any]:
+        """The settings a resumed run must share with the run it continues (JSON values). The vector and layers
+        are the loop's to add (a file's hash, the resolved layer list), as are the data and the model."""
+        return {"method": self.method, "lam": self.lam, "lam_reg": self.lam_reg, "strength": self.strength,
+                "steps": self.steps, "lr": self.lr, "batch_size": self.batch_size, "max_length": self.max_length,
+                "lora_r": self.lora_r, "lora_alpha": self.lora_alpha or 2 * self.lora_r,
+                "lora_dropout": self.lora_dropout, "seed": self.seed,
+                "gradient_checkpointing": self.gradient_checkpointing}
 
     @property
     def terms(self) -> tuple[str, ...]:
@@ -76,4 +94,4 @@ class TrainConfig:
             raise SteerableError(f"lora_dropout must be in [0, 1), got {self.lora_dropout}")
 
 
-__all__ = ["METHODS", "METHOD_TERMS", "STEERED", "TrainConfig"]
+__all__ = ["METHODS", "METHOD_TERMS", "RESUME_FLAGS", "STEERED", "TrainConfig"]

@@ -7,12 +7,15 @@
 - preventative steering and CAFT are ordinary plans (`add`, `ablate`) applied with `steer()` around the training
   forward passes only: the saved adapter carries no hook, inference runs without them.
 
-Reproducible from the seed: the LoRA initialisation and the example order both come from it.
+Reproducible from the seed: the LoRA initialisation and the example order both come from it. Resumable: with a run
+directory, a checkpoint (checkpoint.py: LoRA weights, optimiser state, RNG state, step) is written every
+`checkpoint_every` steps, and `resume=True` continues the run from it — the same log as a run never interrupted.
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import logging
 import os
@@ -29,7 +32,8 @@ from tqdm.auto import tqdm
 from steerable.capture.run import StopForward
 from steerable.data.sft import SFTSet
 from steerable.directions.artifact import DirectionSet, load_directions
-from steerable.errors import SteerableError
+from steerable.errors import ArtifactError, SteerableError
+from steerable.fsutil import write_text_atomic
 from steerable.models.load import ModelHandle
 from steerable.steering.builders import ablate, add
 from steerable.steering.hooks import steer
@@ -37,7 +41,18 @@ from steerable.steering.layer_spec import parse_layers
 from steerable.train.adapter import model_record
 from steerable.train.artifact import LOG_FILE, file_sha256, prepare_out, save_adapter, versions, write_steering
 from steerable.train.batches import Batch, Tokenised, collate, schedule, tokenise
-from steerable.train.config import STEERED, TrainConfig
+from steerable.train.checkpoint import (
+    Checkpoint,
+    check_identity,
+    prepare_resume,
+    read_checkpoint,
+    read_log_prefix,
+    remove_checkpoint,
+    rng_state,
+    set_rng_state,
+    write_checkpoint,
+)
+from steerable.train.config import RESUME_FLAGS, STEERED, TrainConfig
 from steerable.train.losses import Reference, reference, steering_terms, task_loss
 from steerable.train.reader import ActivationReader, steering_hooks
 
@@ -147,10 +162,13 @@ def _training_mode(handle: ModelHandle, checkpointing: bool) -> Iterator[None]:
 
 
 class _Log:
-    """train_log.jsonl, one line per step, flushed as it goes (None: keep the lines in memory only)."""
+    """train_log.jsonl, one line per step, flushed as it goes (None: keep the lines in memory only). A resumed run
+    starts from the lines its checkpoint includes: the file is cut back to them (atomically) first."""
 
-    def __init__(self, path: Path | None):
-        self.lines: list[dict[str, Any]] = []
+    def __init__(self, path: Path | None, kept: list[dict[str, Any]] | None = None):
+        self.lines: list[dict[str, Any]] = list(kept or [])
+        if path is not None and kept is not None:
+            write_text_atomic(path, "".join(json.dumps(line) + "\n" for line in kept))
         self._f = open(path, "a", encoding="utf-8") if path is not None else None  # noqa: SIM115
 
     def write(self, line: dict[str, Any]) -> None:
@@ -165,18 +183,73 @@ class _Log:
             self._f.close()
 
 
+def _fingerprint(ds: DirectionSet | None, vector_record: dict[str, Any] | None) -> str | None:
+    """The direction a run trains with: its file's sha256, or (an in-memory set) a hash of its directions."""
+    if ds is None or vector_record is None:
+        return None
+    if vector_record.get("sha256"):
+        return str(vector_record["sha256"])
+    h = hashlib.sha256(json.dumps(list(ds.layers)).encode())
+    h.update(ds.directions.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+def data_sha256(sft: SFTSet) -> str:
+    """The examples themselves (prompt, response), hashed: a resume must see the same data, whatever it is called."""
+    blob = json.dumps([[ex.prompt, ex.response] for ex in sft.examples], ensure_ascii=False, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def _restore(ck: Checkpoint, named: list[tuple[str, torch.nn.Parameter]], optimizer: torch.optim.Optimizer,
+             where: Path) -> None:
+    """The checkpoint's LoRA weights and optimiser state into this run's (fresh) ones."""
+    names = [n for n, _ in named]
+    if names != ck.param_names or set(ck.params) != set(names):
+        raise ArtifactError(f"--resume {where}: the checkpoint's LoRA parameters ({len(ck.param_names)}) are not this "
+                            f"run's ({len(names)})")
+    with torch.no_grad():
+        for n, p in named:
+            if ck.params[n].shape != p.shape:
+                raise ArtifactError(f"--resume {where}: parameter {n} is {tuple(ck.params[n].shape)} in the "
+                                    f"checkpoint, {tuple(p.shape)} here")
+            p.copy_(ck.params[n])
+    fresh = optimizer.state_dict()["param_groups"]
+    groups = []
+    for mine, stored in zip(fresh, ck.optimizer["param_groups"], strict=True):
+        # JSON has no tuples (AdamW's betas): give each value the type the fresh group has
+        groups.append({k: tuple(v) if isinstance(mine.get(k), tuple) else v for k, v in stored.items()})
+    optimizer.load_state_dict({"state": ck.optimizer["state"], "param_groups": groups})
+
+
 def train(handle: ModelHandle, sft: SFTSet, config: TrainConfig, out: str | Path | None = None, *,
-          progress: bool = False, on_step: Callable[[dict[str, Any]], None] | None = None) -> TrainResult:
+          progress: bool = False, on_step: Callable[[dict[str, Any]], None] | None = None, resume: bool = False,
+          checkpoint_every: int = 25) -> TrainResult:
     """Fine-tune `handle.model` with LoRA on `sft` under `config`; with `out`, write the adapter, steering.json and
-    train_log.jsonl there. The LoRA layers stay on `handle.model` (in place) afterwards, active, without hooks."""
+    train_log.jsonl there, and a checkpoint every `checkpoint_every` steps (0: none) until the run finishes.
+    `resume=True` continues the unfinished run in `out` from its checkpoint (same config, data and model, else a
+    SteerableError naming the setting). The LoRA layers stay on `handle.model` (in place) afterwards, active,
+    without hooks."""
     config.check()
+    if isinstance(checkpoint_every, bool) or not isinstance(checkpoint_every, int) or checkpoint_every < 0:
+        raise SteerableError(f"checkpoint_every must be a whole number ≥ 0, got {checkpoint_every!r}")
     if hasattr(handle.model, "peft_config"):
         raise SteerableError(f"model {handle.name!r} already carries an adapter: train on a freshly loaded model")
     ds, vector_record = _vector(config, handle)
     layers = _layers(config, ds, handle)
     site = str(ds.meta.get("site", "resid_post")) if ds is not None else "resid_post"
     ref = reference(ds, layers) if ds is not None and config.terms else None
-    out_dir = prepare_out(out) if out is not None else None
+    identity = {**config.identity(), "vector": _fingerprint(ds, vector_record), "layers": list(layers),
+                "data": data_sha256(sft), "model": handle.config_hash}
+    ck: Checkpoint | None = None
+    if resume:
+        if out is None:
+            raise SteerableError("resume=True needs the run directory (out) to continue")
+        resume_dir = prepare_resume(out)
+        ck = read_checkpoint(resume_dir)
+        check_identity(ck.identity, identity, RESUME_FLAGS, resume_dir)
+        out_dir: Path | None = resume_dir
+    else:
+        out_dir = prepare_out(out) if out is not None else None
 
     steps = schedule(len(sft.examples), config.steps, config.batch_size, config.seed)
     visited = sorted({r for s in steps for r in s})
@@ -185,8 +258,14 @@ def train(handle: ModelHandle, sft: SFTSet, config: TrainConfig, out: str | Path
     hooks_before = steering_hooks(handle.model)
     torch.manual_seed(config.seed)
     peft_model = _lora(handle, config)
-    params = [p for p in peft_model.parameters() if p.requires_grad]
+    named = [(n, p) for n, p in peft_model.named_parameters() if p.requires_grad]
+    params = [p for _, p in named]
     optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=0.0)
+    done = 0  # steps already run (a resumed run's checkpoint step)
+    if ck is not None and out_dir is not None:
+        _restore(ck, named, optimizer, out_dir)
+        done = ck.step
+        log.info("resuming %s from its checkpoint at step %d of %d", out_dir, done, config.steps)
 
     t0 = time.perf_counter()
     base = None
@@ -199,13 +278,19 @@ def train(handle: ModelHandle, sft: SFTSet, config: TrainConfig, out: str | Path
     reader = ActivationReader(handle, site, ref.layers) if ref is not None else None
     steering = (steer(handle, _plan(config, ds, layers)) if config.method in STEERED and ds is not None
                 else contextlib.nullcontext())
-    logfile = _Log(out_dir / LOG_FILE if out_dir is not None else None)
-    bar = tqdm(total=config.steps, desc=f"train ({config.method})", unit="step", disable=not progress)
+    before = ck.seconds if ck is not None else 0.0  # seconds of the sessions this run continues
+    logfile = _Log(out_dir / LOG_FILE if out_dir is not None else None,
+                   read_log_prefix(out_dir, done) if ck is not None and out_dir is not None else None)
+    bar = tqdm(total=config.steps, initial=done, desc=f"train ({config.method})", unit="step", disable=not progress)
     pad = handle.tokenizer.pad_token_id
+    if ck is not None:  # last, so that nothing above (LoRA's initialisation) moves it
+        set_rng_state(ck.rng)
     try:
         with _training_mode(handle, config.gradient_checkpointing), steering, \
                 (reader.attached() if reader is not None else contextlib.nullcontext()):
             for k, rows in enumerate(steps, 1):
+                if k <= done:
+                    continue
                 start = time.perf_counter()
                 batch = collate([items[r] for r in rows], rows, pad, handle.device)
                 armed: AbstractContextManager[dict[int, torch.Tensor]] = (
@@ -226,6 +311,10 @@ def train(handle: ModelHandle, sft: SFTSet, config: TrainConfig, out: str | Path
                         **{f"{t}_loss": v.item() for t, v in terms.items()}, "lr": optimizer.param_groups[0]["lr"],
                         "tokens": int(batch.response.sum()), "seconds": round(time.perf_counter() - start, 4)}
                 logfile.write(line)
+                if out_dir is not None and checkpoint_every and k % checkpoint_every == 0 and k < config.steps:
+                    write_checkpoint(out_dir, Checkpoint(k, identity, dict(named), optimizer.state_dict(),
+                                                         [n for n, _ in named], rng_state(),
+                                                         before + time.perf_counter() - t0))
                 if on_step is not None:
                     on_step(line)
                 bar.update(1)
@@ -252,15 +341,17 @@ def train(handle: ModelHandle, sft: SFTSet, config: TrainConfig, out: str | Path
                  "target_modules": "all-linear"},
         "gradient_checkpointing": config.gradient_checkpointing, "model": model_record(handle),
         "final": {k: v for k, v in last.items() if k.endswith("loss")},
-        "seconds": round(time.perf_counter() - t0, 2), "base_pass_seconds": round(base_seconds, 3),
+        "seconds": round(before + time.perf_counter() - t0, 2), "base_pass_seconds": round(base_seconds, 3),
+        "resumed_from_step": ck.step if ck is not None else None,
         "versions": versions(),
     }
     if out_dir is not None:
         save_adapter(peft_model, out_dir)
         write_steering(out_dir, record)
+        remove_checkpoint(out_dir)  # finished: steering.json marks it, the adapter is the result
         log.info("wrote the adapter, %s and %s to %s", "steering.json", LOG_FILE, out_dir)
     return TrainResult(peft_model, logfile.lines, record, out_dir, dict(reader.fired) if reader else {},
                        reader.recomputed if reader else 0)
 
 
-__all__ = ["TrainResult", "base_projections", "train"]
+__all__ = ["TrainResult", "base_projections", "data_sha256", "train"]
