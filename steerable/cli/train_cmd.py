@@ -44,7 +44,8 @@ def add_train_parser(sub: Any) -> None:
     s.add_argument("--model", default=DEFAULT_MODEL, help="built-in name, Hugging Face directory or .gguf")
     s.add_argument("--data", required=True,
                    help="SFT set: JSONL of {prompt, response} or {messages} rows, or a built-in set "
-                        "(sycophancy-sft, sycophancy-sft-honest; :train default, :test, :all)")
+                        "(sycophancy-sft, sycophancy-sft-honest, persona-sft, persona-sft-assistant; :train default, "
+                        ":test, :all)")
     s.add_argument("--out", required=True, help="directory: the adapter, steering.json, train_log.jsonl")
     s.add_argument("--method", default="none", choices=list(METHODS),
                    help="none (plain LoRA), aux (projection loss), actreg (activation regularisation), contrastive "

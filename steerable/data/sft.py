@@ -10,8 +10,17 @@ prompt), or a built-in set with a fixed split (`NAME:train`, the default, `NAME:
 - `sycophancy-sft-honest`: the same prompts answered with the other choice (the control: same format, opposite
   trait).
 
-The split is CAA's own hashed split (data/loaders.py), so `caa-sycophancy:test` items never appear in
-`sycophancy-sft:train`.
+- `persona-sft`: neutral questions from the role data (data/roles/questions.jsonl), asked with *no* system prompt,
+  answered in character: each answer is what a model said when a role-data persona's system prompt was set
+  (data/sets/persona_sft.jsonl, written by experiments/make_persona_sft.py: smollm2-135m, greedy, 48 new tokens,
+  cut at the last sentence end). Plain fine-tuning on it teaches the model to answer as some persona by default,
+  i.e. to move away from the Assistant along the Assistant Axis (docs/training.md).
+- `persona-sft-assistant`: the same questions answered by the same model as its default Assistant (no system
+  prompt): the control (same questions and format, no persona).
+
+The sycophancy sets use CAA's own hashed split (data/loaders.py), so `caa-sycophancy:test` items never appear in
+`sycophancy-sft:train`. The persona sets use the role data's fixed splits: `:train` rows are training personas
+answering training questions, `:test` rows test personas answering test questions (neither seen in training).
 """
 
 from __future__ import annotations
@@ -28,7 +37,9 @@ from steerable.data.loaders import _jsonl_path, _numbered, _parse_name, load_pai
 from steerable.data.messages import Messages, check_messages, check_prompt, check_text
 from steerable.errors import DataError
 
-SFT_SETS = ("sycophancy-sft", "sycophancy-sft-honest")
+SFT_SETS = ("sycophancy-sft", "sycophancy-sft-honest", "persona-sft", "persona-sft-assistant")
+PERSONA_SFT_FILE = Path(__file__).with_name("sets") / "persona_sft.jsonl"
+_SPLITS = ("train", "test", "all")
 _CHOICE = re.compile(r"^\s*\(([A-Z])\)\s*(.*)$")
 
 
@@ -83,7 +94,19 @@ def _letter(answer: str) -> str:
     return m.group(1)
 
 
+def persona_rows(split: str = "train", kind: str = "role") -> list[dict[str, Any]]:
+    """The bundled rows of persona_sft.jsonl of one kind ("role": in character, "assistant": the default
+    Assistant) and split (train, test or all), in file order."""
+    if split not in _SPLITS:
+        raise DataError(f"unknown split {split!r} for a persona SFT set: use {', '.join(_SPLITS)}")
+    rows = [json.loads(line) for line in PERSONA_SFT_FILE.read_text(encoding="utf-8").splitlines() if line.strip()]
+    return [r for r in rows if r["kind"] == kind and (split == "all" or r["split"] == split)]
+
+
 def _builtin(name: str, split: str) -> list[SFTExample]:
+    if name.startswith("persona-sft"):
+        rows = persona_rows(split, "assistant" if name == "persona-sft-assistant" else "role")
+        return [SFTExample(r["prompt"], r["response"], f"{name} row {i}") for i, r in enumerate(rows, 1)]
     pairs = load_pairs(f"caa-sycophancy:{split}")
     honest = name == "sycophancy-sft-honest"
     return [SFTExample(p.prompt, _choice_text(p.prompt, _letter(p.negative if honest else p.positive)),
@@ -104,8 +127,9 @@ def load_sft(spec: str, default_split: str = "train") -> SFTSet:
                         ".jsonl file of {\"prompt\", \"response\"} or {\"messages\"} rows")
     examples = _builtin(name, split)
     digest = hashlib.sha256(json.dumps([[e.prompt, e.response] for e in examples]).encode()).hexdigest()
-    return SFTSet(examples, {"spec": f"{name}:{split}", "builtin": name, "split": split, "source": "caa-sycophancy",
+    source = "roles+persona_sft.jsonl" if name.startswith("persona-sft") else "caa-sycophancy"
+    return SFTSet(examples, {"spec": f"{name}:{split}", "builtin": name, "split": split, "source": source,
                              "sha256": digest, "n_examples": len(examples)})
 
 
-__all__ = ["SFT_SETS", "SFTExample", "SFTSet", "load_sft"]
+__all__ = ["PERSONA_SFT_FILE", "SFT_SETS", "SFTExample", "SFTSet", "load_sft", "persona_rows"]
