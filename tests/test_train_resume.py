@@ -90,7 +90,8 @@ def test_resumed_run_reproduces_the_uninterrupted_log(ds, tmp_path, method, extr
     assert result.record["final"] == pytest.approx(json.loads((tmp_path / "whole" / "steering.json").read_text()
                                                               )["final"], rel=1e-6)
     a, b = _lora_weights(whole), _lora_weights(resumed)
-    assert a.keys() == b.keys() and a
+    assert a
+    assert a.keys() == b.keys()
     for n in a:
         torch.testing.assert_close(a[n], b[n], rtol=1e-6, atol=1e-8)
     # finished: the checkpoint is gone, the adapter and steering.json are there

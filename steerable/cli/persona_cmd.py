@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from steerable.cli.main import MAX_SEED, batch_size, float_flag, int_flag, layer_index, new_tokens, positive
+from steerable.cli.train_cmd import adapter_record, add_adapter_flag, load_model_for
 from steerable.data.messages import MAX_MESSAGES
 from steerable.errors import PlanError, SteerableError
 from steerable.models.builtin import DEFAULT_MODEL
@@ -117,6 +118,7 @@ def add_persona_parsers(sub: Any) -> None:
 
     s = sub.add_parser("drift", help="persona drift: each assistant turn's projection on the axis, turn by turn")
     s.add_argument("--model", default=DEFAULT_MODEL)
+    add_adapter_flag(s)
     s.add_argument("--axis", required=True, help="file written by `steerable axis`")
     s.add_argument("--conversations", default="roles:test",
                    help="roles[:train|test|all] (built-in scripts) or JSONL of {id, system?, turns: [user messages]}")
@@ -251,7 +253,6 @@ def cmd_drift(args: argparse.Namespace) -> int:
     from steerable.directions.artifact import load_directions
     from steerable.evaluate.drift import DriftArm, assistant_band, run_conversations
     from steerable.evaluate.drift_report import write_drift
-    from steerable.models.load import load_model
     from steerable.steering.plan import read_plan_file
 
     try:
@@ -262,7 +263,7 @@ def cmd_drift(args: argparse.Namespace) -> int:
     if args.max_turns:
         from dataclasses import replace
         convs = [replace(c, turns=c.turns[: args.max_turns]) for c in convs]
-    handle = load_model(args.model)
+    handle = load_model_for(args)  # with --adapter, "unsteered" (and the text re-read) is the adapted model
     axis = load_directions(args.axis, handle)
     band = assistant_band(axis, args.layer, lo, hi)
     arms = [DriftArm(Path(p).stem, read_plan_file(p)) for p in args.plan]
@@ -275,6 +276,9 @@ def cmd_drift(args: argparse.Namespace) -> int:
     info = {"model": handle.name, "axis": str(args.axis), "conversations": args.conversations,
             "band": band.to_json(), "max_new_tokens": args.max_new_tokens,
             "plans": {a.name: a.plan for a in arms}}
+    adapter = adapter_record(args)
+    if adapter is not None:
+        info["adapter"] = adapter
     summary = write_drift(args.out, records, info)
     rows = []
     for name, s in summary["conditions"].items():
@@ -284,7 +288,8 @@ def cmd_drift(args: argparse.Namespace) -> int:
                      f"{s['conversations_leaving_band']}/{s['conversations']}", *text,
                      " ".join(f"{v:.1f}" for v in by_turn.values())])
     print(f"layer {band.layer}, Assistant band [{band.lo:.3f}, {band.hi:.3f}] (p{lo:g}-p{hi:g}); "
-          "text = the replies re-read by the unsteered model")
+          "text = the replies re-read by the unsteered model"
+          + (f" (with the adapter {args.adapter}, as every condition)" if args.adapter else ""))
     print(table(["condition", "replies", "mean proj", "below band", "mean drift", "convs leaving", "text proj",
                  "text below", "mean projection by turn"], rows))
     print(f"wrote {args.out}/drift.jsonl, drift.png, summary.json, index.html")

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from steerable.cli.train_cmd import add_adapter_flag
 from steerable.errors import SteerableError
 from steerable.models.builtin import DEFAULT_MODEL
 from steerable.serve.config import BATCHING, Limits, ServeConfig
@@ -18,6 +19,7 @@ _D = Limits()
 def add_serve_parser(sub: Any) -> None:
     s = sub.add_parser("serve", help="OpenAI-compatible HTTP server with per-request steering")
     s.add_argument("--model", default=DEFAULT_MODEL, help="built-in name, Hugging Face directory or .gguf")
+    add_adapter_flag(s)  # loaded once, at start-up, onto the served model (each Ray replica's too)
     s.add_argument("--vectors", required=True, type=Path,
                    help="directory of *.safetensors direction files: the only vectors requests may name")
     s.add_argument("--presets", type=Path, help="directory of plan JSON files (e.g. from `steerable tune --out`)")
@@ -58,8 +60,8 @@ def config_from_args(args: argparse.Namespace) -> ServeConfig:
                     batch_window=args.batch_window / 1000, batching=args.batching)
     return ServeConfig(model=args.model, vectors=args.vectors, presets=args.presets, default_plan=args.default_plan,
                        api_keys=args.api_keys, profiles=tuple(args.profiles), host=args.host, port=args.port,
-                       served_name=args.served_name,
-                       dtype=args.dtype, device=args.device, limits=limits)
+                       served_name=args.served_name, dtype=args.dtype, device=args.device, limits=limits,
+                       adapter=None if args.adapter is None else Path(args.adapter))
 
 
 def cmd_serve(args: argparse.Namespace) -> int:

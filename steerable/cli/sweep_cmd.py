@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Any
 
 from steerable.cli.main import _direction, add_ray_flags, batch_size, float_flag, int_flag, new_tokens, positive
 from steerable.cli.table import table
+from steerable.cli.train_cmd import adapter_record, add_adapter_flag, load_model_for
 from steerable.errors import DataError, SteerableError
 from steerable.evaluate.capability import DEFAULT_FORMAT, DEFAULT_PER_SUBJECT, parse_format
 from steerable.evaluate.capability_tasks import DEFAULT_TASK, TASKS
@@ -38,6 +39,7 @@ def _capability_format(name: str) -> str:
 
 def _grid_args(s: argparse.ArgumentParser, layers_default: str | None) -> None:
     s.add_argument("--model", default=DEFAULT_MODEL)
+    add_adapter_flag(s)
     s.add_argument("--vector", help="direction file (or --profiles)")
     s.add_argument("--profiles", dest="profile", metavar="PROFILES",
                    help="profile library (steerable users fit): sweep one user's vector instead of --vector (add)")
@@ -135,6 +137,10 @@ def _spec(args: argparse.Namespace) -> SweepSpec:
         extra["direction"] = args.direction
     if args.site:
         extra["site"] = args.site
+    names: dict[str, Any] = {"prompts": args.prompts, "benign": args.benign, "limit": args.limit}
+    adapter = adapter_record(args)
+    if adapter is not None:  # recorded on every line, and part of its key: a resumed sweep never mixes models
+        names["adapter"] = adapter
     return SweepSpec(vector=args.vector or args.profile, configs=configs, prompts=prompts, benign=benign,
                      behaviour=args.behaviour,
                      max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, group_rows=args.group_rows,
@@ -142,7 +148,7 @@ def _spec(args: argparse.Namespace) -> SweepSpec:
                                                     is not None else 0),
                      capability_format=args.capability_format, capability_task=args.capability_task,
                      examples=args.examples, plan_extra=extra,
-                     names={"prompts": args.prompts, "benign": args.benign, "limit": args.limit})
+                     names=names)
 
 
 def summary_table(records: list[SweepRecord]) -> str:
@@ -171,7 +177,6 @@ def summary_table(records: list[SweepRecord]) -> str:
 
 def cmd_sweep(args: argparse.Namespace) -> int:
     """`steerable sweep`: run the grid (resuming), print the summary table."""
-    from steerable.models.load import load_model
     from steerable.sweeps.run import run_sweep
 
     spec = _spec(args)
@@ -180,9 +185,9 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         from steerable.scale.ray_sweep import run_sweep_ray
 
         records = run_sweep_ray(args.model, spec, args.out, address=args.ray, options=WorkerOptions(
-            args.workers, args.worker_threads, args.worker_gpus))
+            args.workers, args.worker_threads, args.worker_gpus), adapter=args.adapter)
     else:
-        records = run_sweep(load_model(args.model), spec, args.out)
+        records = run_sweep(load_model_for(args), spec, args.out)
     print(summary_table(records))
     print(f"{len(records)} configurations in {args.out}", file=sys.stderr)
     return 0
@@ -201,13 +206,12 @@ def cmd_tune(args: argparse.Namespace) -> int:
     import dataclasses
 
     from steerable.fsutil import write_text_atomic
-    from steerable.models.load import load_model
     from steerable.sweeps.run import run_sweep
     from steerable.sweeps.select import select
     from steerable.sweeps.tune import prefilter_kl
 
     spec = _spec(args)
-    handle = load_model(args.model)
+    handle = load_model_for(args)
     results = args.results or str(Path(args.out).with_suffix(".sweep.jsonl"))
     if args.max_kl is not None:
         keep, dropped, kls = prefilter_kl(handle, spec, args.max_kl)

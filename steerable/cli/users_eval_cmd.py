@@ -8,6 +8,7 @@ import argparse
 from typing import Any
 
 from steerable.cli.main import MAX_STRENGTH, batch_size, float_flag, int_flag, new_tokens, positive
+from steerable.cli.train_cmd import adapter_record, add_adapter_flag, load_model_for
 from steerable.models.builtin import DEFAULT_MODEL
 from steerable.tables import table
 
@@ -47,6 +48,7 @@ def add_parser(users_subparsers: Any) -> argparse.ArgumentParser:
         "eval", help="held-out choice accuracy of per-user steering: unsteered, population, personalised, "
                      "dislike-weighted, the BT model, chance; α sweep, gating, capability, a generation check")
     s.add_argument("--model", default=DEFAULT_MODEL)
+    add_adapter_flag(s)
     s.add_argument("--profiles", required=True, help="PROFILES.safetensors written by `steerable users fit`")
     s.add_argument("--preferences", required=True,
                    help="a JSONL of preference rows (used whole), users-caa[:SPLIT] or prism:DIR (default: the "
@@ -135,7 +137,6 @@ def tune_rows(spec: str, tune: str | None) -> tuple[list[Any] | None, str | None
 
 def run(args: argparse.Namespace) -> int:
     from steerable.directions.profiles import load_profiles
-    from steerable.models.load import load_model
     from steerable.recipes.users_eval import CONDITIONS, EvalConfig, evaluate_users
     from steerable.recipes.users_eval_report import write_report
 
@@ -143,7 +144,7 @@ def run(args: argparse.Namespace) -> int:
     tune, tune_from = (None, None) if args.no_sweep else tune_rows(args.preferences, args.tune_preferences)
     if tune is not None:
         tune = _round_robin(tune, args.tune_limit)
-    handle = load_model(args.model)
+    handle = load_model_for(args)
     library = load_profiles(args.profiles, handle)
     cfg = EvalConfig(strength=args.strength, population_strength=args.population_strength,
                      dislike_strength=args.dislike_strength, layers=args.layers,
@@ -153,6 +154,9 @@ def run(args: argparse.Namespace) -> int:
                      max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, seed=args.seed)
     provenance = {"preferences": args.preferences, "limit": args.limit, "tune_preferences": tune_from,
                   "tune_limit": args.tune_limit if tune is not None else None}
+    adapter = adapter_record(args)
+    if adapter is not None:
+        provenance["adapter"] = adapter
     report = evaluate_users(handle, library, rows, cfg, tune_rows=tune, provenance=provenance)
     write_report(args.out, report)
     acc = report["accuracy"]

@@ -7,7 +7,8 @@ plans are the same code, and so are their errors. Serve's proxy spreads requests
 its health checks replace one that dies.
 
     steerable serve --model smollm2-135m --vectors runs/vectors --ray auto --replicas 2
-    serve run steerable.scale.ray_serve:app_builder model=smollm2-135m vectors=runs/vectors replicas=2
+    serve run steerable.scale.ray_serve:app_builder model=smollm2-135m vectors=runs/vectors replicas=2 \
+        profiles=runs/profiles adapter=runs/aux
 
 Ray is imported only when a function here runs; without it they raise a `SteerableError` saying
 `pip install 'steerable[ray]'`.
@@ -245,6 +246,8 @@ def banner(config: ServeConfig, options: RayServeOptions, url: str) -> str:
         f"steerable serve: {config.model_id} at {url}/v1 on Ray Serve (OpenAI-compatible; /health, /metrics "
         "per replica)",
         f"  replicas: {options.replicas} × ({options.threads} CPU, {options.gpus_for(config):g} GPU)",
+        *([f"  adapter: {config.adapter} (LoRA, from `steerable train`)"] if config.adapter else []),
+        *([f"  profiles: {', '.join(str(p) for p in config.profiles)}"] if config.profiles else []),
         f"  vectors: {config.vectors}; presets: {config.presets or 'none'}; default plan: "
         f"{config.default_plan or 'none'}; API keys: {'required' if config.api_keys else 'off'}",
         f"  limits per replica: max_tokens {config.limits.max_tokens}, max_batch {config.limits.max_batch}, "
@@ -264,6 +267,10 @@ class BuilderArgs(BaseModel):
     model: str | None = None
     vectors: str | None = None
     config: str | None = None
+    adapter: str | None = None  # a `steerable train` directory every node can read
+    # profile libraries (or directories of them): a list in a config file; on the command line one path, or several
+    # joined with commas
+    profiles: str | list[str] | None = None
     presets: str | None = None
     default_plan: str | None = None
     api_keys: str | None = None
@@ -287,7 +294,7 @@ class BuilderArgs(BaseModel):
 
 LIMIT_KEYS = ("max_tokens", "max_prompt_tokens", "max_batch", "max_queue", "timeout", "max_body_bytes",
               "batch_window", "batching")
-CONFIG_KEYS = ("presets", "default_plan", "api_keys", "served_name", "dtype", "device", "host", "port")
+CONFIG_KEYS = ("presets", "default_plan", "api_keys", "served_name", "dtype", "device", "host", "port", "adapter")
 
 
 def parse_builder_args(args: dict[str, Any]) -> tuple[ServeConfig, RayServeOptions]:
@@ -315,9 +322,12 @@ def parse_builder_args(args: dict[str, Any]) -> tuple[ServeConfig, RayServeOptio
         raise SteerableError("serve run needs model=NAME_OR_DIR and vectors=DIR (or a config= file naming them)")
     limits = Limits(**{k: getattr(final, k) for k in LIMIT_KEYS if getattr(final, k) is not None})
     extra = {k: getattr(final, k) for k in CONFIG_KEYS if getattr(final, k) is not None}
-    for k in ("presets", "api_keys"):
+    for k in ("presets", "api_keys", "adapter"):
         if k in extra:
             extra[k] = Path(extra[k])
+    if final.profiles is not None:  # (before issue 16 the builder dropped them: replicas served without profiles)
+        given_profiles = final.profiles.split(",") if isinstance(final.profiles, str) else final.profiles
+        extra["profiles"] = tuple(Path(p.strip()) for p in given_profiles if p.strip())
     config = ServeConfig(model=final.model, vectors=Path(final.vectors), limits=limits, **extra)
     d = RayServeOptions()
     return config, RayServeOptions(replicas=d.replicas if final.replicas is None else final.replicas,
@@ -325,7 +335,8 @@ def parse_builder_args(args: dict[str, Any]) -> tuple[ServeConfig, RayServeOptio
 
 
 def app_builder(args: dict[str, Any]) -> Any:
-    """For `serve run steerable.scale.ray_serve:app_builder model=... vectors=... [config=FILE] [replicas=N]`
+    """For `serve run steerable.scale.ray_serve:app_builder model=... vectors=... [config=FILE] [replicas=N]
+    [profiles=P[,P...]] [adapter=DIR]`
     (host and port then come from `serve run`'s own options or a Serve config file)."""
     config, options = parse_builder_args(args)
     return build_app(config, options)

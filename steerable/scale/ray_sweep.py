@@ -26,7 +26,6 @@ import torch
 from tqdm.auto import tqdm
 
 from steerable.errors import SteerableError
-from steerable.models.load import load_model
 from steerable.scale.ray_env import ActorPool, WorkerOptions, connect, remote_cause
 from steerable.sweeps.grid import Config
 from steerable.sweeps.records import SweepRecord, append_record, read_records
@@ -40,6 +39,7 @@ from steerable.sweeps.run import (
     run_group,
     with_baseline,
 )
+from steerable.train.adapter import load_adapted
 
 log = logging.getLogger(__name__)
 
@@ -53,9 +53,9 @@ class ReferenceLost(SteerableError):
 class SweepWorker:
     """One Ray actor: the model, loaded once, with `threads` torch threads."""
 
-    def __init__(self, model: str, threads: int, device: str | None) -> None:
+    def __init__(self, model: str, threads: int, device: str | None, adapter: str | None = None) -> None:
         torch.set_num_threads(threads)
-        self.handle = load_model(model, device=device)
+        self.handle = load_adapted(model, adapter, device=device)
         self.prepared: dict[str, Prepared] = {}  # the last sweep setting's, by its context
 
     def _prepared(self, spec: SweepSpec) -> Prepared:
@@ -94,13 +94,15 @@ class SweepWorker:
 
 def run_sweep_ray(model: str, spec: SweepSpec, out: str | Path, *, address: str = "auto",
                   options: WorkerOptions | None = None, progress: bool = True,
-                  on_dispatch: Callable[[int, Any], None] | None = None) -> list[SweepRecord]:
+                  on_dispatch: Callable[[int, Any], None] | None = None, adapter: str | None = None
+                  ) -> list[SweepRecord]:
     """`run_sweep` on Ray: the same lines in `out`, each group on an actor that holds `model` (a built-in
-    name or a directory every node can read, like `spec.vector`). `on_dispatch(group, actor)` is told each
+    name or a directory every node can read, like `spec.vector`; with `adapter`, a `steerable train` directory
+    every node can read, loaded on each actor's model). `on_dispatch(group, actor)` is told each
     time a group is handed to an actor. Returns every finished line of this setting, in grid order."""
     options = options or WorkerOptions()
     ray = connect(address, num_cpus=options.workers * options.threads)
-    pool = ActorPool(ray, SweepWorker, (model, options.threads, options.device), options)
+    pool = ActorPool(ray, SweepWorker, (model, options.threads, options.device, adapter), options)
     try:
         return _drive(ray, pool, spec, out, progress, on_dispatch)
     except ray.exceptions.RayTaskError as e:

@@ -56,6 +56,7 @@ class ServeConfig:
     dtype: str = "float32"
     device: str | None = None
     limits: Limits = field(default_factory=Limits)
+    adapter: Path | None = None  # a `steerable train` output directory, loaded onto the model at start-up
 
     def check(self) -> None:
         """Start-up arguments that cannot work: a SteerableError naming the flag (the CLI exits 2)."""
@@ -71,6 +72,8 @@ class ServeConfig:
         for p in self.profiles:
             if not Path(p).exists():
                 raise SteerableError(f"--profiles {p}: no such file or directory")
+        if self.adapter is not None and not Path(self.adapter).is_dir():
+            raise SteerableError(f"--adapter {self.adapter}: no such directory (a `steerable train` output)")
 
     @property
     def model_id(self) -> str:

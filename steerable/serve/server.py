@@ -14,7 +14,7 @@ import uvicorn
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from steerable.errors import SteerableError
-from steerable.models.load import Messages, ModelHandle, load_model
+from steerable.models.load import Messages, ModelHandle
 from steerable.serve.admission import Admission
 from steerable.serve.auth import ApiKeys
 from steerable.serve.config import Limits, ServeConfig
@@ -27,6 +27,7 @@ from steerable.serve.plans import PlanBook
 from steerable.serve.profiles import ProfileShelf
 from steerable.serve.scheduler import Scheduler
 from steerable.steering.plan import SteeringPlan
+from steerable.train.adapter import load_adapted
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -43,6 +44,7 @@ class ServerState:
     scheduler: Scheduler
     admission: Admission
     started: int
+    adapter: str | None = None  # the `steerable train` adapter directory on the served model (--adapter)
 
     @classmethod
     def build(cls, handle: ModelHandle, config: ServeConfig) -> ServerState:
@@ -66,17 +68,20 @@ class ServerState:
         if book.default is not None and all(book.default is not p for p in book.presets.values()):
             trial_run(trial, admission, book.instance(book.default, None), f"default plan {book.default_name}")
         return cls(config.model_id, handle, library, book, keys, config.limits, metrics, scheduler, admission,
-                   int(time.time()))
+                   int(time.time()), None if config.adapter is None else str(config.adapter))
 
     @classmethod
     def load(cls, config: ServeConfig) -> ServerState:
         if config.dtype not in DTYPES:
             raise SteerableError(f"--dtype must be one of {', '.join(DTYPES)}, got {config.dtype!r}")
-        handle = load_model(config.model, dtype=DTYPES[config.dtype], device=config.device)
+        # the adapter goes on once, here, before the files are checked against the model: every request (and every
+        # preset's trial run) sees the adapted model
+        handle = load_adapted(config.model, config.adapter, dtype=DTYPES[config.dtype], device=config.device)
         return cls.build(handle, config)
 
     def banner(self, url: str) -> str:
         lines = [f"steerable serve: {self.model_id} at {url}/v1 (OpenAI-compatible; /health, /metrics)",
+                 *([f"  adapter: {self.adapter} (LoRA, from `steerable train`)"] if self.adapter else []),
                  f"  vectors ({self.library.directory}): {', '.join(self.library.names) or 'none'}",
                  f"  presets: {', '.join(sorted(self.book.presets)) or 'none'}",
                  *([f"  profiles (per-user, from the request's user): {', '.join(self.book.shelf.describe())}"]

@@ -71,6 +71,8 @@ class SweepSpec:
                "prompts": [r["prompt"] for r in self.prompts], "benign": [r["prompt"] for r in self.benign],
                "behaviour": self.behaviour, "max_new_tokens": self.max_new_tokens,
                "mmlu_per_subject": self.mmlu_per_subject, "plan_extra": self.plan_extra}
+        if self.names.get("adapter"):  # a `steerable train` adapter on the model (the CLI's --adapter): its weights
+            ctx["adapter"] = self.names["adapter"].get("sha256")
         if self.mmlu_per_subject and self.capability_format != "letter":  # lines measured in "letter" keep their keys
             ctx["capability_format"] = self.capability_format
         if self.mmlu_per_subject and self.capability_task != DEFAULT_TASK:
