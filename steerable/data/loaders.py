@@ -20,6 +20,7 @@ import yaml
 
 from steerable.data.jsonl import read_jsonl_numbered
 from steerable.data.messages import check_prompt, check_text
+from steerable.data.pyrit_sets import PYRIT_SETS, pyrit_rows
 from steerable.data.refusal_pairs import refusal_pair
 from steerable.data.roles import harmful_rows
 from steerable.data.sources import DATA_FILES, data_file
@@ -28,7 +29,7 @@ from steerable.errors import DataError
 SPLIT_SEED = "steerable-split-v1"
 TEST_PERCENT = 30
 PROMPT_SETS = ("advbench", "benign")
-ROW_SETS = (*PROMPT_SETS, "persona-harmful")  # sets load_prompt_rows also knows
+ROW_SETS = (*PROMPT_SETS, "persona-harmful", *PYRIT_SETS)  # sets load_prompt_rows also knows
 PAIR_SETS = ("refusal-pairs", *sorted(k for k in DATA_FILES if k.startswith("caa-")))
 
 T = TypeVar("T")
@@ -143,6 +144,8 @@ def load_prompt_rows_located(spec: str, default_split: str = "test") -> list[tup
         rows = _keep(_advbench_rows(), lambda r: r["prompt"], split)
     elif name == "persona-harmful":  # the project's role data: a persona system prompt, then a harmful ask
         rows = harmful_rows(split)
+    elif name in PYRIT_SETS:  # pyrit's other harmful seed sets (data/pyrit_sets.py)
+        rows = _keep(pyrit_rows(name), lambda r: r["prompt"], split)
     else:
         rows = [{"prompt": p} for p in load_prompts(spec, default_split)]
     return [(f"{name} row {i}", r) for i, r in enumerate(rows, 1)]

