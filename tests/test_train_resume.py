@@ -213,3 +213,26 @@ def test_cli_resume_reproduces_the_uninterrupted_cli_run(model_dir, tmp_path, ca
     _same_log(_log(tmp_path / "cut"), _log(tmp_path / "whole"))
     assert main(["train", *flags, "--out", str(tmp_path / "cut"), "--resume"]) == 2
     assert "the run is finished" in capsys.readouterr().err
+
+
+@pytest.mark.integration
+def test_resume_on_the_bundled_model(tmp_path):
+    """smollm2-135m, LoRA r 8 on every linear layer, 4 steps of sycophancy-sft: killed after step 3 (checkpoint at
+    step 2), resumed: the log equals the uninterrupted run's."""
+    from steerable.data.sft import load_sft
+    from steerable.models.load import load_model
+
+    sft = load_sft("sycophancy-sft")
+    config = TrainConfig(steps=4, batch_size=2, max_length=320, lr=1e-3, seed=0)
+    train(load_model("smollm2-135m"), sft, config, tmp_path / "whole", checkpoint_every=2)
+
+    def stop(line: dict) -> None:
+        if line["step"] == 3:
+            raise Interrupt
+
+    with pytest.raises(Interrupt):
+        train(load_model("smollm2-135m"), sft, config, tmp_path / "cut", on_step=stop, checkpoint_every=2)
+    state = next((tmp_path / "cut").glob("checkpoint-*.safetensors"))
+    print(f"checkpoint: {state.stat().st_size / 2**20:.1f} MiB")
+    train(load_model("smollm2-135m"), sft, config, tmp_path / "cut", resume=True, checkpoint_every=2)
+    _same_log(_log(tmp_path / "cut"), _log(tmp_path / "whole"))
