@@ -34,7 +34,9 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import argparse
 import json
 import statistics
+import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -42,10 +44,10 @@ import torch
 
 from steerable.data.preferences import BEHAVIOURS, load_preferences, true_ideal_points
 from steerable.data.users_caa import LABEL_SCALE, item_pools, user_profiles
-from steerable.directions.ideal_points import fit_ideal_points, log_odds
+from steerable.directions.ideal_points import centre_by_prompt, fit_ideal_points, log_odds, prompt_groups
 from steerable.fsutil import write_text_atomic
 from steerable.models.load import load_model
-from steerable.recipes.users_fit import capture_texts, fit_users
+from steerable.recipes.users_fit import capture_texts, default_layers, fit_users
 
 OUT = Path(__file__).parent / "results" / "users_recovery_smollm2.json"
 
@@ -82,18 +84,39 @@ def grouped(values: torch.Tensor, counts: list[int], seen: list[bool]) -> dict[s
             "unseen_pairs_20_plus": summary([x for x, n, s in zip(v, counts, seen, strict=True) if n >= 20 and not s])}
 
 
-def run_position(handle: Any, position: str, batch_size: int) -> tuple[dict[str, Any], Any]:
+def run_position(handle: Any, position: str, batch_size: int,
+                 kinds: Sequence[str] = ("prompt-centred",)) -> dict[str, tuple[dict[str, Any], Any]]:
+    """One capture of the training texts and the held-out items, then one fit per feature kind."""
     rows = load_preferences("users-caa", split="train")
     users = list(dict.fromkeys(r.user for r in load_preferences("users-caa", split="all")))
+    layers = default_layers(handle.n_layers)
     t0 = time.perf_counter()
-    fit = fit_users(handle, rows, position=position, basis="category", users=users, batch_size=batch_size,
-                    data={"preferences": "users-caa", "split": "train"})
-    fit_s = time.perf_counter() - t0
-    lib = fit.library
+    train_h = capture_texts(handle, list(dict.fromkeys(t for r in rows for t in ((r.prompt, r.chosen),
+                                                                                   (r.prompt, r.rejected)))),
+                            layers, position=position, batch_size=batch_size)
     pools = item_pools()
     texts = [(p.prompt, t) for b in BEHAVIOURS for p in pools[b]["test"] for t in (p.positive, p.negative)]
-    h = capture_texts(handle, texts, lib.layers, site=lib.site, position=position, batch_size=batch_size)
+    test_h = capture_texts(handle, texts, layers, position=position, batch_size=batch_size)
+    capture_s = time.perf_counter() - t0
+    out = {}
+    for kind in kinds:
+        t0 = time.perf_counter()
+        fit = fit_users(handle, rows, position=position, basis="category", users=users, batch_size=batch_size,
+                        data={"preferences": "users-caa", "split": "train"}, features=train_h, feature_kind=kind)
+        result = score(fit, texts, test_h, users, pools)
+        result["fit_seconds"] = round(time.perf_counter() - t0, 2)
+        result["capture_seconds"] = round(capture_s, 1)
+        out[kind] = (result, fit)
+    return out
+
+
+def score(fit: Any, texts: list[tuple[str, str]], h: torch.Tensor, users: list[str],
+          pools: dict[str, Any]) -> dict[str, Any]:
+    lib = fit.library
+    position = lib.position
     phi = torch.einsum("lnd,lkd->nlk", h.double(), lib.basis.double())
+    if lib.features == "prompt-centred":  # measured as the fit measured its training texts
+        phi = centre_by_prompt(phi, prompt_groups([p for p, _ in texts]))
     item_phi, at = {}, 0
     for b in BEHAVIOURS:
         n = len(pools[b]["test"])
@@ -111,7 +134,7 @@ def run_position(handle: Any, position: str, batch_size: int) -> tuple[dict[str,
     result: dict[str, Any] = {
         "position": position, "layers": lib.layers, "k": lib.k, "basis": lib.meta["basis"]["labels"],
         "tau": lib.meta["prior"]["tau"], "tau_relative": lib.meta["prior"].get("relative"),
-        "fit_seconds_with_capture": round(fit_s, 1), "timings": {k: round(v, 3) for k, v in fit.timings.items()},
+        "features": lib.features, "timings": {k: round(v, 3) for k, v in fit.timings.items()},
         "n_texts_captured": len(fit.texts),
         "cosine": grouped(cos(t_hat, truth), counts, seen),
         "cosine_population": grouped(cos(t_pop.expand_as(truth), truth), counts, seen),
@@ -169,22 +192,27 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="smollm2-135m")
     ap.add_argument("--positions", default="response-mean,answer-token")
+    ap.add_argument("--features", default="prompt-centred,raw", help="feature kinds to fit, comma-separated")
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--out", default=str(OUT))
     args = ap.parse_args()
     handle = load_model(args.model)
     out: dict[str, Any] = {"model": args.model, "data": "users-caa (synthetic; data/users_caa.py)",
-                           "command": "nice -n 5 python experiments/users_recovery.py", "method": __doc__,
+                           "command": "nice -n 5 python experiments/users_recovery.py " + " ".join(sys.argv[1:]),
+                           "method": __doc__,
                            "positions": {}}
     last = None
+    kinds = args.features.split(",")
     for position in args.positions.split(","):
-        result, last = run_position(handle, position, args.batch_size)
-        out["positions"][position] = result
-        c = result["cosine"]
-        by_pairs = ", ".join(f"{k}: {v['mean']}" for k, v in c["by_pairs_per_user"].items())
-        print(f"{position}: cos(t̂, t) at 20+ pairs {c['pairs_20_plus']['mean']} (unseen "
-              f"{c['unseen_pairs_20_plus'].get('mean')}); population "
-              f"{result['cosine_population']['pairs_20_plus']['mean']}; by pairs {{{by_pairs}}}")
+        out["positions"][position] = {}
+        for kind, (result, fit) in run_position(handle, position, args.batch_size, kinds).items():
+            out["positions"][position][kind] = result
+            last = last or fit
+            c = result["cosine"]
+            by_pairs = ", ".join(f"{k}: {v['mean']}" for k, v in c["by_pairs_per_user"].items())
+            print(f"{position} {kind}: cos(t̂, t) at 20+ pairs {c['pairs_20_plus']['mean']} (unseen "
+                  f"{c['unseen_pairs_20_plus'].get('mean')}); population "
+                  f"{result['cosine_population']['pairs_20_plus']['mean']}; by pairs {{{by_pairs}}}", flush=True)
     if last is not None:
         out["fit_1000_users"] = time_thousand_users(last)
         print(f"1 000 users' ideal points: {out['fit_1000_users']['best_s']} s")

@@ -7,12 +7,14 @@ import pytest
 import torch
 
 from steerable.directions.ideal_points import (
+    centre_by_prompt,
     choose_tau,
     dislike_weights,
     fit_ideal_points,
     fit_map,
     log_odds,
     population_point,
+    prompt_groups,
 )
 from steerable.errors import SteerableError
 
@@ -143,3 +145,36 @@ def test_bad_inputs_are_named():
         fit_ideal_points(ch, rj, user, 3, tau=-1.0)
     with pytest.raises(SteerableError, match="NaN"):
         fit_map(ch * float("nan"), rj, user, 3, prior_mean=pop, tau=1.0)
+
+
+def test_prompt_centring_leaves_each_prompts_mean_at_zero_and_the_log_odds_linear():
+    gen = torch.Generator().manual_seed(3)
+    phi = 30 + torch.randn(7, 2, 3, generator=gen, dtype=torch.float64)  # 7 responses, far from the origin
+    groups = prompt_groups(["p", "q", "p", "r", "q", "q", "p"])
+    assert groups.tolist() == [0, 1, 0, 2, 1, 1, 0]
+    out = centre_by_prompt(phi, groups)
+    for g in range(3):
+        assert torch.allclose(out[groups == g].mean(0), torch.zeros(2, 3, dtype=torch.float64), atol=1e-12)
+    assert torch.allclose(out[3], torch.zeros(2, 3, dtype=torch.float64))  # a prompt with one response: 0
+    # differences within a prompt are unchanged, and a two-response prompt's log-odds loses its offset
+    assert torch.allclose(out[0] - out[2], phi[0] - phi[2])
+    two = centre_by_prompt(phi[:2], torch.tensor([0, 0]))
+    theta = torch.randn(2, 3, generator=gen, dtype=torch.float64)
+    assert torch.allclose(log_odds(theta, two[0], two[1]), (2 * theta * (phi[0] - phi[1])).sum(-1))
+    with pytest.raises(SteerableError, match="one prompt per response"):
+        centre_by_prompt(phi, groups[:3])
+
+
+def test_tau_is_chosen_on_a_bounded_sample_of_users(monkeypatch):
+    import steerable.directions.ideal_points as ip
+
+    ch, rj, user, _, pop = planted(40, 8, layers=1, k=2, spread=0.5, seed=4)
+    full = fit_ideal_points(ch, rj, user, 40, theta_pop=pop)
+    assert full.selection["users"] == 40
+    monkeypatch.setattr(ip, "TAU_USERS", 15)
+    sampled = fit_ideal_points(ch, rj, user, 40, theta_pop=pop)
+    assert sampled.selection["users"] == 15
+    assert sampled.theta.shape == full.theta.shape  # every user is still fitted
+    # a sample of 15 users picks a τ on the same grid, within one grid step of all 40 users' choice
+    ratio = float(sampled.tau[0] / full.tau[0])
+    assert 10 ** -0.51 <= ratio <= 10 ** 0.51

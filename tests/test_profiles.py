@@ -206,7 +206,18 @@ def test_fit_users_builds_a_library():
     seen = torch.tensor([r.seen for r in data])
     diff = (h[:, fit.chosen] - h[:, fit.rejected])[:, seen]
     assert torch.allclose(lib.population, diff.mean(1), atol=1e-5)
-    assert torch.allclose(fit.phi, torch.einsum("lnd,lkd->nlk", h, lib.basis), atol=1e-4)
+    raw_phi = torch.einsum("lnd,lkd->nlk", h, lib.basis)
+    # prompt-centred by default: each text's φ minus the mean φ of its prompt's texts (here its two answers)
+    prompt_of = torch.tensor([int(p.split()[1].rstrip("?")) for p, _ in fit.texts])
+    centre = torch.stack([raw_phi[prompt_of == int(g)].mean(0) for g in prompt_of])
+    assert lib.meta["features"] == lib.features == "prompt-centred"
+    assert torch.allclose(fit.phi, raw_phi - centre, atol=1e-4)
+    assert torch.allclose(fit.phi[fit.chosen], -fit.phi[fit.rejected], atol=1e-4)  # two answers: ±Δ/2
+    raw = fit_users(handle, data, folds=2, progress=False, feature_kind="raw")
+    assert raw.library.features == "raw"
+    assert torch.allclose(raw.phi, raw_phi, atol=1e-4)
+    with pytest.raises(SteerableError, match="features 'centred'"):
+        fit_users(handle, data, progress=False, feature_kind="centred")
     svd = fit_users(handle, data, basis=1, tau=0.5, progress=False, features=None, position="response-mean")
     assert svd.library.k == 1
     assert svd.library.meta["basis"]["kind"] == "svd"

@@ -41,7 +41,9 @@ def response_means(
     for layer in layers:
         site_module(handle.layout, site, layer)
     out = torch.empty(len(layers), len(prompts), handle.hidden_size)
-    order = sorted(range(len(prompts)), key=lambda i: len(responses[i]))
+    # by whole length (prompt and response), so a batch pads little: sorting by the response alone mixes
+    # long and short prompts when every response is short (A/B letters)
+    order = sorted(range(len(prompts)), key=lambda i: len(str(prompts[i])) + len(responses[i]))
     sink: dict[int, torch.Tensor] = {}
     bar = tqdm(total=len(prompts), desc=f"capture {site}", unit="ex", disable=not progress, leave=False)
     with reading_hooks(handle, layers, site, sink):

@@ -42,6 +42,9 @@ def add_users_parsers(sub: Any) -> None:
     s.add_argument("--layers", help=f"layers to fit, e.g. 12-18 (default {LAYER_RULE})")
     s.add_argument("--position", default="response-mean", choices=list(FIT_POSITIONS),
                    help="where a response is read: the mean over its tokens, or the A/B answer letter")
+    s.add_argument("--features", default="prompt-centred", choices=["prompt-centred", "raw"],
+                   help="φ of a response measured from the mean of its prompt's responses (default; the prompt's "
+                        "own content cancels) or raw φ = Bᵀh")
     s.add_argument("--tau", type=float, help="the prior's τ (default: chosen per layer by held-out likelihood)")
     s.add_argument("--folds", type=int_flag(2, 100), default=5, help="folds of the held-out choice of τ")
     s.add_argument("--batch-size", type=batch_size, default=16)
@@ -75,6 +78,7 @@ def cmd_users_fit(args: argparse.Namespace) -> int:
     layers = None if args.layers is None else parse_layers(args.layers, handle.n_layers, range(handle.n_layers))
     result = fit_users(handle, rows, layers=layers, position=args.position, basis=args.basis, users=users,
                        tau=args.tau, folds=args.folds, seed=args.seed, batch_size=args.batch_size,
+                       feature_kind=args.features,
                        data={"preferences": args.preferences, "split": "train"})
     lib = result.library
     lib.save(args.out)

@@ -46,6 +46,7 @@ USER_SPLIT_SEED = "steerable-users-v1"
 UNSEEN_PERCENT = 20
 
 _LETTER_ONLY = re.compile(r"^\(\s*[A-Za-z]\s*\)$")
+_LETTER_OPENING = re.compile(r"^\(\s*([A-Za-z])\s*\)")
 
 
 @dataclass(frozen=True)
@@ -59,7 +60,7 @@ class PreferenceRow:
     category: str | None = None
     split: str | None = None  # "train" | "test" (a pair's split), None when the source has none
     seen: bool | None = None  # True = seen user, False = unseen (held-out) user, None = not known
-    answer_token: bool = False  # chosen/rejected are A/B answer letters (position "answer-token")
+    answer_token: bool = False  # chosen/rejected open with A/B answer letters (position "answer-token")
 
 
 def user_seen(user: str) -> bool:
@@ -71,6 +72,13 @@ def user_seen(user: str) -> bool:
 def is_answer_letter(text: str) -> bool:
     """True for a bare A/B answer such as "(A)" (what the CAA A/B score reads)."""
     return _LETTER_ONLY.match(text.strip()) is not None
+
+
+def answer_letter(text: str) -> str | None:
+    """The A/B answer a response opens with ("(B) I'd be willing…" → "(B)"), or None: what position
+    "answer-token" reads of an A/B response that goes on to spell its choice out."""
+    m = _LETTER_OPENING.match(text.strip())
+    return None if m is None else f"({m.group(1).upper()})"
 
 
 def _check_split(split: str | None, where: str) -> str | None:
@@ -109,9 +117,9 @@ def parse_row(row: dict[str, Any], where: str) -> PreferenceRow:
         answer_token = is_answer_letter(chosen) and is_answer_letter(rejected)
     elif not isinstance(answer_token, bool):
         raise DataError(f'{where}: "answer_token" must be true or false, got {type(answer_token).__name__}')
-    elif answer_token and not (is_answer_letter(chosen) and is_answer_letter(rejected)):
-        raise DataError(f'{where}: "answer_token" is true but "chosen"/"rejected" are not answer letters '
-                        'such as "(A)"')
+    elif answer_token and not (answer_letter(chosen) and answer_letter(rejected)):
+        raise DataError(f'{where}: "answer_token" is true but "chosen"/"rejected" do not open with answer '
+                        'letters such as "(A)"')
     return PreferenceRow(user, prompt, chosen, rejected, category, split, seen, answer_token)
 
 
@@ -183,6 +191,6 @@ def true_ideal_points() -> dict[str, list[float]]:
 
 
 __all__ = [
-    "BEHAVIOURS", "PREFERENCE_SETS", "PreferenceRow", "is_answer_letter", "load_preferences", "parse_row",
-    "read_preferences_jsonl", "true_ideal_points", "user_seen",
+    "BEHAVIOURS", "PREFERENCE_SETS", "PreferenceRow", "answer_letter", "is_answer_letter", "load_preferences",
+    "parse_row", "read_preferences_jsonl", "true_ideal_points", "user_seen",
 ]

@@ -11,7 +11,8 @@ users in Python.
 τ is chosen per layer by held-out likelihood (ours): each user's training pairs are split into F folds,
 the fit is repeated for each τ of a grid on all folds but one, and the τ with the highest summed log-
 likelihood of the left-out pairs wins. The grid is relative to the layer's feature scale (τ·rms‖2Δφ‖ in
-GRID), so one grid fits every model and layer.
+GRID), so one grid fits every model and layer. Beyond TAU_USERS users, τ is chosen on a seeded sample of them
+(the final fit still covers every user), so the fit's cost stays about one Newton solve per added user.
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ GRID = tuple(float(x) for x in torch.logspace(-2, 2, 9, dtype=torch.float64))
 FOLDS = 5
 POPULATION_TAU = 100.0  # the population point's prior (toward the mean feature): only keeps it finite
 _DENSE_BUDGET = 1 << 22  # elements of one chunk's [users, pairs, L, K] features; larger sets are split by user
+TAU_USERS = 300  # users τ is chosen on at most (a seeded sample beyond that): see _tau_users
 _MAX_NEWTON = 60
 _MAX_HALVINGS = 30
 _SELECT_TOL = 1e-6  # choosing τ needs the held-out likelihood, not θ to the last digit
@@ -72,6 +74,32 @@ def dislike_weights(phi_chosen: torch.Tensor, phi_rejected: torch.Tensor, user_i
     if diff.shape[0]:
         out[counts == 0] = diff.mean(0)
     return out.float()
+
+
+FEATURES = ("prompt-centred", "raw")
+
+
+def centre_by_prompt(phi: torch.Tensor, prompt_index: torch.Tensor) -> torch.Tensor:
+    """φ [N, ...] of N responses minus the mean φ of the responses to the same prompt (`prompt_index` [N]).
+
+    Why (ours, beyond methods.md §7): a response's activation carries its prompt, which both sides of a pair
+    share and which says nothing about what the user prefers. In raw features the offset ‖φ(b)‖² − ‖φ(a)‖² of
+    a pair's log-odds is dominated by that prompt content, item by item, and no θ can explain it. Measured from
+    the prompt's own centre, a two-response prompt has φ(a) = −φ(b) = Δ/2, so the log-odds is 2θ·(φ(a) − φ(b))
+    and the ideal point reads as a direction in the responses' own space."""
+    if prompt_index.shape != phi.shape[:1]:
+        raise SteerableError(f"one prompt per response: {tuple(prompt_index.shape)} for {phi.shape[0]} responses")
+    groups = int(prompt_index.max()) + 1 if len(prompt_index) else 0
+    flat = phi.double().reshape(phi.shape[0], -1)
+    sums = torch.zeros(groups, flat.shape[1], dtype=torch.float64).index_add_(0, prompt_index, flat)
+    counts = torch.bincount(prompt_index, minlength=groups).double().clamp_min(1)
+    return (flat - (sums / counts[:, None])[prompt_index]).reshape(phi.shape).to(phi.dtype)
+
+
+def prompt_groups(prompts: Sequence[str]) -> torch.Tensor:
+    """[N] the index of each response's prompt (first-appearance order): the groups `centre_by_prompt` uses."""
+    where: dict[str, int] = {}
+    return torch.tensor([where.setdefault(p, len(where)) for p in prompts], dtype=torch.long)
 
 
 def _check_pairs(phi_chosen: torch.Tensor, phi_rejected: torch.Tensor, user_index: torch.Tensor,
@@ -274,6 +302,18 @@ def choose_tau(phi_chosen: torch.Tensor, phi_rejected: torch.Tensor, user_index:
     return tau, record
 
 
+def _tau_users(counts: torch.Tensor, seed: int) -> torch.Tensor:
+    """[U] bool: the users τ is chosen on: every user with ≥ 2 pairs, or a seeded sample of TAU_USERS of them.
+    τ is one number per layer, and its held-out likelihood curve is pinned down by a few hundred users; choosing it
+    on all of them would make the fit's cost grow with the grid × folds for every user added."""
+    able = torch.nonzero(counts >= 2)[:, 0]
+    keep = torch.zeros(len(counts), dtype=torch.bool)
+    if len(able) > TAU_USERS:
+        able = able[torch.randperm(len(able), generator=torch.Generator().manual_seed(seed))[:TAU_USERS]]
+    keep[able] = True
+    return keep
+
+
 def fit_ideal_points(phi_chosen: torch.Tensor, phi_rejected: torch.Tensor, user_index: torch.Tensor,
                      n_users: int, *, tau: float | torch.Tensor | None = None, grid: Sequence[float] = GRID,
                      folds: int = FOLDS, seed: int = 0, theta_pop: torch.Tensor | None = None) -> IdealPointFit:
@@ -290,8 +330,12 @@ def fit_ideal_points(phi_chosen: torch.Tensor, phi_rejected: torch.Tensor, user_
     if tau is None:
         if int((counts >= 2).sum()) == 0:
             raise SteerableError("choosing τ needs users with at least 2 pairs; give tau")
-        tau_l, selection = choose_tau(phi_chosen, phi_rejected, user_index, n_users, prior_mean=theta_pop,
-                                      grid=grid, folds=folds, seed=seed)
+        keep = _tau_users(counts, seed)
+        sub = keep[user_index]
+        local = torch.cumsum(keep.long(), 0) - 1
+        tau_l, selection = choose_tau(phi_chosen[sub], phi_rejected[sub], local[user_index[sub]], int(keep.sum()),
+                                      prior_mean=theta_pop, grid=grid, folds=folds, seed=seed)
+        selection["users"] = int(keep.sum())
     else:
         tau_l = torch.as_tensor(tau, dtype=torch.float64).expand(n_layers).clone()
         if not bool(torch.isfinite(tau_l).all()) or bool((tau_l <= 0).any()):

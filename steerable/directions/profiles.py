@@ -107,6 +107,12 @@ class ProfileLibrary:
         return str(self.meta.get("position", "response-mean"))
 
     @property
+    def features(self) -> str:
+        """How φ was measured: "prompt-centred" (from the mean of the prompt's responses) or "raw" (φ = Bᵀh;
+        libraries written before the choice existed)."""
+        return str(self.meta.get("features", "raw"))
+
+    @property
     def users(self) -> Sequence[str]:
         return self._users
 

@@ -31,6 +31,7 @@ from typing import Any, Protocol
 
 import torch
 
+from steerable.directions.ideal_points import centre_by_prompt, prompt_groups
 from steerable.errors import SteerableError
 from steerable.evaluate import preference_eval as pe
 from steerable.evaluate.capability import calibrated, mc_scores, paired_change, predicted, split_calibration
@@ -169,22 +170,28 @@ def features(handle: ModelHandle, library: Any, prompts: Sequence[str], texts: S
              batch_size: int) -> torch.Tensor:
     """φ = Bᵀh per text [n, L, K]: each text's activation at the library's site and position (as `users fit`
     read its training texts), read by the unsteered model, projected on the library's basis. Repeated
-    (prompt, text) pairs are read once."""
+    (prompt, text) pairs are read once. A prompt-centred library's φ is measured from the mean φ of the texts
+    given here for the same prompt (as `users fit` centred its training texts), so pass every text that is
+    compared on a prompt in one call."""
     rows = [list(library.layers).index(x) for x in layers]
     basis = library.basis.float()[rows]  # [L, K, d]
     index: dict[tuple[str, str], int] = {}
     where = [index.setdefault((p, t), len(index)) for p, t in zip(prompts, texts, strict=True)]
     h = capture_texts(handle, list(index), layers, site=str(library.site), position=str(library.position),
                       batch_size=batch_size, progress=False)  # [L, N, d]
-    return torch.einsum("lnd,lkd->nlk", h.float(), basis)[torch.tensor(where, dtype=torch.long)]
+    phi = torch.einsum("lnd,lkd->nlk", h.float(), basis)
+    if str(getattr(library, "features", "raw")) == "prompt-centred":
+        phi = centre_by_prompt(phi, prompt_groups([p for p, _ in index]))
+    return phi[torch.tensor(where, dtype=torch.long)]
 
 
 def bt_hits(handle: ModelHandle, library: Any, rows: Sequence[Row], layers: list[int],
             batch_size: int) -> tuple[list[bool], list[float]]:
     """The fitted BT model's own prediction P_u(chosen ≻ rejected) > ½ per pair (no steering)."""
     prompts = [r.prompt for r in rows]
-    fa = features(handle, library, prompts, [r.chosen for r in rows], layers, batch_size)
-    fb = features(handle, library, prompts, [r.rejected for r in rows], layers, batch_size)
+    both = features(handle, library, prompts + prompts, [r.chosen for r in rows] + [r.rejected for r in rows],
+                    layers, batch_size)
+    fa, fb = both[: len(rows)], both[len(rows) :]
     theta = ideal_points(library, [r.user for r in rows], layers)
     p = pe.bt_probability(fa, fb, theta)
     return [bool(x > 0.5) for x in p], [float(x) for x in p]
@@ -308,8 +315,12 @@ def generation_check(handle: ModelHandle, rows: Sequence[Row], plans: Plans, str
         return out
     theta = ideal_points(lib, [users[i] for i in ok], layers)
     util: dict[str, list[float]] = {}
-    for comp, read in replies_read.items():
-        phi = features(handle, lib, [prompts[i] for i in ok], [str(read[i]) for i in ok], layers, cfg.batch_size)
+    comps = list(replies_read)
+    # every condition's reply to a prompt read in one call: a prompt-centred library measures them from their mean
+    phi_all = features(handle, lib, [prompts[i] for _ in comps for i in ok],
+                       [str(replies_read[c][i]) for c in comps for i in ok], layers, cfg.batch_size)
+    for j, comp in enumerate(comps):
+        phi = phi_all[j * len(ok) : (j + 1) * len(ok)]
         util[comp] = [float(x) for x in -((phi - theta) ** 2).sum(-1).mean(-1)]
     sel = [users[i] for i in ok]
     for other in ("population", "unsteered"):

@@ -28,9 +28,18 @@ from steerable.capture.features import response_means
 from steerable.capture.positions import select
 from steerable.capture.run import StopForward, reading_hooks
 from steerable.capture.sites import LAYER_CONVENTION, check_site, site_module
-from steerable.data.preferences import PreferenceRow
+from steerable.data.preferences import PreferenceRow, answer_letter
 from steerable.directions.calibrate import model_meta
-from steerable.directions.ideal_points import FOLDS, GRID, dislike_weights, fit_ideal_points, population_point
+from steerable.directions.ideal_points import (
+    FEATURES,
+    FOLDS,
+    GRID,
+    centre_by_prompt,
+    dislike_weights,
+    fit_ideal_points,
+    population_point,
+    prompt_groups,
+)
 from steerable.directions.profiles import ProfileLibrary
 from steerable.errors import DataError, SteerableError
 from steerable.models.batch import position_ids
@@ -73,11 +82,18 @@ def answer_token_features(handle: ModelHandle, prompts: Sequence[str], responses
                           layers: Sequence[int], *, site: str = "resid_post", batch_size: int = 16,
                           progress: bool = True) -> torch.Tensor:
     """[len(layers), n, d] each text's activation at its answer letter (position `answer-token`: the token
-    before the closing one of "(A)"), prompt rendered with the chat template."""
+    before the closing one of "(A)"), prompt rendered with the chat template. A response that spells its
+    choice out after the letter ("(A) I would…") is read at its letter, as if it ended there."""
     check_site(site)
     layers = list(layers)
     for layer in layers:
         site_module(handle.layout, site, layer)
+    letters = [answer_letter(r) for r in responses]
+    bad = next((i for i, x in enumerate(letters) if x is None), None)
+    if bad is not None:
+        raise DataError(f"position answer-token needs responses that open with an answer letter such as \"(A)\"; "
+                        f"text {bad + 1} is {responses[bad][:30]!r}")
+    responses = [str(x) for x in letters]
     out = torch.empty(len(layers), len(prompts), handle.hidden_size)
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]) + len(responses[i]))
     sink: dict[int, torch.Tensor] = {}
@@ -206,15 +222,20 @@ def fit_users(
     data: dict[str, Any] | None = None,
     progress: bool = True,
     features: torch.Tensor | None = None,
+    feature_kind: str = "prompt-centred",
 ) -> UsersFit:
     """A profile library fitted on `rows` (the training pairs). `users` lists the library's users (default:
     those in `rows`; a listed user without rows gets the population's ideal point). `features` [L, N, d]
-    replaces the capture (activations of the rows' distinct texts in first-appearance order)."""
+    replaces the capture (activations of the rows' distinct texts in first-appearance order). `feature_kind`
+    "prompt-centred" (default) measures every response's φ from the mean φ of its prompt's responses
+    (directions/ideal_points.py centre_by_prompt says why); "raw" is methods.md §7's φ = Bᵀh as it stands."""
     if not rows:
         raise DataError("users fit: no preference rows")
     if position not in FIT_POSITIONS:
         raise SteerableError(f"position {position!r}: users fit reads {' or '.join(FIT_POSITIONS)}")
     check_site(site)
+    if feature_kind not in FEATURES:
+        raise SteerableError(f"features {feature_kind!r}: use {' or '.join(FEATURES)}")
     layer_list = default_layers(handle.n_layers) if layers is None else sorted(set(int(x) for x in layers))
     if not layer_list or not all(0 <= x < handle.n_layers for x in layer_list):
         raise SteerableError(f"layers must lie in 0-{handle.n_layers - 1}")
@@ -257,6 +278,8 @@ def fit_users(
     categories = [r.category for r, s in zip(rows, seen_rows.tolist(), strict=True) if s]
     basis_t, basis_info = build_basis(shared, categories, basis, seed)
     phi = torch.einsum("lnd,lkd->nlk", h.double(), basis_t.double())  # [N, L, K]
+    if feature_kind == "prompt-centred":
+        phi = centre_by_prompt(phi, prompt_groups([t[0] for t in texts]))
     phi_c, phi_r = phi[ci], phi[ri]
     phi_mean = ((phi_c[seen_rows] + phi_r[seen_rows]) / 2).mean(0)
     timings["basis_s"] = time.perf_counter() - t0
@@ -282,7 +305,8 @@ def fit_users(
     selection = {**selection, "tau": [float(t) for t in tau_l],
                  "prior": "θ_u ~ N(θ_pop, τ²I) per layer; θ_pop = the pooled BT fit of the seen users' pairs"}
     meta: dict[str, Any] = {
-        "model": model_meta(handle), "site": site, "position": position, "layer_convention": LAYER_CONVENTION,
+        "model": model_meta(handle), "site": site, "position": position, "features": feature_kind,
+        "layer_convention": LAYER_CONVENTION,
         "layer_rule": "given" if layers is not None else LAYER_RULE, "basis": basis_info, "prior": selection,
         "composition": {"personalised": "w = θ_u − φ̄", "dislike_weighted": "w = mean over the user's pairs of "
                         "φ(chosen) − φ(rejected)", "population": "mean(h(chosen)) − mean(h(rejected))"},
