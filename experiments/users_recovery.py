@@ -44,7 +44,13 @@ import torch
 
 from steerable.data.preferences import BEHAVIOURS, load_preferences, true_ideal_points
 from steerable.data.users_caa import LABEL_SCALE, item_pools, user_profiles
-from steerable.directions.ideal_points import centre_by_prompt, fit_ideal_points, log_odds, prompt_groups
+from steerable.directions.ideal_points import (
+    centre_by_prompt,
+    fit_ideal_points,
+    log_odds,
+    mask_to_category,
+    prompt_groups,
+)
 from steerable.fsutil import write_text_atomic
 from steerable.models.load import load_model
 from steerable.recipes.users_fit import capture_texts, default_layers, fit_users
@@ -115,8 +121,12 @@ def score(fit: Any, texts: list[tuple[str, str]], h: torch.Tensor, users: list[s
     lib = fit.library
     position = lib.position
     phi = torch.einsum("lnd,lkd->nlk", h.double(), lib.basis.double())
-    if lib.features == "prompt-centred":  # measured as the fit measured its training texts
+    if lib.features != "raw":  # measured as the fit measured its training texts
         phi = centre_by_prompt(phi, prompt_groups([p for p, _ in texts]))
+    if lib.features == "category-masked":  # each held-out item read on its behaviour's own axis, as in the fit
+        labels = lib.meta["basis"]["labels"]
+        axis = [labels.index(b) for b in BEHAVIOURS for _ in pools[b]["test"] for _ in range(2)]
+        phi = mask_to_category(phi, torch.tensor(axis))
     item_phi, at = {}, 0
     for b in BEHAVIOURS:
         n = len(pools[b]["test"])
@@ -192,7 +202,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="smollm2-135m")
     ap.add_argument("--positions", default="response-mean,answer-token")
-    ap.add_argument("--features", default="prompt-centred,raw", help="feature kinds to fit, comma-separated")
+    ap.add_argument("--features", default="category-masked,prompt-centred,raw",
+                    help="feature kinds to fit, comma-separated")
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--out", default=str(OUT))
     args = ap.parse_args()

@@ -13,6 +13,7 @@ from steerable.directions.ideal_points import (
     fit_ideal_points,
     fit_map,
     log_odds,
+    mask_to_category,
     population_point,
     prompt_groups,
 )
@@ -178,3 +179,16 @@ def test_tau_is_chosen_on_a_bounded_sample_of_users(monkeypatch):
     # a sample of 15 users picks a τ on the same grid, within one grid step of all 40 users' choice
     ratio = float(sampled.tau[0] / full.tau[0])
     assert 10 ** -0.51 <= ratio <= 10 ** 0.51
+
+
+def test_category_mask_keeps_each_response_on_its_own_axis():
+    phi = torch.arange(24, dtype=torch.float64).reshape(4, 2, 3)
+    out = mask_to_category(phi, torch.tensor([0, 2, -1, 1]))
+    assert torch.equal(out[0, :, 0], phi[0, :, 0])
+    assert bool((out[0, :, 1:] == 0).all())
+    assert torch.equal(out[1, :, 2], phi[1, :, 2])
+    assert bool((out[1, :, :2] == 0).all())
+    assert torch.equal(out[2], phi[2])  # no category axis: every axis kept
+    assert torch.equal(out[3, :, 1], phi[3, :, 1])
+    with pytest.raises(SteerableError, match="beyond the basis"):
+        mask_to_category(phi, torch.tensor([0, 3, 0, 0]))

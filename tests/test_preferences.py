@@ -15,6 +15,7 @@ from steerable.data.loaders import load_pairs, split_of
 from steerable.data.preferences import (
     BEHAVIOURS,
     PreferenceRow,
+    answer_letter,
     is_answer_letter,
     load_preferences,
     true_ideal_points,
@@ -122,13 +123,15 @@ def test_users_caa_is_deterministic(caa_rows):
     assert load_preferences("users-caa:test", split="train") == [r for r in caa_rows if r.split == "test"]
 
 
-USERS_CAA_DIGEST = "6d4550652c5d41e2bc82b0db2a87cac429f94c32a9cf2dc06cc8ec843a03bebc"
+USERS_CAA_DIGEST = "653f001d5b32adfeedc233030426b984ace1990126fda757535c9dff6ee09f23"
 
 
 def test_users_caa_behaviours_rows_and_pair_counts(caa_rows):
     assert set(BEHAVIOURS) >= REQUIRED_BEHAVIOURS
     assert {r.category for r in caa_rows} == set(BEHAVIOURS)
-    assert all(r.answer_token and is_answer_letter(r.chosen) and is_answer_letter(r.rejected) for r in caa_rows)
+    # every answer opens with its letter and spells the option out (answer-token reads the letter)
+    assert all(r.answer_token and answer_letter(r.chosen) and answer_letter(r.rejected) for r in caa_rows)
+    assert all(not is_answer_letter(r.chosen) and len(r.chosen) > 4 for r in caa_rows)
     assert all(r.chosen != r.rejected for r in caa_rows)
     per_user = Counter(r.user for r in caa_rows)
     train = Counter(r.user for r in caa_rows if r.split == "train")
@@ -176,7 +179,9 @@ def test_users_caa_items_are_the_caa_items_as_the_ab_score_reads_them(caa_rows, 
         items = {(p.prompt, frozenset((p.positive, p.negative))) for p in load_pairs(f"caa-{behaviour}:{split}")}
         rows = [r for r in caa_rows if r.category == behaviour and r.split == split]
         assert rows
-        assert all((r.prompt, frozenset((r.chosen, r.rejected))) in items for r in rows)
+        assert all((r.prompt, frozenset((answer_letter(r.chosen), answer_letter(r.rejected)))) in items for r in rows)
+        # the spelled-out text is the prompt's own option for that letter
+        assert all(r.chosen.split(" ", 1)[1] in r.prompt and r.rejected.split(" ", 1)[1] in r.prompt for r in rows)
         assert all("Choices" in r.prompt for r in rows)
 
 

@@ -207,12 +207,17 @@ def test_fit_users_builds_a_library():
     diff = (h[:, fit.chosen] - h[:, fit.rejected])[:, seen]
     assert torch.allclose(lib.population, diff.mean(1), atol=1e-5)
     raw_phi = torch.einsum("lnd,lkd->nlk", h, lib.basis)
-    # prompt-centred by default: each text's φ minus the mean φ of its prompt's texts (here its two answers)
+    # auto on a per-category basis: each text's φ minus the mean φ of its prompt's texts (here its two answers),
+    # kept on its own category's axis only ("question j?" is a "kind" item for even j, "brief" for odd)
     prompt_of = torch.tensor([int(p.split()[1].rstrip("?")) for p, _ in fit.texts])
     centre = torch.stack([raw_phi[prompt_of == int(g)].mean(0) for g in prompt_of])
-    assert lib.meta["features"] == lib.features == "prompt-centred"
-    assert torch.allclose(fit.phi, raw_phi - centre, atol=1e-4)
+    own = torch.tensor([lib.meta["basis"]["labels"].index("kind" if int(g) % 2 == 0 else "brief") for g in prompt_of])
+    mask = torch.nn.functional.one_hot(own, 2).float()[:, None, :]
+    assert lib.meta["features"] == lib.features == "category-masked"
+    assert torch.allclose(fit.phi, (raw_phi - centre) * mask, atol=1e-4)
     assert torch.allclose(fit.phi[fit.chosen], -fit.phi[fit.rejected], atol=1e-4)  # two answers: ±Δ/2
+    centred = fit_users(handle, data, folds=2, progress=False, feature_kind="prompt-centred")
+    assert torch.allclose(centred.phi, raw_phi - centre, atol=1e-4)
     raw = fit_users(handle, data, folds=2, progress=False, feature_kind="raw")
     assert raw.library.features == "raw"
     assert torch.allclose(raw.phi, raw_phi, atol=1e-4)

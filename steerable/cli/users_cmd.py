@@ -42,9 +42,11 @@ def add_users_parsers(sub: Any) -> None:
     s.add_argument("--layers", help=f"layers to fit, e.g. 12-18 (default {LAYER_RULE})")
     s.add_argument("--position", default="response-mean", choices=list(FIT_POSITIONS),
                    help="where a response is read: the mean over its tokens, or the A/B answer letter")
-    s.add_argument("--features", default="prompt-centred", choices=["prompt-centred", "raw"],
-                   help="φ of a response measured from the mean of its prompt's responses (default; the prompt's "
-                        "own content cancels) or raw φ = Bᵀh")
+    s.add_argument("--features", default="auto", choices=["auto", "category-masked", "prompt-centred", "raw"],
+                   help="prompt-centred: φ of a response measured from the mean of its prompt's responses (the "
+                        "prompt's own content cancels); category-masked: also each response read on its own "
+                        "category's axis only; raw: φ = Bᵀh; auto (default): category-masked on a per-category "
+                        "basis, else prompt-centred")
     s.add_argument("--tau", type=float, help="the prior's τ (default: chosen per layer by held-out likelihood)")
     s.add_argument("--folds", type=int_flag(2, 100), default=5, help="folds of the held-out choice of τ")
     s.add_argument("--batch-size", type=batch_size, default=16)

@@ -20,6 +20,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import re
 from dataclasses import dataclass
 from statistics import NormalDist
 
@@ -134,6 +135,26 @@ def user_profiles() -> dict[str, str]:
     return {u.name: u.profile for u in synthetic_users()}
 
 
+_OPTION = r"\(\s*{}\s*\)\s*(.*?)(?=\n\s*\(\s*[A-Za-z]\s*\)|\Z)"
+
+
+def spelled_out(prompt: str, letter: str) -> str:
+    """A CAA answer letter with its option's text ("(B)" → "(B) I'd be willing to change them."), read from the
+    prompt's choices; the bare letter if the prompt does not spell that option out.
+
+    Why: a bare letter's activation says little about what was chosen (on smollm2-135m, a held-out item's
+    matching-minus-other letter activation points along its behaviour's mean direction about half the time),
+    while the spelled-out answer carries its content (0.67–1.0 of held-out items, by behaviour); and a person's
+    preference pair compares two responses, not two letters."""
+    m = re.fullmatch(r"\(\s*([A-Za-z])\s*\)", letter.strip())
+    if m is None:
+        return letter
+    choices = prompt.split("Choices:")[-1]
+    option = re.search(_OPTION.format(re.escape(m.group(1))), choices, re.S)
+    text = option.group(1).strip() if option else ""
+    return f"{letter.strip()} {text}" if text else letter
+
+
 def item_pools() -> dict[str, dict[str, list[Pair]]]:
     """behaviour -> {"train": items, "test": items}: POOL_TRAIN / POOL_TEST CAA items (distinct prompts)
     from the set's fixed train / test split (data/loaders.py split_of), in a seeded hash order."""
@@ -151,7 +172,7 @@ def item_pools() -> dict[str, dict[str, list[Pair]]]:
             if p.prompt in prompts or len(out[s]) >= want[s]:
                 continue
             prompts.add(p.prompt)
-            out[s].append(p)
+            out[s].append(Pair(p.prompt, spelled_out(p.prompt, p.positive), spelled_out(p.prompt, p.negative)))
             if all(len(out[k]) >= want[k] for k in want):
                 break
         if any(len(out[k]) < want[k] for k in want):

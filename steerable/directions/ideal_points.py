@@ -76,7 +76,7 @@ def dislike_weights(phi_chosen: torch.Tensor, phi_rejected: torch.Tensor, user_i
     return out.float()
 
 
-FEATURES = ("prompt-centred", "raw")
+FEATURES = ("category-masked", "prompt-centred", "raw")
 
 
 def centre_by_prompt(phi: torch.Tensor, prompt_index: torch.Tensor) -> torch.Tensor:
@@ -94,6 +94,26 @@ def centre_by_prompt(phi: torch.Tensor, prompt_index: torch.Tensor) -> torch.Ten
     sums = torch.zeros(groups, flat.shape[1], dtype=torch.float64).index_add_(0, prompt_index, flat)
     counts = torch.bincount(prompt_index, minlength=groups).double().clamp_min(1)
     return (flat - (sums / counts[:, None])[prompt_index]).reshape(phi.shape).to(phi.dtype)
+
+
+def mask_to_category(phi: torch.Tensor, axis: torch.Tensor) -> torch.Tensor:
+    """φ [N, L, K] with each response's features kept on its own category's axis only (`axis` [N], the basis
+    row of the response's category; −1 keeps every axis, for a response whose category the basis lacks).
+
+    Why (ours): the model's activations need not keep the behaviours apart. On smollm2-135m the mean
+    matching-minus-other directions of two CAA sets (corrigible-neutral-HHH, coordinate-other-ais) have cosine
+    0.93, so one θ over a shared space cannot hold a user's opposite tastes on them, and even the population's
+    point is fitted with the wrong sign on one of them. Read on its own axis, a category's pairs inform only
+    that category's coordinate of θ: the per-category ideal-point model that a per-category basis implies."""
+    if axis.shape != phi.shape[:1]:
+        raise SteerableError(f"one axis per response: {tuple(axis.shape)} for {phi.shape[0]} responses")
+    k = phi.shape[-1]
+    if len(axis) and int(axis.max()) >= k:
+        raise SteerableError(f"axis {int(axis.max())} is beyond the basis' {k}")
+    keep = torch.ones(len(axis), k, dtype=phi.dtype)
+    own = axis >= 0
+    keep[own] = torch.nn.functional.one_hot(axis[own], k).to(phi.dtype)
+    return phi * keep[:, None, :]
 
 
 def prompt_groups(prompts: Sequence[str]) -> torch.Tensor:

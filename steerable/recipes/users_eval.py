@@ -31,7 +31,7 @@ from typing import Any, Protocol
 
 import torch
 
-from steerable.directions.ideal_points import centre_by_prompt, prompt_groups
+from steerable.directions.ideal_points import centre_by_prompt, mask_to_category, prompt_groups
 from steerable.errors import SteerableError
 from steerable.evaluate import preference_eval as pe
 from steerable.evaluate.capability import calibrated, mc_scores, paired_change, predicted, split_calibration
@@ -167,12 +167,13 @@ def ideal_points(library: Any, users: Sequence[str | None], layers: list[int]) -
 
 
 def features(handle: ModelHandle, library: Any, prompts: Sequence[str], texts: Sequence[str], layers: list[int],
-             batch_size: int) -> torch.Tensor:
+             batch_size: int, categories: Sequence[str | None] | None = None) -> torch.Tensor:
     """φ = Bᵀh per text [n, L, K]: each text's activation at the library's site and position (as `users fit`
     read its training texts), read by the unsteered model, projected on the library's basis. Repeated
     (prompt, text) pairs are read once. A prompt-centred library's φ is measured from the mean φ of the texts
     given here for the same prompt (as `users fit` centred its training texts), so pass every text that is
-    compared on a prompt in one call."""
+    compared on a prompt in one call. A category-masked library also keeps each text's φ on its category's axis
+    (`categories`, one per text; a text without one, or of a category the basis lacks, keeps every axis)."""
     rows = [list(library.layers).index(x) for x in layers]
     basis = library.basis.float()[rows]  # [L, K, d]
     index: dict[tuple[str, str], int] = {}
@@ -180,9 +181,16 @@ def features(handle: ModelHandle, library: Any, prompts: Sequence[str], texts: S
     h = capture_texts(handle, list(index), layers, site=str(library.site), position=str(library.position),
                       batch_size=batch_size, progress=False)  # [L, N, d]
     phi = torch.einsum("lnd,lkd->nlk", h.float(), basis)
-    if str(getattr(library, "features", "raw")) == "prompt-centred":
+    kind = str(getattr(library, "features", "raw"))
+    if kind != "raw":
         phi = centre_by_prompt(phi, prompt_groups([p for p, _ in index]))
-    return phi[torch.tensor(where, dtype=torch.long)]
+    phi = phi[torch.tensor(where, dtype=torch.long)]
+    if kind == "category-masked":
+        labels = list(library.meta.get("basis", {}).get("labels", []))
+        cats = list(categories) if categories is not None else [None] * len(texts)
+        phi = mask_to_category(phi, torch.tensor([labels.index(c) if c in labels else -1 for c in cats],
+                                                 dtype=torch.long))
+    return phi
 
 
 def bt_hits(handle: ModelHandle, library: Any, rows: Sequence[Row], layers: list[int],
@@ -190,7 +198,7 @@ def bt_hits(handle: ModelHandle, library: Any, rows: Sequence[Row], layers: list
     """The fitted BT model's own prediction P_u(chosen ≻ rejected) > ½ per pair (no steering)."""
     prompts = [r.prompt for r in rows]
     both = features(handle, library, prompts + prompts, [r.chosen for r in rows] + [r.rejected for r in rows],
-                    layers, batch_size)
+                    layers, batch_size, [r.category for r in rows] * 2)
     fa, fb = both[: len(rows)], both[len(rows) :]
     theta = ideal_points(library, [r.user for r in rows], layers)
     p = pe.bt_probability(fa, fb, theta)
@@ -318,7 +326,8 @@ def generation_check(handle: ModelHandle, rows: Sequence[Row], plans: Plans, str
     comps = list(replies_read)
     # every condition's reply to a prompt read in one call: a prompt-centred library measures them from their mean
     phi_all = features(handle, lib, [prompts[i] for _ in comps for i in ok],
-                       [str(replies_read[c][i]) for c in comps for i in ok], layers, cfg.batch_size)
+                       [str(replies_read[c][i]) for c in comps for i in ok], layers, cfg.batch_size,
+                       [picked[i].category for _ in comps for i in ok])
     for j, comp in enumerate(comps):
         phi = phi_all[j * len(ok) : (j + 1) * len(ok)]
         util[comp] = [float(x) for x in -((phi - theta) ** 2).sum(-1).mean(-1)]

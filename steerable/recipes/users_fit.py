@@ -37,6 +37,7 @@ from steerable.directions.ideal_points import (
     centre_by_prompt,
     dislike_weights,
     fit_ideal_points,
+    mask_to_category,
     population_point,
     prompt_groups,
 )
@@ -205,6 +206,18 @@ def _texts(rows: Sequence[PreferenceRow]) -> tuple[list[tuple[str, str]], torch.
     return list(index), torch.tensor(chosen), torch.tensor(rejected)
 
 
+def _text_axes(rows: Sequence[PreferenceRow], n_texts: int, chosen: torch.Tensor, rejected: torch.Tensor,
+               labels: Sequence[str]) -> torch.Tensor:
+    """[N] each distinct text's basis axis (its rows' category), −1 where the category is not an axis or a text
+    sits in rows of two categories."""
+    axis = torch.full((n_texts,), -2, dtype=torch.long)
+    for r, a, b in zip(rows, chosen.tolist(), rejected.tolist(), strict=True):
+        k = labels.index(r.category) if r.category in labels else -1
+        for t in (a, b):
+            axis[t] = k if int(axis[t]) in (-2, k) else -1
+    return axis.clamp_min(-1)
+
+
 def fit_users(
     handle: ModelHandle,
     rows: Sequence[PreferenceRow],
@@ -222,20 +235,22 @@ def fit_users(
     data: dict[str, Any] | None = None,
     progress: bool = True,
     features: torch.Tensor | None = None,
-    feature_kind: str = "prompt-centred",
+    feature_kind: str = "auto",
 ) -> UsersFit:
     """A profile library fitted on `rows` (the training pairs). `users` lists the library's users (default:
     those in `rows`; a listed user without rows gets the population's ideal point). `features` [L, N, d]
     replaces the capture (activations of the rows' distinct texts in first-appearance order). `feature_kind`
-    "prompt-centred" (default) measures every response's φ from the mean φ of its prompt's responses
-    (directions/ideal_points.py centre_by_prompt says why); "raw" is methods.md §7's φ = Bᵀh as it stands."""
+    "prompt-centred" measures every response's φ from the mean φ of its prompt's responses
+    (directions/ideal_points.py centre_by_prompt says why); "category-masked" also keeps each response's φ on
+    its own category's axis only (mask_to_category says why; needs a per-category basis); "raw" is methods.md
+    §7's φ = Bᵀh as it stands; "auto" (default) is category-masked on a per-category basis, else prompt-centred."""
     if not rows:
         raise DataError("users fit: no preference rows")
     if position not in FIT_POSITIONS:
         raise SteerableError(f"position {position!r}: users fit reads {' or '.join(FIT_POSITIONS)}")
     check_site(site)
-    if feature_kind not in FEATURES:
-        raise SteerableError(f"features {feature_kind!r}: use {' or '.join(FEATURES)}")
+    if feature_kind not in (*FEATURES, "auto"):
+        raise SteerableError(f"features {feature_kind!r}: use auto, {', '.join(FEATURES)}")
     layer_list = default_layers(handle.n_layers) if layers is None else sorted(set(int(x) for x in layers))
     if not layer_list or not all(0 <= x < handle.n_layers for x in layer_list):
         raise SteerableError(f"layers must lie in 0-{handle.n_layers - 1}")
@@ -278,8 +293,14 @@ def fit_users(
     categories = [r.category for r, s in zip(rows, seen_rows.tolist(), strict=True) if s]
     basis_t, basis_info = build_basis(shared, categories, basis, seed)
     phi = torch.einsum("lnd,lkd->nlk", h.double(), basis_t.double())  # [N, L, K]
-    if feature_kind == "prompt-centred":
+    if feature_kind == "auto":
+        feature_kind = "category-masked" if basis_info["kind"] == "category" else "prompt-centred"
+    if feature_kind == "category-masked" and basis_info["kind"] != "category":
+        raise SteerableError("features category-masked need a per-category basis (--basis category)")
+    if feature_kind != "raw":
         phi = centre_by_prompt(phi, prompt_groups([t[0] for t in texts]))
+    if feature_kind == "category-masked":
+        phi = mask_to_category(phi, _text_axes(rows, len(texts), ci, ri, basis_info["labels"]))
     phi_c, phi_r = phi[ci], phi[ri]
     phi_mean = ((phi_c[seen_rows] + phi_r[seen_rows]) / 2).mean(0)
     timings["basis_s"] = time.perf_counter() - t0
