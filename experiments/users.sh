@@ -12,7 +12,7 @@ set -euo pipefail
 MODEL=${MODEL:-smollm2-135m}
 LIMIT=${LIMIT:-200}          # held-out pairs scored per condition
 TUNE=${TUNE:-48}             # training pairs the α sweep chooses the strengths on
-POSITION=${POSITION:-answer-token}   # users-caa's pairs are A/B answer letters
+POSITION=${POSITION:-response-mean}  # users-caa's answers are spelled out; answer-token reads their letter
 SWEEP_POPULATION=${SWEEP_POPULATION:-0.5,1,2,4}
 # composed grids: the population grid rescaled to equal added norms (the default); SWEEP_COMPOSED=2.5,7.5,17.5
 # gives seed 002's grid instead
@@ -22,7 +22,7 @@ CAP_PER_SUBJECT=${CAP_PER_SUBJECT:-3}
 TAU=${TAU:-}                 # empty: users fit chooses τ by held-out likelihood
 SUFFIX=${TAU:+-tau$TAU}
 OUT=${OUT:-experiments/results/users/$MODEL$SUFFIX}
-LIB=runs/users/$MODEL-caa$SUFFIX.safetensors
+LIB=runs/users/$MODEL-caa-$POSITION$SUFFIX.safetensors
 mkdir -p "$OUT" runs/users
 export OMP_WAIT_POLICY=PASSIVE
 # shellcheck disable=SC2086
