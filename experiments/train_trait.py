@@ -1,13 +1,23 @@
 """Does plain fine-tuning move a model along a trait direction? (issue 16: "a trait that fine-tuning really moves")
 
 For each seed: fresh model → LoRA on an SFT set (`steerable.train`, method none unless --method) → on held-out
-prompts, (a) the mean projection of the last prompt token's activation on the trait direction (the Persona
-Vectors paper's fine-tuning-shift measure) before and after, and (b) the CAA A/B behaviour score (p(matching
-letter) / (p(A) + p(B))) before and after, (c) the held-out SFT loss. The criterion: the mean projection shift
-over seeds ≥ 3× its seed-to-seed standard deviation, and the behaviour score moves.
+prompts, before and after:
+- the mean projection of the last prompt token's activation on the trait direction (the Persona Vectors paper's
+  fine-tuning-shift measure) at --layer, and at every layer (`projection_by_layer`, to see whether one layer's
+  reading is special);
+- the trait behaviour: with `--trait caa` the CAA A/B score (p(matching letter) / (p(A) + p(B))) on held-out
+  pairs; with `--trait axis` (the direction is an Assistant Axis) the model's greedy replies to held-out role
+  questions (no system prompt, 48 new tokens), re-read by the *base* model (adapter disabled: what the text
+  itself is, not the adapter's shift of the activations): the reply's response-mean projection on the axis at
+  --layer (`text_projection`), the share of replies below the Assistant band's floor (the 5th percentile of the
+  base model's own held-out replies, `below_band`), and the share of replies that call the speaker an AI /
+  assistant / language model (`mentions_ai`), a check that does not use the axis;
+- the held-out SFT loss (the set's `:test` split).
+The criterion: the mean projection shift over seeds ≥ 3× its seed-to-seed standard deviation, and the behaviour
+moves (95 % t-interval over seeds excluding 0).
 
-  python experiments/train_trait.py --vector syc.safetensors --layer 18 --seeds 0,1,2 \
-      --out experiments/results/training/smollm2-135m-sycophancy-sft.json   (experiments/training.sh runs it)
+  python experiments/train_trait.py --trait axis --vector axis.safetensors --data persona-sft --seeds 0,1,2 \
+      --out experiments/results/training/smollm2-135m-persona-sft.json      (experiments/training.sh runs it)
 """
 
 from __future__ import annotations
@@ -18,22 +28,28 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import argparse
 import json
+import re
 import statistics
 import time
 from pathlib import Path
 
 import torch
 
-from steerable.capture.features import prompt_features
+from steerable.capture.features import prompt_features, response_means
+from steerable.data import roles
 from steerable.data.loaders import load_pairs
 from steerable.data.sft import load_sft
 from steerable.directions.artifact import load_directions
 from steerable.evaluate.logits import ab_score
 from steerable.fsutil import write_text_atomic
+from steerable.generation import generate
 from steerable.models.load import load_model
 from steerable.train import TrainConfig, train
 from steerable.train.batches import collate, tokenise
 from steerable.train.losses import task_loss
+
+_AI = re.compile(r"\b(AI|A\.I\.|assistant|language model|artificial intelligence)\b", re.IGNORECASE)
+_T975 = {2: 12.706, 3: 4.303, 4: 3.182, 5: 2.776, 6: 2.571}  # t quantiles for a 95 % interval, by n
 
 
 def heldout_loss(handle, sft, n: int, max_length: int, batch_size: int = 8) -> float:
@@ -49,32 +65,81 @@ def heldout_loss(handle, sft, n: int, max_length: int, batch_size: int = 8) -> f
     return total / count
 
 
-def measure(handle, ds, layer: int, pairs, sft_test, n_loss: int, max_length: int) -> dict:
-    feats = prompt_features(handle, [p.prompt for p in pairs], [layer], progress=False)[0]
-    proj = feats @ ds.direction(layer).float()
-    ab = ab_score(handle, pairs)
-    return {"projection": float(proj.mean()), "projection_sd": float(proj.std()),
-            "ab_score": statistics.fmean(ab), "ab_matching_rate": statistics.fmean(x > 0.5 for x in ab),
-            "heldout_sft_loss": heldout_loss(handle, sft_test, n_loss, max_length)}
+def projections(handle, ds, prompts) -> dict:
+    feats = prompt_features(handle, prompts, ds.layers, progress=False)  # [L, n, d]
+    per_layer = torch.einsum("lnd,ld->ln", feats, ds.directions.float())
+    return {"by_layer": per_layer.mean(1).tolist(), "per_prompt": per_layer}
+
+
+def replies(handle, ds, layer: int, questions, peft_model=None, floor: float | None = None) -> dict:
+    """Greedy replies to the questions and their axis reading by the base model (adapter disabled)."""
+    texts = generate(handle, questions, max_new_tokens=48, batch_size=16)
+    kept = [(q, t) for q, t in zip(questions, texts, strict=True) if t.strip()]
+    ctx = peft_model.disable_adapter() if peft_model is not None else _null()
+    with ctx:
+        feats = response_means(handle, [q for q, _ in kept], [t for _, t in kept], [layer], progress=False)[0]
+    proj = (feats @ ds.direction(layer).float()).tolist()
+    out = {"text_projection": statistics.fmean(proj), "text_projection_per_reply": proj,
+           "mentions_ai": statistics.fmean(bool(_AI.search(t)) for _, t in kept), "n_replies": len(kept),
+           "empty_replies": len(questions) - len(kept), "examples": [t for _, t in kept[:4]]}
+    if floor is not None:
+        out["below_band"] = statistics.fmean(p < floor for p in proj)
+    return out
+
+
+class _null:
+    def __enter__(self):
+        return None
+
+    def __exit__(self, *a):
+        return False
+
+
+def measure(handle, ds, layer: int, args, eval_items, sft_test, peft_model=None, floor=None) -> dict:
+    prompts = [p.prompt for p in eval_items] if args.trait == "caa" else eval_items
+    proj = projections(handle, ds, prompts)
+    li = ds.layers.index(layer)
+    row = {"projection": proj["by_layer"][li], "projection_sd": float(proj["per_prompt"][li].std()),
+           "projection_by_layer": proj["by_layer"],
+           "heldout_sft_loss": heldout_loss(handle, sft_test, args.n_loss, args.max_length)}
+    if args.trait == "caa":
+        ab = ab_score(handle, eval_items)
+        row |= {"ab_score": statistics.fmean(ab), "ab_matching_rate": statistics.fmean(x > 0.5 for x in ab)}
+    else:
+        row |= replies(handle, ds, layer, eval_items, peft_model, floor)
+    return row
 
 
 def sd(xs: list[float]) -> float:
     return statistics.stdev(xs) if len(xs) > 1 else float("nan")
 
 
+def interval(xs: list[float]) -> list[float] | None:
+    """95 % t-interval of the mean over seeds."""
+    if len(xs) < 2:
+        return None
+    h = _T975.get(len(xs), 1.96) * sd(xs) / len(xs) ** 0.5
+    return [statistics.fmean(xs) - h, statistics.fmean(xs) + h]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default="smollm2-135m")
+    ap.add_argument("--trait", choices=("caa", "axis"), default="caa",
+                    help="caa: CAA pairs and A/B score; axis: an Assistant Axis, role questions and replies")
     ap.add_argument("--vector", required=True)
-    ap.add_argument("--layer", type=int, help="layer to read (default: the file's best held-out AUROC)")
+    ap.add_argument("--layer", type=int, help="layer to read (default: the axis's monitor layer, else the file's "
+                    "best held-out AUROC)")
     ap.add_argument("--data", default="sycophancy-sft")
     ap.add_argument("--eval-pairs", default="caa-sycophancy:test")
     ap.add_argument("--n-eval", type=int, default=64)
+    ap.add_argument("--n-loss", type=int, default=64, help="held-out SFT rows for the task loss")
     ap.add_argument("--method", default="none")
     ap.add_argument("--train-vector", help="direction file for the method (default --vector)")
     ap.add_argument("--lam", type=float, default=0.1)
+    ap.add_argument("--lam-reg", type=float, help="combined: the regularisation term's weight (default --lam)")
     ap.add_argument("--strength", type=float, default=1.0)
-    ap.add_argument("--layers", help="layers of the method's terms / plan (default: --layer)")
+    ap.add_argument("--layers", help="layers of the method's terms / plan (default: the train loop's default)")
     ap.add_argument("--seeds", default="0,1,2")
     ap.add_argument("--steps", type=int, default=40)
     ap.add_argument("--lr", type=float, default=1e-3)
@@ -86,41 +151,72 @@ def main() -> None:
     t0 = time.perf_counter()
     handle = load_model(args.model)
     ds = load_directions(args.vector, handle)
-    layer = args.layer if args.layer is not None else ds.layers[int(torch.nan_to_num(ds.auroc, nan=-1).argmax())]
-    pairs = load_pairs(args.eval_pairs)[:args.n_eval]
+    axis_meta = ds.meta.get("axis", {})
+    if args.layer is not None:
+        layer = args.layer
+    elif axis_meta.get("monitor_layer") is not None:
+        layer = int(axis_meta["monitor_layer"])
+    else:
+        layer = ds.layers[int(torch.nan_to_num(ds.auroc, nan=-1).argmax())]
+    if args.trait == "caa":
+        eval_items = load_pairs(args.eval_pairs)[:args.n_eval]
+    else:
+        eval_items = [q.question for q in roles.questions("test")][:args.n_eval]
     sft, sft_test = load_sft(f"{args.data}:train"), load_sft(f"{args.data}:test")
-    before = measure(handle, ds, layer, pairs, sft_test, args.n_eval, args.max_length)
-    print("before", before, flush=True)
+    before = measure(handle, ds, layer, args, eval_items, sft_test)
+    floor = None
+    if args.trait == "axis":  # the Assistant band's floor: p5 of the base model's own held-out replies
+        floor = float(torch.tensor(before["text_projection_per_reply"]).quantile(0.05))
+        before["below_band"] = statistics.fmean(p < floor for p in before["text_projection_per_reply"])
+    print("before", {k: v for k, v in before.items() if not k.endswith("per_reply")}, flush=True)
     runs = []
     for seed in [int(s) for s in args.seeds.split(",")]:
         h = load_model(args.model)
         vector = None if args.method == "none" else (args.train_vector or args.vector)
-        config = TrainConfig(method=args.method, vector=vector,
-                             layers=args.layers or str(layer), lam=args.lam, strength=args.strength,
-                             steps=args.steps, lr=args.lr, batch_size=args.batch_size, max_length=args.max_length,
-                             seed=seed)
-        out = Path(args.runs) / f"{args.data}-{args.method}-s{seed}"
+        config = TrainConfig(method=args.method, vector=vector, layers=args.layers, lam=args.lam,
+                             lam_reg=args.lam_reg, strength=args.strength, steps=args.steps, lr=args.lr,
+                             batch_size=args.batch_size, max_length=args.max_length, seed=seed)
+        out = Path(args.runs) / f"{args.model}-{args.data}-{args.method}-s{seed}"
         result = train(h, sft, config, out if not (out / "steering.json").exists() else None)
-        after = measure(h, ds, layer, pairs, sft_test, args.n_eval, args.max_length)
-        runs.append({"seed": seed, **after, "final_train_task_loss": result.log[-1]["task_loss"],
-                     "train_seconds": result.record["seconds"],
-                     "projection_shift": after["projection"] - before["projection"],
-                     "ab_shift": after["ab_score"] - before["ab_score"]})
-        print(runs[-1], flush=True)
+        after = measure(h, ds, layer, args, eval_items, sft_test, result.peft_model, floor)
+        run = {"seed": seed, **after, "final_train_task_loss": result.log[-1]["task_loss"],
+               "train_seconds": result.record["seconds"],
+               "projection_shift": after["projection"] - before["projection"],
+               "projection_shift_by_layer": [a - b for a, b in zip(after["projection_by_layer"],
+                                                                    before["projection_by_layer"], strict=True)]}
+        if args.trait == "caa":
+            run["ab_shift"] = after["ab_score"] - before["ab_score"]
+        else:
+            run |= {"text_projection_shift": after["text_projection"] - before["text_projection"],
+                    "below_band_shift": after["below_band"] - before["below_band"],
+                    "mentions_ai_shift": after["mentions_ai"] - before["mentions_ai"]}
+        runs.append(run)
+        print({k: v for k, v in run.items() if not k.endswith(("per_reply", "by_layer"))}, flush=True)
     shifts = [r["projection_shift"] for r in runs]
-    ab_shifts = [r["ab_shift"] for r in runs]
-    summary = {"projection_shift_mean": statistics.fmean(shifts), "projection_shift_sd_over_seeds": sd(shifts),
-               "shift_over_sd": statistics.fmean(shifts) / sd(shifts) if len(shifts) > 1 else None,
-               "meets_3sd": len(shifts) > 1 and abs(statistics.fmean(shifts)) >= 3 * sd(shifts),
-               "ab_shift_mean": statistics.fmean(ab_shifts), "ab_shift_sd_over_seeds": sd(ab_shifts),
-               "base_projection_sd_over_prompts": before["projection_sd"]}
-    record = {"model": args.model, "vector": args.vector, "layer": layer, "data": args.data, "method": args.method,
-              "eval_pairs": args.eval_pairs, "n_eval": len(pairs), "steps": args.steps, "lr": args.lr,
-              "batch_size": args.batch_size, "max_length": args.max_length, "lam": args.lam,
-              "strength": args.strength, "before": before, "runs": runs, "summary": summary,
+    summary: dict = {"projection_shift_mean": statistics.fmean(shifts), "projection_shift_sd_over_seeds": sd(shifts),
+                     "shift_over_sd": abs(statistics.fmean(shifts)) / sd(shifts) if len(shifts) > 1 else None,
+                     "meets_3sd": len(shifts) > 1 and abs(statistics.fmean(shifts)) >= 3 * sd(shifts),
+                     "projection_shift_ci95": interval(shifts),
+                     "base_projection_sd_over_prompts": before["projection_sd"],
+                     "heldout_sft_loss_mean": statistics.fmean(r["heldout_sft_loss"] for r in runs)}
+    by_layer = list(zip(*[r["projection_shift_by_layer"] for r in runs], strict=True))
+    summary["shift_over_sd_by_layer"] = [abs(statistics.fmean(x)) / sd(list(x)) if len(x) > 1 else None
+                                         for x in by_layer]
+    keys = ["ab_shift"] if args.trait == "caa" else ["text_projection_shift", "below_band_shift", "mentions_ai_shift"]
+    for k in keys:
+        xs = [r[k] for r in runs]
+        summary[f"{k}_mean"] = statistics.fmean(xs)
+        summary[f"{k}_sd_over_seeds"] = sd(xs)
+        summary[f"{k}_ci95"] = interval(xs)
+    record = {"model": args.model, "trait": args.trait, "vector": args.vector, "layer": layer, "layers": ds.layers,
+              "data": args.data, "method": args.method, "eval": args.eval_pairs if args.trait == "caa" else
+              "roles questions:test (no system prompt)", "n_eval": len(eval_items), "steps": args.steps,
+              "lr": args.lr, "batch_size": args.batch_size, "max_length": args.max_length, "lam": args.lam,
+              "lam_reg": args.lam_reg, "strength": args.strength, "band_floor": floor, "before": before, "runs": runs,
+              "summary": summary,
               "seconds": round(time.perf_counter() - t0, 1)}
     write_text_atomic(args.out, json.dumps(record, indent=1) + "\n")
-    print(json.dumps(summary, indent=1))
+    print(json.dumps({k: v for k, v in summary.items() if k != "shift_over_sd_by_layer"}, indent=1))
 
 
 if __name__ == "__main__":
