@@ -27,11 +27,13 @@ import os
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import argparse
+import contextlib
 import json
 import re
 import statistics
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -52,7 +54,7 @@ _AI = re.compile(r"\b(AI|A\.I\.|assistant|language model|artificial intelligence
 _T975 = {2: 12.706, 3: 4.303, 4: 3.182, 5: 2.776, 6: 2.571}  # t quantiles for a 95 % interval, by n
 
 
-def heldout_loss(handle, sft, n: int, max_length: int, batch_size: int = 8) -> float:
+def heldout_loss(handle: Any, sft: Any, n: int, max_length: int, batch_size: int = 8) -> float:
     items = tokenise(handle, sft.examples[:n], max_length)
     total, count = 0.0, 0
     with torch.no_grad():
@@ -65,17 +67,18 @@ def heldout_loss(handle, sft, n: int, max_length: int, batch_size: int = 8) -> f
     return total / count
 
 
-def projections(handle, ds, prompts) -> dict:
+def projections(handle: Any, ds: Any, prompts: Any) -> dict[str, Any]:
     feats = prompt_features(handle, prompts, ds.layers, progress=False)  # [L, n, d]
     per_layer = torch.einsum("lnd,ld->ln", feats, ds.directions.float())
     return {"by_layer": per_layer.mean(1).tolist(), "per_prompt": per_layer}
 
 
-def replies(handle, ds, layer: int, questions, peft_model=None, floor: float | None = None) -> dict:
+def replies(handle: Any, ds: Any, layer: int, questions: list[str], peft_model: Any = None,
+            floor: float | None = None) -> dict[str, Any]:
     """Greedy replies to the questions and their axis reading by the base model (adapter disabled)."""
     texts = generate(handle, questions, max_new_tokens=48, batch_size=16)
     kept = [(q, t) for q, t in zip(questions, texts, strict=True) if t.strip()]
-    ctx = peft_model.disable_adapter() if peft_model is not None else _null()
+    ctx = peft_model.disable_adapter() if peft_model is not None else contextlib.nullcontext()
     with ctx:
         feats = response_means(handle, [q for q, _ in kept], [t for _, t in kept], [layer], progress=False)[0]
     proj = (feats @ ds.direction(layer).float()).tolist()
@@ -87,15 +90,8 @@ def replies(handle, ds, layer: int, questions, peft_model=None, floor: float | N
     return out
 
 
-class _null:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *a):
-        return False
-
-
-def measure(handle, ds, layer: int, args, eval_items, sft_test, peft_model=None, floor=None) -> dict:
+def measure(handle: Any, ds: Any, layer: int, args: argparse.Namespace, eval_items: Any, sft_test: Any,
+            peft_model: Any = None, floor: float | None = None) -> dict[str, Any]:
     prompts = [p.prompt for p in eval_items] if args.trait == "caa" else eval_items
     proj = projections(handle, ds, prompts)
     li = ds.layers.index(layer)
@@ -158,6 +154,7 @@ def main() -> None:
         layer = int(axis_meta["monitor_layer"])
     else:
         layer = ds.layers[int(torch.nan_to_num(ds.auroc, nan=-1).argmax())]
+    eval_items: list[Any]
     if args.trait == "caa":
         eval_items = load_pairs(args.eval_pairs)[:args.n_eval]
     else:
@@ -193,7 +190,8 @@ def main() -> None:
         runs.append(run)
         print({k: v for k, v in run.items() if not k.endswith(("per_reply", "by_layer"))}, flush=True)
     shifts = [r["projection_shift"] for r in runs]
-    summary: dict = {"projection_shift_mean": statistics.fmean(shifts), "projection_shift_sd_over_seeds": sd(shifts),
+    summary: dict[str, Any] = {"projection_shift_mean": statistics.fmean(shifts),
+                               "projection_shift_sd_over_seeds": sd(shifts),
                      "shift_over_sd": abs(statistics.fmean(shifts)) / sd(shifts) if len(shifts) > 1 else None,
                      "meets_3sd": len(shifts) > 1 and abs(statistics.fmean(shifts)) >= 3 * sd(shifts),
                      "projection_shift_ci95": interval(shifts),
