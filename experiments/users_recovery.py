@@ -97,12 +97,19 @@ def run_position(handle: Any, position: str, batch_size: int,
     users = list(dict.fromkeys(r.user for r in load_preferences("users-caa", split="all")))
     layers = default_layers(handle.n_layers)
     t0 = time.perf_counter()
-    train_h = capture_texts(handle, list(dict.fromkeys(t for r in rows for t in ((r.prompt, r.chosen),
-                                                                                   (r.prompt, r.rejected)))),
-                            layers, position=position, batch_size=batch_size)
     pools = item_pools()
     texts = [(p.prompt, t) for b in BEHAVIOURS for p in pools[b]["test"] for t in (p.positive, p.negative)]
-    test_h = capture_texts(handle, texts, layers, position=position, batch_size=batch_size)
+    # the captures are kept (runs/ is ours, plain tensors), so a rerun of the fits costs seconds
+    cache = Path("runs") / "users_recovery" / f"{handle.name}-{position}.pt"
+    if cache.exists():
+        train_h, test_h = torch.load(cache)
+    else:
+        train_h = capture_texts(handle, list(dict.fromkeys(t for r in rows for t in ((r.prompt, r.chosen),
+                                                                                       (r.prompt, r.rejected)))),
+                                layers, position=position, batch_size=batch_size)
+        test_h = capture_texts(handle, texts, layers, position=position, batch_size=batch_size)
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        torch.save((train_h, test_h), cache)
     capture_s = time.perf_counter() - t0
     out = {}
     for kind in kinds:
@@ -174,7 +181,7 @@ def score(fit: Any, texts: list[tuple[str, str]], h: torch.Tensor, users: list[s
     result["cosine_pairs_20_plus_by_profile"] = {
         p: summary([x for x, n, u in zip(cos(t_hat, truth).tolist(), counts, users, strict=True)
                     if n >= 20 and profiles[u] == p]) for p in sorted(set(profiles.values()))}
-    return result, fit
+    return result
 
 
 def time_thousand_users(fit: Any, repeats: int = 3) -> dict[str, Any]:
