@@ -98,6 +98,7 @@ def _summary_table(s: dict[str, Any]) -> str:
     rows = [
         ["model", f"{model.get('name')} (config {model.get('config_hash')})"],
         ["site / position", f"{s['site']} / {s['position']}"],
+        ["features", str(s.get("features", "raw"))],
         ["layers", s["layers"]],
         ["basis", f"K={s['k']} {s['basis'].get('kind', '?')}: {', '.join(s['basis'].get('labels', []))}"],
         ["basis chosen by", s["basis"].get("how", "?")],

@@ -300,7 +300,8 @@ class ProfileLibrary:
         """What `steerable users show` prints: sizes, the model, the basis and prior choices, pair counts."""
         counts = self._counts
         return {"path": self.path, "users": len(self._users), "k": self.k, "layers": layer_ranges(self.layers),
-                "site": self.site, "position": self.position, "model": self.meta.get("model", {}),
+                "site": self.site, "position": self.position, "features": self.features,
+                "model": self.meta.get("model", {}),
                 "basis": self.meta.get("basis", {}), "prior": self.meta.get("prior", {}),
                 "data": self.meta.get("data", {}),
                 "pairs": {"total": sum(counts), "min": min(counts, default=0), "max": max(counts, default=0),
