@@ -305,6 +305,12 @@ def main() -> None:
             out["mixed_users"] = mixed_users(args.model, work, args.new_tokens, args.rounds)
             print("mixed", out["mixed_users"], flush=True)
     out["machine"]["load_average_end"] = os.getloadavg()
+    # parts not rerun keep their earlier result (each part records its own command and machine load)
+    previous = json.loads(Path(args.out).read_text()) if Path(args.out).exists() else {}
+    for key, part in (("fit", "fit"), ("library_load", "load"), ("mixed_users", "mixed")):
+        if part not in parts and key in previous:
+            out[key] = {**previous[key], "from_earlier_run": previous.get("command"),
+                        "earlier_machine": previous.get("earlier_machine", previous.get("machine"))}
     write_text_atomic(args.out, json.dumps(out, indent=2) + "\n")
     print(f"wrote {args.out}")
 
