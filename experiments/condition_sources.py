@@ -3,9 +3,9 @@ against conditions fitted on every shipped harmful and benign source with leave-
 all measured on the held-out (test) split of every source; and a search for one that reaches the target
 (recall ≥ 90 % on every held-out harmful source at ≤ 10 % false positives on every held-out benign one).
 
-    nice -n 10 .venv/bin/python experiments/condition_sources.py --model smollm2-135m \\
+    nice -n 5 .venv/bin/python experiments/condition_sources.py --model smollm2-135m \\
         --out experiments/results/condition_sources.json
-    nice -n 10 .venv/bin/python experiments/condition_sources.py --model qwen2.5-0.5b --train-limit 80 \\
+    nice -n 5 .venv/bin/python experiments/condition_sources.py --model qwen2.5-0.5b --train-limit 80 \\
         --test-limit 60 --out experiments/results/condition_sources_qwen.json
     (--save-conditions runs: keep the multi-source condition artifacts; --tables: print the docs tables of --out)
 
@@ -17,7 +17,8 @@ everything else works from them:
   from the cached features: the same statistics a capture pass streams), and the condition a plan with
   layer/threshold "auto" would choose for score "cast", "projection" and "auto" (`choose_cast`): the
   artifact's held-out precision/recall and the rates on every source's test split;
-- `multi_source`: `calibrate_condition` on the train split of all five sources, per estimator (source-balanced
+- `multi_source`: `calibrate_condition` on the train split of every built-in source (six harmful,
+  two benign: data/condition_sources.py), per estimator (source-balanced
   mean difference, logistic probe), threshold rule "fpr" (the default) — its choice, its per-source LOSO
   rates, and its rates on every test split;
 - `search`: every candidate by LOSO on the train splits: estimator × score × layer, and the mean of a window of
@@ -298,7 +299,8 @@ def markdown(out: dict[str, Any]) -> str:
         lines.append(row(f"advbench vs benign, score {score} → {r['score']}, layer {r['layer']}", r["fires_on_test"]))
     for est, r in out["multi_source"]["by_estimator"].items():
         c = r["choice"]
-        lines.append(row(f"five sources, {est}, LOSO choice (layer {c['layer']}, {c['score']})", r["fires_on_test"]))
+        label = f"{len(NAMES)} sources, {est}, LOSO choice (layer {c['layer']}, {c['score']})"
+        lines.append(row(label, r["fires_on_test"]))
     for key, r in out["search"]["picks"].items():
         if key != "budgets_of_best":
             lines.append(row(f"search {key}: {r['estimator']}, layers {r['layers'][0]}–{r['layers'][1]}, "
