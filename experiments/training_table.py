@@ -3,7 +3,7 @@
 Reads MODEL-persona-sft.json (plain) and MODEL-persona-sft-METHOD.json; a method whose run has not finished is read
 from its log's per-seed lines (runs/h16/logs/persona-METHOD.log), marked partial.
 
-  python experiments/training_table.py --model smollm2-135m
+  python experiments/training_table.py --model smollm2-135m [--save PARTIAL.json]
 """
 
 from __future__ import annotations
@@ -42,7 +42,9 @@ def main() -> None:
     ap.add_argument("--results", default="experiments/results/training")
     ap.add_argument("--logs", default="runs/h16/logs")
     ap.add_argument("--methods", default="none,preventative,aux,caft,contrastive,actreg,combined")
+    ap.add_argument("--save", help="write the per-seed rows of the partial (unfinished) methods to this JSON")
     args = ap.parse_args()
+    saved: dict[str, list[dict]] = {}
     plain, _ = runs_of(Path(args.results), Path(args.logs), args.model, "none")
     plain_loss = statistics.fmean(r["heldout_sft_loss"] for r in plain)
     plain_shift = statistics.fmean(r["projection_shift"] for r in plain)
@@ -53,6 +55,8 @@ def main() -> None:
         rows, partial = runs_of(Path(args.results), Path(args.logs), args.model, m)
         if not rows:
             continue
+        if partial:
+            saved[m] = rows
         shifts = [r["projection_shift"] for r in rows]
         loss = statistics.fmean(r["heldout_sft_loss"] for r in rows)
         gap = loss / plain_loss - 1
@@ -60,6 +64,8 @@ def main() -> None:
               f"{100 * statistics.fmean(shifts) / plain_shift:.0f} % | "
               f"{ci([r['text_projection_shift'] for r in rows])} | {ci([r['below_band_shift'] for r in rows])} | "
               f"{loss:.3f} | {'yes' if abs(gap) <= 0.05 else 'no'} ({100 * gap:+.1f} %) |")
+    if args.save:
+        Path(args.save).write_text(json.dumps({"model": args.model, "partial": True, "runs": saved}, indent=1) + "\n")
 
 
 if __name__ == "__main__":
