@@ -72,10 +72,23 @@ OLD = Path(__file__).resolve().parents[1] / "experiments/results/smollm2_tune.js
 
 
 @pytest.mark.skipif(not OLD.exists(), reason="no stored sweep from before coherent compliance")
+def _without_coherence(x: object) -> object:
+    """A sweep record as written before coherent compliance existed: its coherence keys dropped."""
+    if isinstance(x, dict):
+        return {k: _without_coherence(v) for k, v in x.items()
+                if k not in ("coherent_compliance", "coherent", "coherence_bounds")}
+    if isinstance(x, list):
+        return [_without_coherence(v) for v in x]
+    return x
+
+
 def test_report_of_lines_without_coherent_compliance(tmp_path: Path) -> None:
-    assert "coherent_compliance" not in OLD.read_text()
+    old = tmp_path / "old.jsonl"  # real sweep lines, stripped back to the older format
+    old.write_text("".join(json.dumps(_without_coherence(json.loads(line))) + "\n"
+                           for line in OLD.read_text().splitlines() if line.strip()))
+    assert "coherent_compliance" not in old.read_text()
     d = tmp_path / "old"
-    assert main(["report", str(OLD), "--out", str(d)]) == 0
+    assert main(["report", str(old), "--out", str(d)]) == 0
     page = (d / "index.html").read_text()
     assert "<th>coherent compliance</th>" in page
     assert "coherent compliance was not measured" in page
