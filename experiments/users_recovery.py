@@ -202,7 +202,8 @@ def time_thousand_users(fit: Any, repeats: int = 3) -> dict[str, Any]:
         times.append(time.perf_counter() - t0)
     return {"users": reps * len(users), "pairs": len(idx), "layers": len(lib.layers), "k": lib.k,
             "seconds": [round(t, 2) for t in times], "best_s": round(min(times), 2),
-            "threads": torch.get_num_threads(), "includes": "τ choice (5 folds × 9 grid points, on at most TAU_USERS = 300 sampled users) "
+            "threads": torch.get_num_threads(),
+            "includes": "τ choice (5 folds × 9 grid points, on at most TAU_USERS = 300 sampled users) "
                         "+ final fit of every user"}
 
 
