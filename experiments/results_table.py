@@ -56,7 +56,7 @@ def main() -> None:
     if coherent:
         head.insert(2, f"coherent compliance (n={base.behaviour.n})")
     if mmlu or any(r.capability for r in records):
-        head.append("MMLU Δ")
+        head.append("capability Δ")
     print("| " + " | ".join(head) + " |")
     print("|" + "---|" * len(head))
     for r in rows:

@@ -8,6 +8,7 @@ import os
 import sys
 from typing import Any
 
+from steerable.cli.train_cmd import load_model_for
 from steerable.data.loaders import PAIR_SETS, PROMPT_SETS, contrastive_examples, load_prompt_rows_located
 from steerable.data.sources import DATA_FILES, data_file
 from steerable.directions.artifact import load_directions, save_directions
@@ -183,11 +184,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     for where, row in located:  # a row's "user" is checked before the model loads
         if "user" in row and (not isinstance(row["user"], str) or not row["user"]):
             raise DataError(f'{where}: "user" must be a non-empty string (a user id of the profile library)')
-    handle = load_model(args.model)
-    if getattr(args, "adapter", None):  # issue 16: a `steerable train` adapter, checked against the model
-        from steerable.train.adapter import load_adapter
-
-        load_adapter(handle, args.adapter)
+    handle = load_model_for(args)  # with `--adapter` (issue 16), checked against the model
     resolve, profiles = caching_resolver(), caching_profile_resolver()
     source = f"--plan {args.plan}" if args.plan else "--profiles flags" if args.profile else "--steer flags"
     shared = None if flags_plan is None else _checked(flags_plan, handle, resolve, source, profiles)

@@ -172,7 +172,7 @@ def summary_table(records: list[SweepRecord]) -> str:
     b0 = records[0].behaviour.name if records else "behaviour"
     return table(["config", f"{b0} (n={records[0].behaviour.n if records else 0})", "refusal", "coherent compl.",
                   "benign refusal", "KL",
-                  "ppl (median)", "lang", "compress", "rep-4", "MMLU Δ"], rows)
+                  "ppl (median)", "lang", "compress", "rep-4", "capability Δ"], rows)
 
 
 def cmd_sweep(args: argparse.Namespace) -> int:

@@ -23,7 +23,7 @@ def add_adapter_flag(s: argparse.ArgumentParser) -> None:
 
 
 def load_model_for(args: argparse.Namespace, **load_kw: Any) -> ModelHandle:
-    """`--model` with `--adapter` (if given) on it: `steerable.train.adapter.load_adapted`, as generate does."""
+    """`--model` with `--adapter` (if given) on it: `steerable.train.adapter.load_adapted`."""
     from steerable.train.adapter import load_adapted
 
     return load_adapted(args.model, getattr(args, "adapter", None), **load_kw)

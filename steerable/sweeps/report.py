@@ -61,7 +61,7 @@ def _bounds_note(records: Sequence[SweepRecord]) -> str:
 
 def _results_table(records: Sequence[SweepRecord], chosen: SweepRecord | None) -> str:
     head = ["configuration", "layers", "behaviour", "refusal", "coherent compliance", "benign refusal", "KL",
-            "median ppl", "language", "compression", "rep-4", "MMLU Δ"]
+            "median ppl", "language", "compression", "rep-4", "capability Δ"]
     out = ["<table><tr>" + "".join(f"<th>{h}</th>" for h in head) + "</tr>"]
     for r in records:
         cap = r.capability.change if r.capability is not None else None

@@ -73,6 +73,22 @@ def write_steering(out: Path, record: dict[str, Any]) -> None:
                                                        **record}, indent=1, ensure_ascii=False) + "\n")
 
 
+def read_record(path: Path, fmt: str, version: int, what: str, unreadable: str | None = None) -> dict[str, Any]:
+    """A JSON record of the given format, no newer than `version`; ArtifactError naming the file otherwise.
+
+    `unreadable` replaces the path in the message for a file that cannot be read or parsed."""
+    try:
+        record = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ArtifactError(f"{unreadable or path}: cannot read ({e})") from None
+    if not isinstance(record, dict) or record.get("format") != fmt:
+        raise ArtifactError(f"{path}: not a steerable {what} (format {fmt!r})")
+    if not isinstance(record.get("format_version"), int) or record["format_version"] > version:
+        raise ArtifactError(f"{path}: format_version {record.get('format_version')!r} is newer than this steerable "
+                            f"reads ({version})")
+    return record
+
+
 def read_steering(adapter_dir: str | Path) -> dict[str, Any]:
     """The run record of an adapter directory; ArtifactError naming the directory when it is missing or not ours."""
     path = Path(adapter_dir) / STEERING_FILE
@@ -80,19 +96,11 @@ def read_steering(adapter_dir: str | Path) -> dict[str, Any]:
         raise ArtifactError(f"no such adapter directory: {adapter_dir}")
     if not path.is_file():
         raise ArtifactError(f"{adapter_dir}: no {STEERING_FILE} (not a `steerable train` output, or an unfinished run)")
-    try:
-        record = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ArtifactError(f"{path}: cannot read ({e})") from None
-    if not isinstance(record, dict) or record.get("format") != FORMAT:
-        raise ArtifactError(f"{path}: not a steerable training record (format {FORMAT!r})")
-    if not isinstance(record.get("format_version"), int) or record["format_version"] > FORMAT_VERSION:
-        raise ArtifactError(f"{path}: format_version {record.get('format_version')!r} is newer than this steerable "
-                            f"reads ({FORMAT_VERSION})")
+    record = read_record(path, FORMAT, FORMAT_VERSION, "training record")
     if not isinstance(record.get("model"), dict):
         raise ArtifactError(f"{path}: no \"model\" record")
     return record
 
 
-__all__ = ["ADAPTER_FILES", "FORMAT", "LOG_FILE", "STEERING_FILE", "file_sha256", "prepare_out", "read_steering",
-           "save_adapter", "versions", "write_steering"]
+__all__ = ["ADAPTER_FILES", "FORMAT", "LOG_FILE", "STEERING_FILE", "file_sha256", "prepare_out", "read_record",
+           "read_steering", "save_adapter", "versions", "write_steering"]

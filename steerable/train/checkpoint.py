@@ -26,7 +26,7 @@ import torch
 
 from steerable.errors import ArtifactError, SteerableError
 from steerable.fsutil import write_text_atomic
-from steerable.train.artifact import LOG_FILE, STEERING_FILE, file_sha256
+from steerable.train.artifact import LOG_FILE, STEERING_FILE, file_sha256, read_record
 
 FORMAT = "steerable.train-checkpoint"
 FORMAT_VERSION = 1
@@ -125,15 +125,8 @@ def read_checkpoint(out: Path) -> Checkpoint:
     from safetensors.torch import load_file
 
     path = out / CHECKPOINT_FILE
-    try:
-        record = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ArtifactError(f"--resume {out}: cannot read {CHECKPOINT_FILE} ({e})") from None
-    if not isinstance(record, dict) or record.get("format") != FORMAT:
-        raise ArtifactError(f"{path}: not a steerable training checkpoint (format {FORMAT!r})")
-    if not isinstance(record.get("format_version"), int) or record["format_version"] > FORMAT_VERSION:
-        raise ArtifactError(f"{path}: format_version {record.get('format_version')!r} is newer than this steerable "
-                            f"reads ({FORMAT_VERSION})")
+    record = read_record(path, FORMAT, FORMAT_VERSION, "training checkpoint",
+                         unreadable=f"--resume {out}: {CHECKPOINT_FILE}")
     name = record.get("state_file")
     if not isinstance(name, str) or Path(name).name != name or not (out / name).is_file():
         raise ArtifactError(f"{path}: its state file {name!r} is missing")
