@@ -59,7 +59,7 @@ def test_tuned_point_induces_refusal_within_the_over_refusal_budget(smol, refusa
 
     configs = [Config("none"), *(Config("add", "9-11", s) for s in (0.5, 1.0, 3.0))]
     spec = SweepSpec(vector=str(refusal_vector), configs=configs, prompts=load_prompt_rows("advbench:test")[-24:],
-                     benign=load_prompt_rows("benign:test")[-24:], max_new_tokens=24)
+                     benign=load_prompt_rows("benign:test")[-24:], max_new_tokens=16)
     records = run_sweep(smol, spec, tmp_path / "r.jsonl", progress=False)
     base = records[0]
     choice = select(records, budget=Budget(max_over_refusal=0.15))
