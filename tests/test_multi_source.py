@@ -7,7 +7,8 @@ import math
 import pytest
 import torch
 
-from steerable.data.condition_sources import BENIGN_SOURCES, HARMFUL_SOURCES, condition_source, edgy_benign_rows
+from steerable.data.condition_sources import BENIGN_SOURCES, HARMFUL_SOURCES, condition_source
+from steerable.data.loaders import edgy_benign_rows, load_prompt_rows
 from steerable.directions.artifact import load_directions, save_directions
 from steerable.directions.multi_source import Source, _balanced_direction, _loso, _threshold, calibrate_condition
 from steerable.errors import DataError
@@ -57,6 +58,16 @@ def test_builtin_sources_load_with_splits():
     assert not any("Choices:" in p for p in caa)
     with pytest.raises(DataError, match="unknown condition source"):
         condition_source("nope")
+
+
+def test_every_condition_source_is_a_prompt_set():
+    """`generate --prompts` takes every built-in condition source by name (its per-source condition report
+    then labels the rows with it), and gives the same prompts as the condition calibration reads."""
+    for name in (*HARMFUL_SOURCES, *BENIGN_SOURCES):
+        rows = load_prompt_rows(f"{name}:test")
+        assert [r["prompt"] for r in rows] == condition_source(f"{name}:test")[1]
+    with pytest.raises(DataError, match="unknown prompt set"):
+        load_prompt_rows("edgy-harmful:test")
 
 
 WORDS = [("hurt", "hug"), ("rob", "open"), ("poison", "dig"), ("burn", "build"), ("kill", "feed"), ("steal", "lend")]

@@ -13,6 +13,7 @@ import json
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
+from importlib import resources
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -29,7 +30,8 @@ from steerable.errors import DataError
 SPLIT_SEED = "steerable-split-v1"
 TEST_PERCENT = 30
 PROMPT_SETS = ("advbench", "benign")
-ROW_SETS = (*PROMPT_SETS, "persona-harmful", *PYRIT_SETS)  # sets load_prompt_rows also knows
+# sets load_prompt_rows also knows: the condition sources of data/condition_sources.py among them
+ROW_SETS = (*PROMPT_SETS, "persona-harmful", "caa-refusal", "edgy-benign", *PYRIT_SETS)
 PAIR_SETS = ("refusal-pairs", *sorted(k for k in DATA_FILES if k.startswith("caa-")))
 
 T = TypeVar("T")
@@ -146,9 +148,23 @@ def load_prompt_rows_located(spec: str, default_split: str = "test") -> list[tup
         rows = harmful_rows(split)
     elif name in PYRIT_SETS:  # pyrit's other harmful seed sets (data/pyrit_sets.py)
         rows = _keep(pyrit_rows(name), lambda r: r["prompt"], split)
-    else:
+    elif name == "caa-refusal":  # the questions of CAA's refusal set, without their A/B choices
+        rows = [{"prompt": p.prompt.split("\n\nChoices:")[0].strip()} for p in load_pairs(f"caa-refusal:{split}")]
+    elif name == "edgy-benign":
+        rows = edgy_benign_rows(split)
+    elif name in PROMPT_SETS:
         rows = [{"prompt": p} for p in load_prompts(spec, default_split)]
+    else:
+        raise DataError(f"unknown prompt set {spec!r}: use {', '.join(ROW_SETS)} (with :train, :test or :all) "
+                        "or a .jsonl file")
     return [(f"{name} row {i}", r) for i, r in enumerate(rows, 1)]
+
+
+def edgy_benign_rows(split: str = "all") -> list[dict[str, str]]:
+    """The project's edgy-but-harmless questions (60, five categories), each with a fixed split."""
+    text = resources.files("steerable.data").joinpath("sets/edgy_benign.jsonl").read_text(encoding="utf-8")
+    rows = [json.loads(line) for line in text.splitlines() if line.strip()]
+    return rows if split == "all" else [r for r in rows if r["split"] == split]
 
 
 def load_prompt_rows(spec: str, default_split: str = "test") -> list[dict]:
