@@ -90,9 +90,11 @@ def grouped(values: torch.Tensor, counts: list[int], seen: list[bool]) -> dict[s
             "unseen_pairs_20_plus": summary([x for x, n, s in zip(v, counts, seen, strict=True) if n >= 20 and not s])}
 
 
-def run_position(handle: Any, position: str, batch_size: int,
-                 kinds: Sequence[str] = ("prompt-centred",)) -> dict[str, tuple[dict[str, Any], Any]]:
-    """One capture of the training texts and the held-out items, then one fit per feature kind."""
+def run_position(handle: Any, position: str, batch_size: int, kinds: Sequence[str] = ("prompt-centred",),
+                 tau_modes: Sequence[str] = ("per-layer",)) -> dict[str, tuple[dict[str, Any], Any]]:
+    """One capture of the training texts and the held-out items, then one fit per feature kind (and, for
+    category-masked features, per τ mode: one τ "per-layer", the fit's default, or "per-axis", keyed
+    "category-masked, τ per axis")."""
     rows = load_preferences("users-caa", split="train")
     users = list(dict.fromkeys(r.user for r in load_preferences("users-caa", split="all")))
     layers = default_layers(handle.n_layers)
@@ -113,13 +115,16 @@ def run_position(handle: Any, position: str, batch_size: int,
     capture_s = time.perf_counter() - t0
     out = {}
     for kind in kinds:
-        t0 = time.perf_counter()
-        fit = fit_users(handle, rows, position=position, basis="category", users=users, batch_size=batch_size,
-                        data={"preferences": "users-caa", "split": "train"}, features=train_h, feature_kind=kind)
-        result = score(fit, texts, test_h, users, pools)
-        result["fit_seconds"] = round(time.perf_counter() - t0, 2)
-        result["capture_seconds"] = round(capture_s, 1)
-        out[kind] = (result, fit)
+        for mode in tau_modes if kind == "category-masked" else ("per-layer",):
+            t0 = time.perf_counter()
+            fit = fit_users(handle, rows, position=position, basis="category", users=users, batch_size=batch_size,
+                            data={"preferences": "users-caa", "split": "train"}, features=train_h, feature_kind=kind,
+                            tau_per_axis=mode == "per-axis")
+            result = score(fit, texts, test_h, users, pools)
+            result["fit_seconds"] = round(time.perf_counter() - t0, 2)
+            result["capture_seconds"] = round(capture_s, 1)
+            key = kind if mode == "per-layer" else f"{kind}, τ per axis"
+            out[key] = (result, fit)
     return out
 
 
@@ -213,6 +218,9 @@ def main() -> None:
     ap.add_argument("--positions", default="response-mean,answer-token")
     ap.add_argument("--features", default="category-masked,prompt-centred,raw",
                     help="feature kinds to fit, comma-separated")
+    ap.add_argument("--tau", default="per-layer,per-axis",
+                    help="τ modes for category-masked features, comma-separated: per-layer (the fit's default), "
+                         "per-axis")
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--out", default=str(OUT))
     args = ap.parse_args()
@@ -225,7 +233,8 @@ def main() -> None:
     kinds = args.features.split(",")
     for position in args.positions.split(","):
         out["positions"][position] = {}
-        for kind, (result, fit) in run_position(handle, position, args.batch_size, kinds).items():
+        modes = args.tau.split(",")
+        for kind, (result, fit) in run_position(handle, position, args.batch_size, kinds, modes).items():
             out["positions"][position][kind] = result
             last = last or fit
             c = result["cosine"]

@@ -192,3 +192,57 @@ def test_category_mask_keeps_each_response_on_its_own_axis():
     assert torch.equal(out[3, :, 1], phi[3, :, 1])
     with pytest.raises(SteerableError, match="beyond the basis"):
         mask_to_category(phi, torch.tensor([0, 3, 0, 0]))
+
+
+def masked_planted(n_users: int, pairs: int, spread: tuple[float, ...], seed: int = 0):
+    """Category-masked, prompt-centred pairs: pair i lies on axis i % K alone (φ(a) = −φ(b) there), users'
+    true points θ_pop + δ_u with a per-axis spread of δ, labels drawn from the model."""
+    gen = torch.Generator().manual_seed(seed)
+    k = len(spread)
+    pop = 0.5 * torch.randn(1, k, generator=gen, dtype=torch.float64)
+    true = pop + torch.tensor(spread, dtype=torch.float64) * torch.randn(n_users, 1, k, generator=gen,
+                                                                         dtype=torch.float64)
+    user = torch.arange(n_users).repeat_interleave(pairs)
+    axis = torch.arange(len(user)) % k
+    half = torch.nn.functional.one_hot(axis, k).double()[:, None, :] * torch.randn(len(user), 1, 1, generator=gen,
+                                                                                   dtype=torch.float64)
+    a, b = half, -half
+    a_wins = torch.rand(len(user), generator=gen, dtype=torch.float64) < torch.sigmoid(log_odds(true[user], a, b))[:, 0]
+    chosen = torch.where(a_wins[:, None, None], a, b)
+    rejected = torch.where(a_wins[:, None, None], b, a)
+    return chosen, rejected, user, axis, true
+
+
+def test_tau_per_axis_follows_how_much_users_disagree_on_each_axis():
+    ch, rj, user, axis, true = masked_planted(150, 24, spread=(2.0, 0.02, 1.0))
+    pop = population_point(ch, rj)
+    tau, record = choose_tau(ch, rj, user, 150, prior_mean=pop, pair_axis=axis)
+    assert tau.shape == (1, 3)
+    assert record["per_axis"]
+    assert float(tau[0, 0]) > 3 * float(tau[0, 1])  # users agree on axis 1: shrink it hard
+    assert float(tau[0, 2]) > 3 * float(tau[0, 1])
+    # the fits separate by axis: the per-axis prior fit equals each axis fitted alone with its own τ
+    joint = fit_map(ch, rj, user, 150, prior_mean=pop, tau=tau)
+    for j in range(3):
+        mine = axis == j
+        alone = fit_map(ch[mine][..., j : j + 1], rj[mine][..., j : j + 1], user[mine], 150,
+                        prior_mean=pop[:, j : j + 1], tau=tau[:, j])
+        assert torch.allclose(joint[..., j : j + 1].double(), alone.double(), atol=1e-6)
+    # and the per-axis prior recovers the users' own points better than one τ for every axis
+    per_axis = fit_ideal_points(ch, rj, user, 150, pair_axis=axis)
+    per_layer = fit_ideal_points(ch, rj, user, 150)
+    err = [float((f.theta.double() - true).norm(dim=-1).mean()) for f in (per_axis, per_layer)]
+    assert err[0] < err[1]
+    assert per_axis.tau.shape == (1, 3)
+    assert per_layer.tau.shape == (1,)
+
+
+def test_tau_per_axis_refuses_pairs_off_their_axis():
+    ch, rj, user, axis, _ = masked_planted(20, 6, spread=(1.0, 1.0))
+    pop = population_point(ch, rj)
+    with pytest.raises(SteerableError, match="not on their axis"):
+        choose_tau(ch, rj, user, 20, prior_mean=pop, pair_axis=(axis + 1) % 2)
+    with pytest.raises(SteerableError, match="one axis per pair"):
+        choose_tau(ch, rj, user, 20, prior_mean=pop, pair_axis=axis[:-1])
+    with pytest.raises(SteerableError, match="one per layer and axis"):
+        fit_ideal_points(ch, rj, user, 20, tau=torch.ones(1, 3))

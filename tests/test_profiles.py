@@ -282,3 +282,17 @@ def test_users_fit_and_show_cli(model_dir, tmp_path, capsys):
     assert main(["users", "fit", "--model", model_dir, "--preferences", str(tmp_path / "none.jsonl"),
                  "--out", str(out)]) == 2
     assert "no such preferences file" in capsys.readouterr().err
+
+
+def test_tau_per_axis_is_recorded_and_refused_where_it_cannot_apply():
+    handle, data = tiny_handle("llama"), rows()
+    fit = fit_users(handle, data, basis="category", feature_kind="category-masked", tau_per_axis=True, folds=2,
+                    progress=False)
+    tau = fit.library.meta["prior"]["tau"]
+    assert len(tau) == len(fit.library.layers)
+    assert all(len(t) == fit.library.k for t in tau)
+    assert fit.library.meta["prior"]["per_axis"] is True
+    with pytest.raises(SteerableError, match="combined with a given"):
+        fit_users(handle, data, basis="category", tau=1.0, tau_per_axis=True, progress=False)
+    with pytest.raises(SteerableError, match="needs category-masked"):
+        fit_users(handle, data, basis="category", feature_kind="raw", tau_per_axis=True, progress=False)

@@ -11,8 +11,11 @@ users in Python.
 τ is chosen per layer by held-out likelihood (ours): each user's training pairs are split into F folds,
 the fit is repeated for each τ of a grid on all folds but one, and the τ with the highest summed log-
 likelihood of the left-out pairs wins. The grid is relative to the layer's feature scale (τ·rms‖2Δφ‖ in
-GRID), so one grid fits every model and layer. Beyond TAU_USERS users, τ is chosen on a seeded sample of them
-(the final fit still covers every user), so the fit's cost stays about one Newton solve per added user.
+GRID), so one grid fits every model and layer. Where each pair is read on one axis only (category-masked
+features: `pair_axis`), the problem separates by axis, and τ is chosen per (layer, axis) from the same fits:
+users disagree more on some behaviours than on others, and one τ for all would shrink those too hard.
+Beyond TAU_USERS users, τ is chosen on a seeded sample of them (the final fit still covers every user), so the
+fit's cost stays about one Newton solve per added user.
 """
 
 from __future__ import annotations
@@ -44,8 +47,9 @@ _SELECT_TOL = 1e-6  # choosing τ needs the held-out likelihood, not θ to the l
 
 @dataclass
 class IdealPointFit:
-    """Fitted ideal points: `theta` [U, L, K], the prior mean `theta_pop` [L, K], τ per layer [L] and how it
-    was chosen (`selection`: the grid, the held-out log-likelihood per grid point and layer, folds)."""
+    """Fitted ideal points: `theta` [U, L, K], the prior mean `theta_pop` [L, K], τ per layer [L] (or per layer
+    and axis [L, K]) and how it was chosen (`selection`: the grid, the held-out log-likelihood per grid point
+    and layer, folds)."""
 
     theta: torch.Tensor
     theta_pop: torch.Tensor
@@ -142,17 +146,19 @@ def _check_pairs(phi_chosen: torch.Tensor, phi_rejected: torch.Tensor, user_inde
 class _Chunk:
     """A set of users with their pairs laid out densely, layer-major so every product is a batched matmul
     over (user, layer): x = 2(φa − φb) [u, L, p, K], offset c = ‖φb‖² − ‖φa‖² [u, L, p], `valid` [u, p] and
-    each slot's fold [u, p] (−1 for padding)."""
+    each slot's fold [u, p] (−1 for padding), and each slot's axis [u, p] when the pairs have one (−1 for
+    padding)."""
 
     users: torch.Tensor
     x: torch.Tensor
     c: torch.Tensor
     valid: torch.Tensor
     fold: torch.Tensor
+    axis: torch.Tensor | None = None
 
 
 def _chunks(phi_chosen: torch.Tensor, phi_rejected: torch.Tensor, user_index: torch.Tensor, n_users: int,
-            folds: int, seed: int) -> list[_Chunk]:
+            folds: int, seed: int, pair_axis: torch.Tensor | None = None) -> list[_Chunk]:
     """Users ordered by pair count and cut into chunks of bounded dense size; each user's pairs get folds
     0..F−1 in a seeded random order (round robin, so every fold of a user is within one pair of the others)."""
     a, b = phi_chosen.double(), phi_rejected.double()
@@ -188,7 +194,11 @@ def _chunks(phi_chosen: torch.Tensor, phi_rejected: torch.Tensor, user_index: to
         fold = torch.full((len(users), width), -1, dtype=torch.long)
         x[row, col], c[row, col], valid[row, col] = x_all[keep], c_all[keep], True
         fold[row, col] = col % folds
-        out.append(_Chunk(users, x.transpose(1, 2).contiguous(), c.transpose(1, 2).contiguous(), valid, fold))
+        axis = None
+        if pair_axis is not None:
+            axis = torch.full((len(users), width), -1, dtype=torch.long)
+            axis[row, col] = pair_axis[keep]
+        out.append(_Chunk(users, x.transpose(1, 2).contiguous(), c.transpose(1, 2).contiguous(), valid, fold, axis))
         begin = end
     return out
 
@@ -203,27 +213,28 @@ def _scores(ch: _Chunk, theta: torch.Tensor) -> torch.Tensor:
 
 def _objective(ch: _Chunk, weight: torch.Tensor, theta: torch.Tensor, mu: torch.Tensor,
                lam: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """[u, L] Σ_p weight·softplus(−s) + ½λ‖θ − μ‖² (negative log posterior up to a constant), and s."""
+    """[u, L] Σ_p weight·softplus(−s) + ½ Σ_k λ_k (θ − μ)_k² (negative log posterior up to a constant), and
+    s; λ [u, L, K]."""
     s = _scores(ch, theta)
     nll = (torch.nn.functional.softplus(-s) * weight[:, None, :]).sum(-1)
-    return nll + 0.5 * lam * ((theta - mu) ** 2).sum(-1), s
+    return nll + 0.5 * (lam * (theta - mu) ** 2).sum(-1), s
 
 
 def _newton(ch: _Chunk, weight: torch.Tensor, mu: torch.Tensor, lam: torch.Tensor, theta: torch.Tensor,
             tol: float = 1e-10) -> torch.Tensor:
     """MAP θ [u, L, K] for every (user, layer) of the chunk at once; `weight` [u, p] selects the pairs that
-    count (0 for padding and left-out folds), λ = 1/τ² [L]."""
+    count (0 for padding and left-out folds), λ = 1/τ² per layer [L] or per layer and axis [L, K]."""
     n_users, n_layers, _, k = ch.x.shape
-    lam_b = lam[None, :].expand(n_users, n_layers)
-    eye = torch.eye(k, dtype=torch.float64)
+    lam_b = _per_axis(lam, n_layers, k)[None].expand(n_users, n_layers, k)
+    prior_hess = torch.diag_embed(lam_b)
     wgt = weight[:, None, :]
     obj, s = _objective(ch, weight, theta, mu, lam_b)
     for _ in range(_MAX_NEWTON):
         p = torch.sigmoid(s)
         r = (p - 1) * wgt
-        grad = torch.matmul(r[..., None, :], ch.x)[..., 0, :] + lam_b[..., None] * (theta - mu)
+        grad = torch.matmul(r[..., None, :], ch.x)[..., 0, :] + lam_b * (theta - mu)
         w = p * (1 - p) * wgt
-        hess = torch.matmul(ch.x.transpose(-1, -2), ch.x * w[..., None]) + lam_b[..., None, None] * eye
+        hess = torch.matmul(ch.x.transpose(-1, -2), ch.x * w[..., None]) + prior_hess
         step = torch.linalg.solve(hess, grad[..., None])[..., 0]
         t = torch.ones(n_users, n_layers, dtype=torch.float64)
         for _ in range(_MAX_HALVINGS):
@@ -244,10 +255,23 @@ def _newton(ch: _Chunk, weight: torch.Tensor, mu: torch.Tensor, lam: torch.Tenso
     return theta
 
 
-def _heldout(ch: _Chunk, theta: torch.Tensor, fold: int) -> torch.Tensor:
-    """[L] log-likelihood of the chunk's pairs in `fold` under θ."""
+def _per_axis(value: torch.Tensor, n_layers: int, k: int) -> torch.Tensor:
+    """[L, K] from a number, one per layer [L], or one per layer and axis [L, K]."""
+    value = torch.as_tensor(value, dtype=torch.float64)
+    if value.dim() == 1:
+        value = value[:, None]
+    return value.expand(n_layers, k)
+
+
+def _heldout(ch: _Chunk, theta: torch.Tensor, fold: int, axis_of: torch.Tensor | None = None) -> torch.Tensor:
+    """[L] log-likelihood of the chunk's pairs in `fold` under θ; with `axis_of` [u, p] (each slot's axis),
+    [L, K]: each pair's log-likelihood counted on its own axis."""
     held = (ch.fold == fold).double()[:, None, :]
-    return (-torch.nn.functional.softplus(-_scores(ch, theta)) * held).sum((0, 2))
+    ll = -torch.nn.functional.softplus(-_scores(ch, theta)) * held  # [u, L, p]
+    if axis_of is None:
+        return ll.sum((0, 2))
+    onehot = torch.nn.functional.one_hot(axis_of.clamp_min(0), ch.x.shape[-1]).double()
+    return torch.einsum("ulp,upk->lk", ll, onehot * (axis_of >= 0).double()[..., None])
 
 
 def feature_scale(phi_chosen: torch.Tensor, phi_rejected: torch.Tensor) -> torch.Tensor:
@@ -259,13 +283,13 @@ def feature_scale(phi_chosen: torch.Tensor, phi_rejected: torch.Tensor) -> torch
 
 def fit_map(phi_chosen: torch.Tensor, phi_rejected: torch.Tensor, user_index: torch.Tensor, n_users: int, *,
             prior_mean: torch.Tensor, tau: float | torch.Tensor) -> torch.Tensor:
-    """[U, L, K] MAP ideal points under θ_u ~ N(prior_mean, τ²I) (τ a number or one per layer), all users
-    fitted together; a user without pairs gets `prior_mean`."""
+    """[U, L, K] MAP ideal points under θ_u ~ N(prior_mean, diag τ²) (τ a number, one per layer [L], or one per
+    layer and axis [L, K]), all users fitted together; a user without pairs gets `prior_mean`."""
     _check_pairs(phi_chosen, phi_rejected, user_index, n_users)
     n_layers, k = phi_chosen.shape[1:]
     mu = prior_mean.double().expand(n_layers, k)
     zero = torch.zeros(n_layers, k, dtype=torch.float64)
-    lam = 1.0 / torch.as_tensor(tau, dtype=torch.float64).expand(n_layers) ** 2
+    lam = 1.0 / _per_axis(torch.as_tensor(tau), n_layers, k) ** 2
     theta = torch.zeros(n_users, n_layers, k, dtype=torch.float64)
     # the log-odds is unchanged when φ and θ move together: work around the prior mean (small numbers)
     for ch in _chunks(phi_chosen.double() - mu, phi_rejected.double() - mu, user_index, n_users, 1, 0):
@@ -286,12 +310,29 @@ def population_point(phi_chosen: torch.Tensor, phi_rejected: torch.Tensor,
 
 def choose_tau(phi_chosen: torch.Tensor, phi_rejected: torch.Tensor, user_index: torch.Tensor, n_users: int, *,
                prior_mean: torch.Tensor, grid: Sequence[float] = GRID, folds: int = FOLDS,
-               seed: int = 0) -> tuple[torch.Tensor, dict[str, Any]]:
+               seed: int = 0, pair_axis: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, Any]]:
     """τ per layer [L] with the highest F-fold held-out log-likelihood over every user's pairs, and the
-    record of the choice (grid in τ units and in relative units, held-out log-likelihood per pair)."""
+    record of the choice (grid in τ units and in relative units, held-out log-likelihood per pair).
+
+    With `pair_axis` [P] (the one axis each pair's features lie on: category-masked features), τ per layer
+    and axis [L, K], each axis's τ the best for its own pairs' held-out likelihood. Exact, not a heuristic:
+    a pair on one axis moves only that coordinate of θ, so the fits separate by axis and one grid sweep
+    gives every axis's curve."""
     _check_pairs(phi_chosen, phi_rejected, user_index, n_users)
     if folds < 2:
         raise SteerableError("choosing τ by held-out likelihood needs at least 2 folds")
+    k_axes = phi_chosen.shape[2]
+    if pair_axis is not None:
+        if pair_axis.shape != user_index.shape or pair_axis.dtype != torch.long:
+            raise SteerableError("pair_axis must be a long tensor with one axis per pair")
+        if len(pair_axis) and (int(pair_axis.min()) < 0 or int(pair_axis.max()) >= k_axes):
+            raise SteerableError(f"pair_axis must lie in 0..{k_axes - 1}: τ per axis needs every pair on one axis")
+        off_axis = torch.ones(len(pair_axis), k_axes, dtype=torch.bool)
+        off_axis[torch.arange(len(pair_axis)), pair_axis] = False
+        stray = (phi_chosen - phi_rejected).abs().amax(1) * off_axis
+        if bool((stray > 0).any()):
+            raise SteerableError("pair_axis: some pairs' features are not on their axis alone (τ per axis is for "
+                                 "category-masked features)")
     n_layers, k = phi_chosen.shape[1:]
     scale = feature_scale(phi_chosen, phi_rejected)
     rel = sorted(float(g) for g in grid)
@@ -299,26 +340,35 @@ def choose_tau(phi_chosen: torch.Tensor, phi_rejected: torch.Tensor, user_index:
         raise SteerableError("the τ grid must hold positive numbers")
     mu = prior_mean.double().expand(n_layers, k)
     zero = torch.zeros(n_layers, k, dtype=torch.float64)
-    ll = torch.zeros(len(rel), n_layers, dtype=torch.float64)
-    for ch in _chunks(phi_chosen.double() - mu, phi_rejected.double() - mu, user_index, n_users, folds, seed):
+    ll = torch.zeros(len(rel), n_layers, *((k,) if pair_axis is not None else ()), dtype=torch.float64)
+    chunks = _chunks(phi_chosen.double() - mu, phi_rejected.double() - mu, user_index, n_users, folds, seed,
+                     pair_axis)
+    for ch in chunks:
         for f in range(folds):
             weight = (ch.valid & (ch.fold != f)).double()
             theta = zero.expand(len(ch.users), n_layers, k).clone()
             for g, r in enumerate(rel):  # smallest τ first, each warm-started from the last
                 lam = (scale / r) ** 2
                 theta = _newton(ch, weight, zero, lam, theta, tol=_SELECT_TOL)
-                ll[g] += _heldout(ch, theta, f)
-    best = ll.argmax(0)
+                ll[g] += _heldout(ch, theta, f, ch.axis)
+    best = ll.argmax(0)  # [L] or [L, K]
     n = max(1, len(user_index))
-    tau = torch.tensor([rel[int(b)] for b in best], dtype=torch.float64) / scale
-    edge = [int(b) in (0, len(rel) - 1) for b in best]
-    if any(edge):
-        log.info("τ at the edge of its grid for layers %s", [i for i, e in enumerate(edge) if e])
-    record = {"how": f"{folds}-fold held-out log-likelihood over each user's training pairs, per layer, on a grid "
+    rel_of = torch.tensor(rel, dtype=torch.float64)[best]
+    tau = rel_of / (scale if pair_axis is None else scale[:, None])
+    edge = (best == 0) | (best == len(rel) - 1)
+    if bool(edge.any()):
+        log.info("τ at the edge of its grid for layers %s", sorted({int(i) for i in torch.nonzero(edge)[:, 0]}))
+    per = "per layer and axis" if pair_axis is not None else "per layer"
+    record = {"how": f"{folds}-fold held-out log-likelihood over each user's training pairs, {per}, on a grid "
                      "of τ·rms‖2Δφ‖", "folds": folds, "seed": seed, "grid_relative": rel,
-              "relative": [rel[int(b)] for b in best], "at_grid_edge": edge,
+              "relative": rel_of.tolist(), "at_grid_edge": edge.tolist(),
               "feature_scale": [float(s) for s in scale],
-              "heldout_loglik_per_pair": [[float(v) / n for v in row] for row in ll.T]}
+              "heldout_loglik_per_pair": [[float(v) / n for v in row] for row in
+                                          (ll if pair_axis is None else ll.sum(-1)).T]}
+    if pair_axis is not None:
+        record["per_axis"] = True
+        record["heldout_loglik_per_pair_axis"] = [[[float(v) / n for v in col] for col in row]
+                                                  for row in ll.permute(1, 2, 0)]
     return tau, record
 
 
@@ -336,13 +386,15 @@ def _tau_users(counts: torch.Tensor, seed: int) -> torch.Tensor:
 
 def fit_ideal_points(phi_chosen: torch.Tensor, phi_rejected: torch.Tensor, user_index: torch.Tensor,
                      n_users: int, *, tau: float | torch.Tensor | None = None, grid: Sequence[float] = GRID,
-                     folds: int = FOLDS, seed: int = 0, theta_pop: torch.Tensor | None = None) -> IdealPointFit:
+                     folds: int = FOLDS, seed: int = 0, theta_pop: torch.Tensor | None = None,
+                     pair_axis: torch.Tensor | None = None) -> IdealPointFit:
     """Per-user MAP ideal points for pair features φ(chosen), φ(rejected) [P, L, K] of users `user_index` [P].
 
     θ_pop is the pooled fit (`population_point`) unless given; τ is chosen per layer by held-out likelihood
-    (`choose_tau`) unless given. Users without pairs keep θ_pop (they still get a row)."""
+    (`choose_tau`; per layer and axis with `pair_axis`) unless given (a number, [L] or [L, K]). Users without
+    pairs keep θ_pop (they still get a row)."""
     _check_pairs(phi_chosen, phi_rejected, user_index, n_users)
-    n_layers = phi_chosen.shape[1]
+    n_layers, k = phi_chosen.shape[1:]
     counts = torch.bincount(user_index, minlength=n_users)
     if theta_pop is None:
         theta_pop = population_point(phi_chosen, phi_rejected)
@@ -354,18 +406,24 @@ def fit_ideal_points(phi_chosen: torch.Tensor, phi_rejected: torch.Tensor, user_
         sub = keep[user_index]
         local = torch.cumsum(keep.long(), 0) - 1
         tau_l, selection = choose_tau(phi_chosen[sub], phi_rejected[sub], local[user_index[sub]], int(keep.sum()),
-                                      prior_mean=theta_pop, grid=grid, folds=folds, seed=seed)
+                                      prior_mean=theta_pop, grid=grid, folds=folds, seed=seed,
+                                      pair_axis=None if pair_axis is None else pair_axis[sub])
         selection["users"] = int(keep.sum())
     else:
-        tau_l = torch.as_tensor(tau, dtype=torch.float64).expand(n_layers).clone()
+        tau_t = torch.as_tensor(tau, dtype=torch.float64)
+        if tau_t.dim() > 2 or (tau_t.dim() >= 1 and tau_t.shape[0] != n_layers) or \
+                (tau_t.dim() == 2 and tau_t.shape[1] != k):
+            raise SteerableError(f"tau must be a number, one per layer ({n_layers}) or one per layer and axis "
+                                 f"({n_layers}×{k}); got shape {tuple(tau_t.shape)}")
+        tau_l = (tau_t.expand(n_layers) if tau_t.dim() == 0 else tau_t).clone()
         if not bool(torch.isfinite(tau_l).all()) or bool((tau_l <= 0).any()):
             raise SteerableError(f"tau must be positive and finite, got {tau}")
         selection = {"how": "given"}
     theta = fit_map(phi_chosen, phi_rejected, user_index, n_users, prior_mean=theta_pop, tau=tau_l)
     if not bool(torch.isfinite(theta).all()):
         raise SteerableError("the ideal-point fit did not converge to finite values")
-    selection["tau"] = [float(t) for t in tau_l]
+    selection["tau"] = tau_l.tolist()
     if math.isfinite(float(theta.abs().max())):
         log.info("ideal points of %d users fitted (τ per layer %s)", n_users,
-                 ", ".join(f"{float(t):.3g}" for t in tau_l))
+                 ", ".join(f"{float(t):.3g}" for t in tau_l.reshape(n_layers, -1).mean(1)))
     return IdealPointFit(theta.float(), theta_pop.float(), tau_l.float(), counts, selection)

@@ -236,6 +236,7 @@ def fit_users(
     progress: bool = True,
     features: torch.Tensor | None = None,
     feature_kind: str = "auto",
+    tau_per_axis: bool = False,
 ) -> UsersFit:
     """A profile library fitted on `rows` (the training pairs). `users` lists the library's users (default:
     those in `rows`; a listed user without rows gets the population's ideal point). `features` [L, N, d]
@@ -243,7 +244,10 @@ def fit_users(
     "prompt-centred" measures every response's φ from the mean φ of its prompt's responses
     (directions/ideal_points.py centre_by_prompt says why); "category-masked" also keeps each response's φ on
     its own category's axis only (mask_to_category says why; needs a per-category basis); "raw" is methods.md
-    §7's φ = Bᵀh as it stands; "auto" (default) is category-masked on a per-category basis, else prompt-centred."""
+    §7's φ = Bᵀh as it stands; "auto" (default) is category-masked on a per-category basis, else prompt-centred.
+    `tau_per_axis`: with category-masked features and every pair on an axis, τ is chosen per layer and axis
+    (ideal_points.choose_tau). Off by default: on users-caa it raises held-out likelihood but recovers the
+    planted ideal points worse (docs/personalisation.md)."""
     if not rows:
         raise DataError("users fit: no preference rows")
     if position not in FIT_POSITIONS:
@@ -251,6 +255,10 @@ def fit_users(
     check_site(site)
     if feature_kind not in (*FEATURES, "auto"):
         raise SteerableError(f"features {feature_kind!r}: use auto, {', '.join(FEATURES)}")
+    if tau_per_axis and tau is not None:  # checked before the capture, as every argument is
+        raise SteerableError("tau per axis chooses τ; it cannot be combined with a given τ")
+    if tau_per_axis and feature_kind not in ("auto", "category-masked"):
+        raise SteerableError(f"tau per axis needs category-masked features, not {feature_kind}")
     layer_list = default_layers(handle.n_layers) if layers is None else sorted(set(int(x) for x in layers))
     if not layer_list or not all(0 <= x < handle.n_layers for x in layer_list):
         raise SteerableError(f"layers must lie in 0-{handle.n_layers - 1}")
@@ -299,8 +307,17 @@ def fit_users(
         raise SteerableError("features category-masked need a per-category basis (--basis category)")
     if feature_kind != "raw":
         phi = centre_by_prompt(phi, prompt_groups([t[0] for t in texts]))
+    pair_axis = None
     if feature_kind == "category-masked":
-        phi = mask_to_category(phi, _text_axes(rows, len(texts), ci, ri, basis_info["labels"]))
+        text_axis = _text_axes(rows, len(texts), ci, ri, basis_info["labels"])
+        phi = mask_to_category(phi, text_axis)
+        on_axis = (text_axis[ci] == text_axis[ri]) & (text_axis[ci] >= 0)
+        if tau_per_axis and not bool(on_axis.all()):  # such a pair is read on every axis: no separation
+            raise DataError(f"tau per axis: {int((~on_axis).sum())} pairs have no category of the basis "
+                            f"({', '.join(basis_info['labels'])})")
+        pair_axis = text_axis[ci] if tau_per_axis else None
+    elif tau_per_axis:
+        raise SteerableError(f"tau per axis needs category-masked features, not {feature_kind}")
     phi_c, phi_r = phi[ci], phi[ri]
     phi_mean = ((phi_c[seen_rows] + phi_r[seen_rows]) / 2).mean(0)
     timings["basis_s"] = time.perf_counter() - t0
@@ -313,7 +330,8 @@ def fit_users(
         local = torch.full((len(names),), -1, dtype=torch.long)
         local[seen_users] = torch.arange(len(seen_users))
         sel = fit_ideal_points(phi_c[seen_rows], phi_r[seen_rows], local[user_index[seen_rows]], len(seen_users),
-                               grid=grid, folds=folds, seed=seed, theta_pop=theta_pop)
+                               grid=grid, folds=folds, seed=seed, theta_pop=theta_pop,
+                               pair_axis=None if pair_axis is None else pair_axis[seen_rows])
         tau_l, selection = sel.tau, sel.selection
     else:
         tau_l, selection = torch.full((len(layer_list),), float(tau)), {"how": "given"}
@@ -323,8 +341,9 @@ def fit_users(
     dislike[counts == 0] = (phi_c[seen_rows] - phi_r[seen_rows]).double().mean(0).float()
     timings["ideal_points_s"] = time.perf_counter() - t0
 
-    selection = {**selection, "tau": [float(t) for t in tau_l],
-                 "prior": "θ_u ~ N(θ_pop, τ²I) per layer; θ_pop = the pooled BT fit of the seen users' pairs"}
+    prior = ("θ_u ~ N(θ_pop, diag τ²), τ per layer and axis" if tau_l.dim() == 2 else "θ_u ~ N(θ_pop, τ²I) per layer")
+    selection = {**selection, "tau": tau_l.tolist(),
+                 "prior": f"{prior}; θ_pop = the pooled BT fit of the seen users' pairs"}
     meta: dict[str, Any] = {
         "model": model_meta(handle), "site": site, "position": position, "features": feature_kind,
         "layer_convention": LAYER_CONVENTION,
