@@ -16,6 +16,8 @@ user, grouped by training pairs per user (3, 5, 10, 20, 30) and by seen / unseen
 - `cosine_population`: cos(t̂_pop, t_u) with the population's θ_pop in place of θ_u — what no
   personalisation already gets (the majority profile is shared by most users);
 - `cosine_deviation`: cos(t̂_u − t̂_pop, t_u − t̄) — the personal part alone (t̄ = the users' mean point);
+- `attenuation_ceiling`: cos(r ⊙ t_u, t_u), r = t̂_pop / t̄ per axis: the cosine a perfectly fitted θ would
+  read back at, given how unevenly the features attenuate each axis;
 - `cosine_axis_scaled`: cos(a ⊙ w_u + b, t_u), with w_u = θ_u − φ̄ on the category basis and a per-axis
   scale a, b fitted by least squares on the seen users, scored on the unseen users (the brief's second way).
 
@@ -164,6 +166,9 @@ def score(fit: Any, texts: list[tuple[str, str]], h: torch.Tensor, users: list[s
         "cosine_by_layer_pairs_20_plus": {
             str(layer): summary([x for x, n in zip(cos(per_layer[:, j], truth).tolist(), counts, strict=True)
                                  if n >= 20]) for j, layer in enumerate(lib.layers)},
+        # what the readout's uneven attenuation alone allows: each axis read back at the population's ratio
+        # t̂_pop / t̄, applied to each user's exact point (a perfectly fitted θ)
+        "attenuation_ceiling": grouped(cos((t_pop / centre) * truth, truth), counts, seen),
         "population_implied_point": [round(float(x), 3) for x in t_pop],
         "true_mean_point": [round(float(x), 3) for x in centre],
     }
