@@ -235,10 +235,9 @@ def main() -> None:
                            "method": __doc__,
                            "positions": {}}
     last = None
-    kinds = args.features.split(",")
+    kinds, modes = args.features.split(","), args.tau.split(",")
     for position in args.positions.split(","):
         out["positions"][position] = {}
-        modes = args.tau.split(",")
         for kind, (result, fit) in run_position(handle, position, args.batch_size, kinds, modes).items():
             out["positions"][position][kind] = result
             last = last or fit

