@@ -12,7 +12,13 @@ prompts, before and after:
   --layer (`text_projection`), the share of replies below the Assistant band's floor (the 5th percentile of the
   base model's own held-out replies, `below_band`), and the share of replies that call the speaker an AI /
   assistant / language model (`mentions_ai`), a check that does not use the axis;
-- the held-out SFT loss (the set's `:test` split).
+- the held-out SFT loss (the set's `:test` split);
+- (axis trait) coherence: the share of replies that pass the project's coherence checks (methods.md §8), their
+  perplexity read by the base model;
+- capability (`--capability N`, N items per subject, 0: off): the paired change of the task's accuracy
+  (`analogies` in `choice-loglik`, smollm2's capability measure; `mmlu` in `cue+cal`) from the base model;
+- (axis trait, `--cap FLOOR`, seed 000's experiment 5) the same replies and task loss with an inference-time cap
+  on top (the plan `cap(axis, FLOOR)` at the axis's cap layers), on the base and on each fine-tuned model.
 The criterion: the mean projection shift over seeds ≥ 3× its seed-to-seed standard deviation, and the behaviour
 moves (95 % t-interval over seeds excluding 0).
 
@@ -42,10 +48,14 @@ from steerable.data import roles
 from steerable.data.loaders import load_pairs
 from steerable.data.sft import load_sft
 from steerable.directions.artifact import load_directions
-from steerable.evaluate.logits import ab_score
+from steerable.evaluate.capability import load_mmlu, mc_correct, paired_change, stratified
+from steerable.evaluate.capability_analogy import load_analogies
+from steerable.evaluate.coherence import is_coherent
+from steerable.evaluate.logits import ab_score, perplexity
 from steerable.fsutil import write_text_atomic
 from steerable.generation import generate
 from steerable.models.load import load_model
+from steerable.steering.hooks import steer
 from steerable.train import TrainConfig, train
 from steerable.train.batches import collate, tokenise
 from steerable.train.losses import task_loss
@@ -54,10 +64,11 @@ _AI = re.compile(r"\b(AI|A\.I\.|assistant|language model|artificial intelligence
 _T975 = {2: 12.706, 3: 4.303, 4: 3.182, 5: 2.776, 6: 2.571}  # t quantiles for a 95 % interval, by n
 
 
-def heldout_loss(handle: Any, sft: Any, n: int, max_length: int, batch_size: int = 8) -> float:
+def heldout_loss(handle: Any, sft: Any, n: int, max_length: int, batch_size: int = 8, plan: Any = None) -> float:
     items = tokenise(handle, sft.examples[:n], max_length)
     total, count = 0.0, 0
-    with torch.no_grad():
+    ctx = steer(handle, plan) if plan is not None else contextlib.nullcontext()
+    with torch.no_grad(), ctx:
         for i in range(0, len(items), batch_size):
             b = collate(items[i:i + batch_size], list(range(i, i + len(items[i:i + batch_size]))),
                         handle.tokenizer.pad_token_id, handle.device)
@@ -74,20 +85,35 @@ def projections(handle: Any, ds: Any, prompts: Any) -> dict[str, Any]:
 
 
 def replies(handle: Any, ds: Any, layer: int, questions: list[str], peft_model: Any = None,
-            floor: float | None = None) -> dict[str, Any]:
-    """Greedy replies to the questions and their axis reading by the base model (adapter disabled)."""
-    texts = generate(handle, questions, max_new_tokens=48, batch_size=16)
+            floor: float | None = None, plan: Any = None) -> dict[str, Any]:
+    """Greedy replies to the questions (under `plan`, if any), their axis reading and their perplexity by the
+    base model (adapter disabled, no plan): what the text is, not how the adapted model holds it."""
+    texts = generate(handle, questions, plan, max_new_tokens=48, batch_size=16)
     kept = [(q, t) for q, t in zip(questions, texts, strict=True) if t.strip()]
     ctx = peft_model.disable_adapter() if peft_model is not None else contextlib.nullcontext()
     with ctx:
         feats = response_means(handle, [q for q, _ in kept], [t for _, t in kept], [layer], progress=False)[0]
+        ppl = perplexity(handle, questions, texts)
     proj = (feats @ ds.direction(layer).float()).tolist()
     out = {"text_projection": statistics.fmean(proj), "text_projection_per_reply": proj,
+           "coherent": statistics.fmean(is_coherent(t, p) for t, p in zip(texts, ppl, strict=True)),
            "mentions_ai": statistics.fmean(bool(_AI.search(t)) for _, t in kept), "n_replies": len(kept),
            "empty_replies": len(questions) - len(kept), "examples": [t for _, t in kept[:4]]}
     if floor is not None:
         out["below_band"] = statistics.fmean(p < floor for p in proj)
     return out
+
+
+def capability(handle: Any, items: Any, task: str) -> list[bool]:
+    return mc_correct(handle, items, format="choice-loglik" if task == "analogies" else "cue+cal")
+
+
+def cap_plan(ds: Any, args: argparse.Namespace) -> dict[str, Any] | None:
+    """Seed 000's experiment 5: the inference-time cap at the axis's cap layers, or None (--cap off / no axis)."""
+    cap_layers = ds.meta.get("axis", {}).get("cap_layers")
+    if args.trait != "axis" or args.cap == "off" or not cap_layers:
+        return None
+    return {"vector": args.vector, "method": "cap", "cap_floor": args.cap, "layers": cap_layers}
 
 
 def measure(handle: Any, ds: Any, layer: int, args: argparse.Namespace, eval_items: Any, sft_test: Any,
@@ -103,6 +129,11 @@ def measure(handle: Any, ds: Any, layer: int, args: argparse.Namespace, eval_ite
         row |= {"ab_score": statistics.fmean(ab), "ab_matching_rate": statistics.fmean(x > 0.5 for x in ab)}
     else:
         row |= replies(handle, ds, layer, eval_items, peft_model, floor)
+        plan = cap_plan(ds, args)
+        if plan is not None:
+            capped = replies(handle, ds, layer, eval_items, peft_model, floor, plan)
+            row["capped"] = capped | {"plan": plan, "heldout_sft_loss": heldout_loss(
+                handle, sft_test, args.n_loss, args.max_length, plan=plan)}
     return row
 
 
@@ -141,6 +172,10 @@ def main() -> None:
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--max-length", type=int, default=256)
+    ap.add_argument("--cap", default="p25", help="axis trait: the inference-time cap's floor measured on top "
+                    "of every model (seed 000 exp. 5), e.g. p25; off: none")
+    ap.add_argument("--capability", type=int, default=18, help="capability items per subject (0: off)")
+    ap.add_argument("--capability-task", choices=("analogies", "mmlu"), default="analogies")
     ap.add_argument("--runs", default="runs/h16/trait")
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
@@ -164,7 +199,15 @@ def main() -> None:
     floor = None
     if args.trait == "axis":  # the Assistant band's floor: p5 of the base model's own held-out replies
         floor = float(torch.tensor(before["text_projection_per_reply"]).quantile(0.05))
-        before["below_band"] = statistics.fmean(p < floor for p in before["text_projection_per_reply"])
+        for row in (before, before.get("capped")):
+            if row is not None:
+                row["below_band"] = statistics.fmean(p < floor for p in row["text_projection_per_reply"])
+    cap_items: list[Any] = []
+    if args.capability:
+        pool = load_analogies() if args.capability_task == "analogies" else load_mmlu()
+        cap_items = stratified(pool, args.capability)
+        base_correct = capability(handle, cap_items, args.capability_task)
+        before["capability"] = statistics.fmean(base_correct)
     print("before", {k: v for k, v in before.items() if not k.endswith("per_reply")}, flush=True)
     runs = []
     for seed in [int(s) for s in args.seeds.split(",")]:
@@ -173,20 +216,33 @@ def main() -> None:
         config = TrainConfig(method=args.method, vector=vector, layers=args.layers, lam=args.lam,
                              lam_reg=args.lam_reg, strength=args.strength, steps=args.steps, lr=args.lr,
                              batch_size=args.batch_size, max_length=args.max_length, seed=seed)
-        out = Path(args.runs) / f"{args.model}-{args.data}-{args.method}-s{seed}"
+        knob = "" if args.method == "none" else f"-lam{args.lam:g}-reg{args.lam_reg or args.lam:g}-a{args.strength:g}"
+        out = Path(args.runs) / f"{args.model}-{args.data}-{args.method}{knob}-s{seed}"
         result = train(h, sft, config, out if not (out / "steering.json").exists() else None)
         after = measure(h, ds, layer, args, eval_items, sft_test, result.peft_model, floor)
         run = {"seed": seed, **after, "final_train_task_loss": result.log[-1]["task_loss"],
                "train_seconds": result.record["seconds"],
+               "base_pass_seconds": result.record.get("base_pass_seconds"),
                "projection_shift": after["projection"] - before["projection"],
                "projection_shift_by_layer": [a - b for a, b in zip(after["projection_by_layer"],
                                                                     before["projection_by_layer"], strict=True)]}
+        if cap_items:
+            correct = capability(h, cap_items, args.capability_task)
+            run |= {"capability": statistics.fmean(correct),
+                    "capability_change": paired_change(correct, base_correct).to_json()}
         if args.trait == "caa":
             run["ab_shift"] = after["ab_score"] - before["ab_score"]
         else:
             run |= {"text_projection_shift": after["text_projection"] - before["text_projection"],
                     "below_band_shift": after["below_band"] - before["below_band"],
+                    "coherent_shift": after["coherent"] - before["coherent"],
                     "mentions_ai_shift": after["mentions_ai"] - before["mentions_ai"]}
+            if "capped" in after:  # measured from the unsteered base model, like every other shift
+                c = after["capped"]
+                run |= {"capped_text_projection_shift": c["text_projection"] - before["text_projection"],
+                        "capped_below_band_shift": c["below_band"] - before["below_band"],
+                        "capped_coherent_shift": c["coherent"] - before["coherent"],
+                        "capped_heldout_sft_loss": c["heldout_sft_loss"]}
         runs.append(run)
         print({k: v for k, v in run.items() if not k.endswith(("per_reply", "by_layer"))}, flush=True)
     shifts = [r["projection_shift"] for r in runs]
@@ -200,8 +256,16 @@ def main() -> None:
     by_layer = list(zip(*[r["projection_shift_by_layer"] for r in runs], strict=True))
     summary["shift_over_sd_by_layer"] = [abs(statistics.fmean(x)) / sd(list(x)) if len(x) > 1 else None
                                          for x in by_layer]
-    keys = ["ab_shift"] if args.trait == "caa" else ["text_projection_shift", "below_band_shift", "mentions_ai_shift"]
+    keys = ["ab_shift"] if args.trait == "caa" else [
+        "text_projection_shift", "below_band_shift", "coherent_shift", "mentions_ai_shift",
+        "capped_text_projection_shift", "capped_below_band_shift", "capped_coherent_shift", "capped_heldout_sft_loss"]
+    if cap_items:
+        for r in runs:
+            r["capability_shift"] = r["capability_change"]["change"]
+        keys.append("capability_shift")
     for k in keys:
+        if not all(k in r for r in runs):
+            continue
         xs = [r[k] for r in runs]
         summary[f"{k}_mean"] = statistics.fmean(xs)
         summary[f"{k}_sd_over_seeds"] = sd(xs)
@@ -210,7 +274,9 @@ def main() -> None:
               "data": args.data, "method": args.method, "eval": args.eval_pairs if args.trait == "caa" else
               "roles questions:test (no system prompt)", "n_eval": len(eval_items), "steps": args.steps,
               "lr": args.lr, "batch_size": args.batch_size, "max_length": args.max_length, "lam": args.lam,
-              "lam_reg": args.lam_reg, "strength": args.strength, "band_floor": floor, "before": before, "runs": runs,
+              "lam_reg": args.lam_reg, "strength": args.strength, "band_floor": floor, "cap": args.cap,
+              "capability_task": args.capability_task if cap_items else None, "capability_items": len(cap_items),
+              "before": before, "runs": runs,
               "summary": summary,
               "seconds": round(time.perf_counter() - t0, 1)}
     write_text_atomic(args.out, json.dumps(record, indent=1) + "\n")

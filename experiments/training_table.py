@@ -1,20 +1,23 @@
-"""The method comparison table of docs/training.md from experiments/train_trait.py's outputs.
+"""The method comparison tables of docs/training.md from experiments/train_trait.py's outputs.
 
-Reads MODEL-persona-sft.json (plain) and MODEL-persona-sft-METHOD.json; a method whose run has not finished is read
-from its log's per-seed lines (runs/h16/logs/persona-METHOD.log), marked partial.
+Reads every MODEL-persona-sft*.json result file in --results (plain: MODEL-persona-sft.json; the control
+`-assistant` is left out) and prints, per method and setting (λ, strength), one row with 95 % t-intervals over
+seeds, marked "matched" where the held-out SFT loss is within 5 % of plain fine-tuning's; then, where the files
+have them, the capability / coherence columns and the inference-time cap on top (seed 000 exp. 5).
 
-  python experiments/training_table.py --model smollm2-135m [--save PARTIAL.json]
+  python experiments/training_table.py --model smollm2-135m [--results experiments/results/training_v2]
 """
 
 from __future__ import annotations
 
 import argparse
-import ast
 import json
 import statistics
 from pathlib import Path
+from typing import Any
 
 T975 = {2: 12.706, 3: 4.303, 4: 3.182}
+ORDER = ("none", "preventative", "aux", "actreg", "contrastive", "combined", "caft")
 
 
 def ci(xs: list[float], digits: int = 2) -> str:
@@ -25,47 +28,71 @@ def ci(xs: list[float], digits: int = 2) -> str:
     return f"{m:+.{digits}f} [{m - h:+.{digits}f}, {m + h:+.{digits}f}]"
 
 
-def runs_of(results: Path, logs: Path, model: str, method: str) -> tuple[list[dict], bool]:
-    name = f"{model}-persona-sft" + ("" if method == "none" else f"-{method}")
-    f = results / f"{name}.json"
-    if f.exists():
-        return json.loads(f.read_text())["runs"], False
-    log = logs / f"persona-{method}.log"
-    rows = [ast.literal_eval(line) for line in log.read_text().splitlines() if line.startswith("{'seed'")] \
-        if log.exists() else []
-    return rows, True
+def setting(rec: dict[str, Any]) -> str:
+    m = rec["method"]
+    if m == "none":
+        return "none (plain)"
+    if m in ("aux", "actreg", "contrastive"):
+        return f"{m} λ {rec['lam']:g}"
+    if m == "combined":
+        return f"combined λ {rec['lam']:g} + {rec['lam_reg'] if rec['lam_reg'] is not None else rec['lam']:g}"
+    if m == "preventative":
+        return f"preventative α {rec['strength']:g}"
+    return m
+
+
+def records(results: Path, model: str) -> list[dict[str, Any]]:
+    recs = [json.loads(f.read_text()) for f in sorted(results.glob(f"{model}-persona-sft*.json"))
+            if not f.name.endswith("-assistant.json")]
+    return sorted(recs, key=lambda r: (ORDER.index(r["method"]) if r["method"] in ORDER else 99, r["lam"],
+                                       r["strength"]))
+
+
+def col(rows: list[dict[str, Any]], key: str, scale: float = 1.0, digits: int = 2) -> str:
+    if not all(key in r for r in rows):
+        return "—"
+    return ci([scale * r[key] for r in rows], digits)
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default="smollm2-135m")
     ap.add_argument("--results", default="experiments/results/training")
-    ap.add_argument("--logs", default="runs/h16/logs")
-    ap.add_argument("--methods", default="none,preventative,aux,caft,contrastive,actreg,combined")
-    ap.add_argument("--save", help="write the per-seed rows of the partial (unfinished) methods to this JSON")
     args = ap.parse_args()
-    saved: dict[str, list[dict]] = {}
-    plain, _ = runs_of(Path(args.results), Path(args.logs), args.model, "none")
+    recs = records(Path(args.results), args.model)
+    plain = next(r for r in recs if r["method"] == "none")["runs"]
     plain_loss = statistics.fmean(r["heldout_sft_loss"] for r in plain)
     plain_shift = statistics.fmean(r["projection_shift"] for r in plain)
     print("| method | seeds | projection shift [95 % CI] | % of plain's | text projection shift | below-band shift "
           "| held-out SFT loss | within 5 % of plain's |")
     print("|---|---|---|---|---|---|---|---|")
-    for m in args.methods.split(","):
-        rows, partial = runs_of(Path(args.results), Path(args.logs), args.model, m)
-        if not rows:
-            continue
-        if partial:
-            saved[m] = rows
+    for rec in recs:
+        rows = rec["runs"]
         shifts = [r["projection_shift"] for r in rows]
         loss = statistics.fmean(r["heldout_sft_loss"] for r in rows)
         gap = loss / plain_loss - 1
-        print(f"| {m}{' (partial)' if partial else ''} | {','.join(str(r['seed']) for r in rows)} | {ci(shifts)} | "
-              f"{100 * statistics.fmean(shifts) / plain_shift:.0f} % | "
-              f"{ci([r['text_projection_shift'] for r in rows])} | {ci([r['below_band_shift'] for r in rows])} | "
-              f"{loss:.3f} | {'yes' if abs(gap) <= 0.05 else 'no'} ({100 * gap:+.1f} %) |")
-    if args.save:
-        Path(args.save).write_text(json.dumps({"model": args.model, "partial": True, "runs": saved}, indent=1) + "\n")
+        print(f"| {setting(rec)} | {','.join(str(r['seed']) for r in rows)} | {ci(shifts)} | "
+              f"{100 * statistics.fmean(shifts) / plain_shift:.0f} % | {col(rows, 'text_projection_shift')} | "
+              f"{col(rows, 'below_band_shift')} | {loss:.3f} | {'yes' if abs(gap) <= 0.05 else 'no'} "
+              f"({100 * gap:+.1f} %) |")
+    with_cap = [rec for rec in recs if all("capped_text_projection_shift" in r for r in rec["runs"])]
+    if not with_cap:
+        return
+    first = with_cap[0]
+    base, capped = first["before"], first["before"]["capped"]
+    print(f"\nBase model: coherent replies {base['coherent']:.3f}, capability {base.get('capability', 0.0):.3f}"
+          f" ({first['capability_task']}, {first['capability_items']} items); with the cap ({first['cap']} floor): "
+          f"text projection {capped['text_projection'] - base['text_projection']:+.2f}, "
+          f"below band {capped['below_band'] - base['below_band']:+.3f}, "
+          f"held-out loss {capped['heldout_sft_loss']:.3f} (unsteered {base['heldout_sft_loss']:.3f})\n")
+    print("| method | coherent-reply shift | capability Δ (points) | capped: text projection shift | capped: "
+          "below-band shift | capped: coherent-reply shift | capped: held-out SFT loss |")
+    print("|---|---|---|---|---|---|---|")
+    for rec in with_cap:
+        rows = rec["runs"]
+        print(f"| {setting(rec)} | {col(rows, 'coherent_shift')} | {col(rows, 'capability_shift', 100, 1)} | "
+              f"{col(rows, 'capped_text_projection_shift')} | {col(rows, 'capped_below_band_shift')} | "
+              f"{col(rows, 'capped_coherent_shift')} | {col(rows, 'capped_heldout_sft_loss', 1, 3)} |")
 
 
 if __name__ == "__main__":
