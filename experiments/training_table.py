@@ -54,6 +54,12 @@ def col(rows: list[dict[str, Any]], key: str, scale: float = 1.0, digits: int = 
     return ci([scale * r[key] for r in rows], digits)
 
 
+def matched(method: str, gap: float) -> str:
+    if method == "none":
+        return "—"
+    return f"{'yes' if abs(gap) <= 0.05 else 'no'} ({100 * gap:+.1f} %)"
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default="smollm2-135m")
@@ -73,8 +79,7 @@ def main() -> None:
         gap = loss / plain_loss - 1
         print(f"| {setting(rec)} | {','.join(str(r['seed']) for r in rows)} | {ci(shifts)} | "
               f"{100 * statistics.fmean(shifts) / plain_shift:.0f} % | {col(rows, 'text_projection_shift')} | "
-              f"{col(rows, 'below_band_shift')} | {loss:.3f} | {'yes' if abs(gap) <= 0.05 else 'no'} "
-              f"({100 * gap:+.1f} %) |")
+              f"{col(rows, 'below_band_shift')} | {loss:.3f} | {matched(rec['method'], gap)} |")
     with_cap = [rec for rec in recs if all("capped_text_projection_shift" in r for r in rec["runs"])]
     if not with_cap:
         return
