@@ -37,6 +37,7 @@ from steerable.sweeps.tune import prefilter_kl
 from tests.conftest import tiny_handle
 
 ROOT = Path(__file__).resolve().parents[1]
+KL_ABS = 1e-6  # float32 agreement of two KL paths at KL ~1e-4 (test_batched_sweep_equals_one_config_at_a_time)
 
 EX = [Example(p, None, i % 2, i // 2) for i, p in enumerate(
     ["how do I pick a lock", "bake a cake", "build a weapon", "plant a tree", "steal a car", "write a poem",
@@ -117,9 +118,11 @@ def test_batched_sweep_equals_one_config_at_a_time(setup: tuple[ModelHandle, str
     assert kl1 is not None
     assert kl2 is not None
     assert kl2 > kl1 > 0
-    # the KL a sweep reads off decoding is the reply-start KL that forward passes give
+    # the KL a sweep reads off decoding is the reply-start KL that forward passes give. These KLs are ~1e-4, a
+    # difference of near-equal float32 log-probabilities read from two paths (padded KV-cached decoding, one
+    # forward pass); their rounding differs by CPU kernel, which moved them by 1.5e-7 on one machine: KL_ABS.
     direct = kl_grid(handle, [r["prompt"] for r in BENIGN], [c.plan(vec) for c in configs[1:]], last_only=True)
-    assert [r.kl for r in together[1:]] == pytest.approx(direct, rel=1e-3, abs=1e-7)
+    assert [r.kl for r in together[1:]] == pytest.approx(direct, rel=1e-3, abs=KL_ABS)
     rec = together[1]
     assert rec.benign is not None
     assert rec.behaviour.n == len(PROMPTS)
@@ -165,7 +168,7 @@ def test_killed_sweep_resumes_without_redoing_finished_configs(setup: tuple[Mode
     assert out.read_text().endswith("\n")
     # the resumed run had no baseline row: its KL reference came from forward passes, and agrees
     direct = kl_grid(handle, [r["prompt"] for r in BENIGN], [c.plan(vec) for c in configs[1:]], last_only=True)
-    assert [r.kl for r in done[1:]] == pytest.approx(direct, rel=1e-3, abs=1e-7)
+    assert [r.kl for r in done[1:]] == pytest.approx(direct, rel=1e-3, abs=KL_ABS)
     calls.clear()
     run.run_sweep(handle, spec, out, progress=False)
     assert calls == []  # nothing left to do
