@@ -48,7 +48,7 @@ from steerable.data import roles
 from steerable.data.loaders import load_pairs
 from steerable.data.sft import load_sft
 from steerable.directions.artifact import load_directions
-from steerable.evaluate.capability import load_mmlu, mc_correct, paired_change, stratified
+from steerable.evaluate.capability import DEFAULT_FORMAT, load_mmlu, mc_correct, paired_change, stratified
 from steerable.evaluate.capability_analogy import load_analogies
 from steerable.evaluate.coherence import is_coherent
 from steerable.evaluate.logits import ab_score, perplexity
@@ -105,7 +105,7 @@ def replies(handle: Any, ds: Any, layer: int, questions: list[str], peft_model: 
 
 
 def capability(handle: Any, items: Any, task: str) -> list[bool]:
-    return mc_correct(handle, items, format="choice-loglik" if task == "analogies" else "cue+cal")
+    return mc_correct(handle, items, format="choice-loglik" if task == "analogies" else DEFAULT_FORMAT)
 
 
 def cap_plan(ds: Any, args: argparse.Namespace) -> dict[str, Any] | None:
@@ -228,8 +228,9 @@ def main() -> None:
                                                                     before["projection_by_layer"], strict=True)]}
         if cap_items:
             correct = capability(h, cap_items, args.capability_task)
-            run |= {"capability": statistics.fmean(correct),
-                    "capability_change": paired_change(correct, base_correct).to_json()}
+            change = paired_change(correct, base_correct)
+            run |= {"capability": statistics.fmean(correct), "capability_change": change.to_json(),
+                    "capability_shift": change.value}
         if args.trait == "caa":
             run["ab_shift"] = after["ab_score"] - before["ab_score"]
         else:
@@ -260,8 +261,6 @@ def main() -> None:
         "text_projection_shift", "below_band_shift", "coherent_shift", "mentions_ai_shift",
         "capped_text_projection_shift", "capped_below_band_shift", "capped_coherent_shift", "capped_heldout_sft_loss"]
     if cap_items:
-        for r in runs:
-            r["capability_shift"] = r["capability_change"]["change"]
         keys.append("capability_shift")
     for k in keys:
         if not all(k in r for r in runs):
