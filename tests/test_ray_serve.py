@@ -184,6 +184,18 @@ def raw(url: str, path: str, body: bytes, key: str = ADMIN) -> tuple[int, dict[s
     return status, json.loads(data)
 
 
+def same(got: Any, want: Any) -> bool:
+    """Equal, except that floats (the monitor's projections) may differ in the last digits: a replica batches
+    concurrent requests differently from the single server, and a different batch shape rounds differently."""
+    if isinstance(want, float) and isinstance(got, float):
+        return got == pytest.approx(want, rel=1e-4, abs=1e-5)
+    if isinstance(want, dict) and isinstance(got, dict):
+        return got.keys() == want.keys() and all(same(got[k], want[k]) for k in want)
+    if isinstance(want, (list, tuple)) and isinstance(got, (list, tuple)):
+        return len(got) == len(want) and all(same(g, w) for g, w in zip(got, want, strict=True))
+    return bool(got == want) and type(got) is type(want)
+
+
 # -- tests -----------------------------------------------------------------------------------------------
 
 
@@ -193,7 +205,7 @@ def test_responses_equal_the_single_process_servers(cluster, single):
         got = list(pool.map(lambda j: ask(cluster, *j), jobs))
     want = [ask(single, *j) for j in jobs]
     for (case, stream), g, w in zip(jobs, got, want, strict=True):
-        assert g == w, (case, stream)
+        assert same(g, w), (case, stream, g, w)
     assert {w["steering"]["plan"] for w in want} == {"default", "none", "preset", "request"}
     assert "monitor" in want[8]["steering"]
     models = client(cluster).models.list().data
