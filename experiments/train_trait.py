@@ -19,6 +19,8 @@ prompts, before and after:
   (`analogies` in `choice-loglik`, smollm2's capability measure; `mmlu` in `cue+cal`) from the base model;
 - (axis trait, `--cap FLOOR`, seed 000's experiment 5) the same replies and task loss with an inference-time cap
   on top (the plan `cap(axis, FLOOR)` at the axis's cap layers), on the base and on each fine-tuned model.
+The base model's measures are kept in --runs (keyed by the model, the direction file's bytes and the evaluation
+flags) and reused by the next setting with the same evaluation, which saves one of the four evaluations per run.
 The criterion: the mean projection shift over seeds ≥ 3× its seed-to-seed standard deviation, and the behaviour
 moves (95 % t-interval over seeds excluding 0).
 
@@ -34,6 +36,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import argparse
 import contextlib
+import hashlib
 import json
 import re
 import statistics
@@ -57,6 +60,7 @@ from steerable.generation import generate
 from steerable.models.load import load_model
 from steerable.steering.hooks import steer
 from steerable.train import TrainConfig, train
+from steerable.train.artifact import file_sha256
 from steerable.train.batches import collate, tokenise
 from steerable.train.losses import task_loss
 
@@ -137,6 +141,16 @@ def measure(handle: Any, ds: Any, layer: int, args: argparse.Namespace, eval_ite
     return row
 
 
+def before_cache_path(args: argparse.Namespace, layer: int) -> Path:
+    """Where the base model's measures for these evaluation settings are kept: keyed by everything they depend on
+    (the model, the direction file's bytes, the read layer and the evaluation flags), not by the method."""
+    key = {k: getattr(args, k) for k in ("model", "trait", "data", "eval_pairs", "n_eval", "n_loss", "max_length",
+                                         "cap", "capability", "capability_task")}
+    key |= {"vector_sha256": file_sha256(args.vector), "layer": layer}
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+    return Path(args.runs) / f"before-{Path(args.model).name}-{args.data}-{digest}.json"
+
+
 def sd(xs: list[float]) -> float:
     return statistics.stdev(xs) if len(xs) > 1 else float("nan")
 
@@ -195,19 +209,28 @@ def main() -> None:
     else:
         eval_items = [q.question for q in roles.questions("test")][:args.n_eval]
     sft, sft_test = load_sft(f"{args.data}:train"), load_sft(f"{args.data}:test")
-    before = measure(handle, ds, layer, args, eval_items, sft_test)
-    floor = None
-    if args.trait == "axis":  # the Assistant band's floor: p5 of the base model's own held-out replies
-        floor = float(torch.tensor(before["text_projection_per_reply"]).quantile(0.05))
-        for row in (before, before.get("capped")):
-            if row is not None:
-                row["below_band"] = statistics.fmean(p < floor for p in row["text_projection_per_reply"])
     cap_items: list[Any] = []
     if args.capability:
         pool = load_analogies() if args.capability_task == "analogies" else load_mmlu()
         cap_items = stratified(pool, args.capability)
-        base_correct = capability(handle, cap_items, args.capability_task)
-        before["capability"] = statistics.fmean(base_correct)
+    cache = before_cache_path(args, layer)
+    if cache.is_file():  # the base model's measures do not depend on the method: reuse them across settings
+        cached = json.loads(cache.read_text())
+        before, base_correct, floor = cached["before"], cached["base_correct"], cached["floor"]
+        print(f"before: reusing {cache}", flush=True)
+    else:
+        before = measure(handle, ds, layer, args, eval_items, sft_test)
+        floor = None
+        if args.trait == "axis":  # the Assistant band's floor: p5 of the base model's own held-out replies
+            floor = float(torch.tensor(before["text_projection_per_reply"]).quantile(0.05))
+            for row in (before, before.get("capped")):
+                if row is not None:
+                    row["below_band"] = statistics.fmean(p < floor for p in row["text_projection_per_reply"])
+        base_correct = capability(handle, cap_items, args.capability_task) if cap_items else []
+        if cap_items:
+            before["capability"] = statistics.fmean(base_correct)
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        write_text_atomic(cache, json.dumps({"before": before, "base_correct": base_correct, "floor": floor}))
     print("before", {k: v for k, v in before.items() if not k.endswith("per_reply")}, flush=True)
     runs = []
     for seed in [int(s) for s in args.seeds.split(",")]:

@@ -2,7 +2,9 @@
 # The matched-loss comparison of docs/training.md ("Matched task loss, capping on top, capability, coherence"):
 # each setting below is one experiments/train_trait.py run (3 seeds) that also measures coherence, capability
 # (252 word analogies, choice-loglik) and the inference-time p25 cap on top of the fine-tuned model (seed 000
-# exp. 5). SETTINGS is a list of METHOD:LAMBDA:LAMBDA_REG:STRENGTH; LANES runs that many at once (one thread each).
+# exp. 5). SETTINGS is a list of METHOD:LAMBDA:LAMBDA_REG:STRENGTH[:LAYERS] (LAYERS: the method's layers, e.g. 19,
+# default the axis's cap layers); LANES runs that many at once (one thread each).
+# EXTRA: more train_trait.py flags (qwen2.5-0.5b: "--capability-task mmlu --capability 6", its capability measure).
 #   LANES=2 bash experiments/training_matched.sh            # what docs/training.md ran, then
 #   python experiments/training_table.py --results experiments/results/training_v2
 set -euo pipefail
@@ -16,7 +18,7 @@ AXIS=runs/h16/$MODEL-axis.safetensors
 [ -f "$AXIS" ] || steerable axis --model "$MODEL" --out "$AXIS" --bootstrap 0
 mkdir -p "$OUT" runs/h16/logs
 run() {
-  IFS=: read -r m lam reg a <<< "$1"
+  IFS=: read -r m lam reg a layers <<< "$1"
   local name="$MODEL-persona-sft" extra=(--method "$m")
   case $m in
     none) ;;
@@ -26,10 +28,11 @@ run() {
     caft) name+="-$m" ;;
     *) echo "unknown method $m" >&2; return 2 ;;
   esac
+  if [ -n "$layers" ]; then name+="-L$layers"; extra+=(--layers "$layers"); fi
   [ -f "$OUT/$name.json" ] && return 0
   nice -n 5 python experiments/train_trait.py --model "$MODEL" --trait axis --vector "$AXIS" --steps 36 \
       --batch-size 8 --lr 1e-3 --max-length 160 --data persona-sft --seeds "${SEEDS:-0,1,2}" "${extra[@]}" \
-      --out "$OUT/$name.json" > "runs/h16/logs/$name.log" 2>&1
+      ${EXTRA:-} --out "$OUT/$name.json" > "runs/h16/logs/$name.log" 2>&1
 }
-export -f run; export MODEL OUT AXIS
+export -f run; export MODEL OUT AXIS EXTRA
 printf '%s\n' $SETTINGS | xargs -P "$LANES" -I{} bash -c 'run {}'
