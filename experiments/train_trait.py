@@ -296,7 +296,8 @@ def main() -> None:
               "data": args.data, "method": args.method, "eval": args.eval_pairs if args.trait == "caa" else
               "roles questions:test (no system prompt)", "n_eval": len(eval_items), "steps": args.steps,
               "lr": args.lr, "batch_size": args.batch_size, "max_length": args.max_length, "lam": args.lam,
-              "lam_reg": args.lam_reg, "strength": args.strength, "band_floor": floor, "cap": args.cap,
+              "lam_reg": args.lam_reg, "strength": args.strength, "method_layers": args.layers,
+              "band_floor": floor, "cap": args.cap,
               "capability_task": args.capability_task if cap_items else None, "capability_items": len(cap_items),
               "before": before, "runs": runs,
               "summary": summary,

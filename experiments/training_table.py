@@ -29,23 +29,30 @@ def ci(xs: list[float], digits: int = 2) -> str:
 
 
 def setting(rec: dict[str, Any]) -> str:
+    """The row's label: the method and its knob, plus its layers and steps where the run set them."""
     m = rec["method"]
     if m == "none":
-        return "none (plain)"
-    if m in ("aux", "actreg", "contrastive"):
-        return f"{m} λ {rec['lam']:g}"
-    if m == "combined":
-        return f"combined λ {rec['lam']:g} + {rec['lam_reg'] if rec['lam_reg'] is not None else rec['lam']:g}"
-    if m == "preventative":
-        return f"preventative α {rec['strength']:g}"
-    return m
+        label = "none (plain)"
+    elif m in ("aux", "actreg", "contrastive"):
+        label = f"{m} λ {rec['lam']:g}"
+    elif m == "combined":
+        label = f"combined λ {rec['lam']:g} + {rec['lam_reg'] if rec['lam_reg'] is not None else rec['lam']:g}"
+    elif m == "preventative":
+        label = f"preventative α {rec['strength']:g}"
+    else:
+        label = m
+    if rec.get("method_layers"):
+        label += f", layers {rec['method_layers']}"
+    if rec["steps"] != 36:  # every setting of training_matched.sh trains 36 steps unless its STEPS field says
+        label += f", {rec['steps']} steps"
+    return label
 
 
 def records(results: Path, model: str) -> list[dict[str, Any]]:
     recs = [json.loads(f.read_text()) for f in sorted(results.glob(f"{model}-persona-sft*.json"))
             if not f.name.endswith("-assistant.json")]
     return sorted(recs, key=lambda r: (ORDER.index(r["method"]) if r["method"] in ORDER else 99, r["lam"],
-                                       r["strength"]))
+                                       r["strength"], r.get("method_layers") or "", r["steps"]))
 
 
 def col(rows: list[dict[str, Any]], key: str, scale: float = 1.0, digits: int = 2) -> str:
