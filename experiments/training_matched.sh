@@ -2,8 +2,8 @@
 # The matched-loss comparison of docs/training.md ("Matched task loss, capping on top, capability, coherence"):
 # each setting below is one experiments/train_trait.py run (3 seeds) that also measures coherence, capability
 # (252 word analogies, choice-loglik) and the inference-time p25 cap on top of the fine-tuned model (seed 000
-# exp. 5). SETTINGS is a list of METHOD:LAMBDA:LAMBDA_REG:STRENGTH[:LAYERS] (LAYERS: the method's layers, e.g. 19,
-# default the axis's cap layers); LANES runs that many at once (one thread each).
+# exp. 5). SETTINGS is a list of METHOD:LAMBDA:LAMBDA_REG:STRENGTH[:LAYERS[:STEPS]] (LAYERS: the method's layers,
+# e.g. 19, default the axis's cap layers; STEPS: training steps, default 36); LANES runs that many at once (one thread each).
 # EXTRA: more train_trait.py flags (qwen2.5-0.5b: "--capability-task mmlu --capability 6", its capability measure).
 #   LANES=2 bash experiments/training_matched.sh            # what docs/training.md ran, then
 #   python experiments/training_table.py --results experiments/results/training_v2
@@ -18,7 +18,7 @@ AXIS=runs/h16/$MODEL-axis.safetensors
 [ -f "$AXIS" ] || steerable axis --model "$MODEL" --out "$AXIS" --bootstrap 0
 mkdir -p "$OUT" runs/h16/logs
 run() {
-  IFS=: read -r m lam reg a layers <<< "$1"
+  IFS=: read -r m lam reg a layers steps <<< "$1"
   local name="$MODEL-persona-sft" extra=(--method "$m")
   case $m in
     none) ;;
@@ -29,8 +29,9 @@ run() {
     *) echo "unknown method $m" >&2; return 2 ;;
   esac
   if [ -n "$layers" ]; then name+="-L$layers"; extra+=(--layers "$layers"); fi
+  if [ -n "$steps" ]; then name+="-s$steps"; fi
   [ -f "$OUT/$name.json" ] && return 0
-  nice -n 5 python experiments/train_trait.py --model "$MODEL" --trait axis --vector "$AXIS" --steps 36 \
+  nice -n 5 python experiments/train_trait.py --model "$MODEL" --trait axis --vector "$AXIS" --steps "${steps:-36}" \
       --batch-size 8 --lr 1e-3 --max-length 160 --data persona-sft --seeds "${SEEDS:-0,1,2}" "${extra[@]}" \
       ${EXTRA:-} --out "$OUT/$name.json" > "runs/h16/logs/$name.log" 2>&1
 }
