@@ -28,8 +28,9 @@ def ci(xs: list[float], digits: int = 2) -> str:
     return f"{m:+.{digits}f} [{m - h:+.{digits}f}, {m + h:+.{digits}f}]"
 
 
-def setting(rec: dict[str, Any]) -> str:
-    """The row's label: the method and its knob, plus its layers and steps where the run set them."""
+def setting(rec: dict[str, Any], plain_steps: int) -> str:
+    """The row's label: the method and its knob, plus its layers where the run set them and its steps where they
+    differ from plain fine-tuning's."""
     m = rec["method"]
     if m == "none":
         label = "none (plain)"
@@ -43,7 +44,7 @@ def setting(rec: dict[str, Any]) -> str:
         label = m
     if rec.get("method_layers"):
         label += f", layers {rec['method_layers']}"
-    if rec["steps"] != 36:  # every setting of training_matched.sh trains 36 steps unless its STEPS field says
+    if rec["steps"] != plain_steps:
         label += f", {rec['steps']} steps"
     return label
 
@@ -73,7 +74,8 @@ def main() -> None:
     ap.add_argument("--results", default="experiments/results/training")
     args = ap.parse_args()
     recs = records(Path(args.results), args.model)
-    plain = next(r for r in recs if r["method"] == "none")["runs"]
+    plain_rec = next(r for r in recs if r["method"] == "none")
+    plain = plain_rec["runs"]
     plain_loss = statistics.fmean(r["heldout_sft_loss"] for r in plain)
     plain_shift = statistics.fmean(r["projection_shift"] for r in plain)
     print("| method | seeds | projection shift [95 % CI] | % of plain's | text projection shift | below-band shift "
@@ -84,7 +86,7 @@ def main() -> None:
         shifts = [r["projection_shift"] for r in rows]
         loss = statistics.fmean(r["heldout_sft_loss"] for r in rows)
         gap = loss / plain_loss - 1
-        print(f"| {setting(rec)} | {','.join(str(r['seed']) for r in rows)} | {ci(shifts)} | "
+        print(f"| {setting(rec, plain_rec['steps'])} | {','.join(str(r['seed']) for r in rows)} | {ci(shifts)} | "
               f"{100 * statistics.fmean(shifts) / plain_shift:.0f} % | {col(rows, 'text_projection_shift')} | "
               f"{col(rows, 'below_band_shift')} | {loss:.3f} | {matched(rec['method'], gap)} |")
     with_cap = [rec for rec in recs if all("capped_text_projection_shift" in r for r in rec["runs"])]
@@ -102,7 +104,8 @@ def main() -> None:
     print("|---|---|---|---|---|---|---|")
     for rec in with_cap:
         rows = rec["runs"]
-        print(f"| {setting(rec)} | {col(rows, 'coherent_shift')} | {col(rows, 'capability_shift', 100, 1)} | "
+        print(f"| {setting(rec, plain_rec['steps'])} | {col(rows, 'coherent_shift')} | "
+              f"{col(rows, 'capability_shift', 100, 1)} | "
               f"{col(rows, 'capped_text_projection_shift')} | {col(rows, 'capped_below_band_shift')} | "
               f"{col(rows, 'capped_coherent_shift')} | {col(rows, 'capped_heldout_sft_loss', 1, 3)} |")
 
