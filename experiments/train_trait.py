@@ -181,6 +181,7 @@ def main() -> None:
     ap.add_argument("--lam-reg", type=float, help="combined: the regularisation term's weight (default --lam)")
     ap.add_argument("--strength", type=float, default=1.0)
     ap.add_argument("--layers", help="layers of the method's terms / plan (default: the train loop's default)")
+    ap.add_argument("--caft-ablation", default="zero", help="caft: zero (project out) or mean (to the Assistant mean)")
     ap.add_argument("--seeds", default="0,1,2")
     ap.add_argument("--steps", type=int, default=40)
     ap.add_argument("--lr", type=float, default=1e-3)
@@ -238,8 +239,10 @@ def main() -> None:
         vector = None if args.method == "none" else (args.train_vector or args.vector)
         config = TrainConfig(method=args.method, vector=vector, layers=args.layers, lam=args.lam,
                              lam_reg=args.lam_reg, strength=args.strength, steps=args.steps, lr=args.lr,
+                             caft_ablation=args.caft_ablation,
                              batch_size=args.batch_size, max_length=args.max_length, seed=seed)
         knob = "" if args.method == "none" else f"-lam{args.lam:g}-reg{args.lam_reg or args.lam:g}-a{args.strength:g}"
+        knob += "-mean" if args.caft_ablation == "mean" else ""
         out = Path(args.runs) / f"{args.model}-{args.data}-{args.method}{knob}-s{seed}"
         result = train(h, sft, config, out if not (out / "steering.json").exists() else None)
         after = measure(h, ds, layer, args, eval_items, sft_test, result.peft_model, floor)
@@ -297,6 +300,7 @@ def main() -> None:
               "roles questions:test (no system prompt)", "n_eval": len(eval_items), "steps": args.steps,
               "lr": args.lr, "batch_size": args.batch_size, "max_length": args.max_length, "lam": args.lam,
               "lam_reg": args.lam_reg, "strength": args.strength, "method_layers": args.layers,
+              "caft_ablation": args.caft_ablation if args.method == "caft" else None,
               "band_floor": floor, "cap": args.cap,
               "capability_task": args.capability_task if cap_items else None, "capability_items": len(cap_items),
               "before": before, "runs": runs,

@@ -3,7 +3,8 @@
 # each setting below is one experiments/train_trait.py run (3 seeds) that also measures coherence, capability
 # (252 word analogies, choice-loglik) and the inference-time p25 cap on top of the fine-tuned model (seed 000
 # exp. 5). SETTINGS is a list of METHOD:LAMBDA:LAMBDA_REG:STRENGTH[:LAYERS[:STEPS]] (LAYERS: the method's layers,
-# e.g. 19, default the axis's cap layers; STEPS: training steps, default 36); LANES runs that many at once (one thread each).
+# e.g. 19, default the axis's cap layers; STEPS: training steps, default 36); METHOD caft-mean is CAFT with
+# --caft-ablation mean (h·â set to the Assistant mean, not 0). LANES runs that many at once (one thread each).
 # EXTRA: more train_trait.py flags (qwen2.5-0.5b: "--capability-task mmlu --capability 6", its capability measure).
 #   LANES=2 bash experiments/training_matched.sh            # what docs/training.md ran, then
 #   python experiments/training_table.py --results experiments/results/training_v2
@@ -26,6 +27,7 @@ run() {
     combined) name+="-$m-lam$lam-reg$reg"; extra+=(--lam "$lam" --lam-reg "$reg") ;;
     preventative) name+="-$m-a$a"; extra+=(--strength "$a") ;;
     caft) name+="-$m" ;;
+    caft-mean) name+="-$m"; extra=(--method caft --caft-ablation mean) ;;
     *) echo "unknown method $m" >&2; return 2 ;;
   esac
   if [ -n "$layers" ]; then name+="-L$layers"; extra+=(--layers "$layers"); fi

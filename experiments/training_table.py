@@ -42,6 +42,8 @@ def setting(rec: dict[str, Any], plain_steps: int) -> str:
         label = f"preventative α {rec['strength']:g}"
     else:
         label = m
+    if rec.get("caft_ablation") == "mean":
+        label += " (mean ablation)"
     if rec.get("method_layers"):
         label += f", layers {rec['method_layers']}"
     if rec["steps"] != plain_steps:
@@ -53,7 +55,8 @@ def records(results: Path, model: str) -> list[dict[str, Any]]:
     recs = [json.loads(f.read_text()) for f in sorted(results.glob(f"{model}-persona-sft*.json"))
             if not f.name.endswith("-assistant.json")]
     return sorted(recs, key=lambda r: (ORDER.index(r["method"]) if r["method"] in ORDER else 99, r["lam"],
-                                       r["strength"], r.get("method_layers") or "", r["steps"]))
+                                       r["strength"], r.get("caft_ablation") or "", r.get("method_layers") or "",
+                                       r["steps"]))
 
 
 def col(rows: list[dict[str, Any]], key: str, scale: float = 1.0, digits: int = 2) -> str:

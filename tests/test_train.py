@@ -21,7 +21,7 @@ from steerable.steering.builders import ablate, add
 from steerable.steering.hooks import steer
 from steerable.train import TrainConfig, load_adapter, train
 from steerable.train.batches import IGNORE, collate, schedule, tokenise
-from steerable.train.losses import actreg_term, aux_term, contrastive_term, reference
+from steerable.train.losses import actreg_term, assistant_is_positive, aux_term, contrastive_term, reference
 from steerable.train.reader import hook_counts, steering_hooks
 
 EX = [Example(f"{w} someone now, {i}", None, j % 2, i * 4 + j // 2)
@@ -214,6 +214,45 @@ def test_caft_ablation_holds_every_training_step(ds):
     assert result.log[0]["task_loss"] == pytest.approx(ablated, abs=2e-6)
     with torch.no_grad():  # after training: no ablation
         assert float((_hidden(handle, batch) @ r).abs().max()) > 1e-3
+
+
+def test_caft_mean_ablation_holds_the_assistant_mean_every_training_step(ds):
+    """--caft-ablation mean: h·â equals the Assistant class's mean projection (by hand from the file's class
+    means) on every token of every training step at each layer, and nothing is ablated after training."""
+    handle = tiny_handle("llama")
+    batch = _batch(handle)
+    layers = (1, 2)
+    seen: dict[int, list[float]] = {layer: [] for layer in layers}
+    hooks = []
+    for layer in layers:
+        v = ds.direction(layer).double()
+        unit = (v / v.norm()).float()
+        assistant = ds.mean_pos if assistant_is_positive(ds) else ds.mean_neg  # a trait file: its negative class
+        mu = float(assistant[ds.row(layer)].double() @ (v / v.norm()))
+
+        def probe(_m, args, unit=unit, mu=mu, layer=layer):
+            if handle.model.training:
+                h = args[0].detach()
+                seen[layer].append(float(((h @ unit) - mu).abs().max()) / max(abs(mu), 1.0))
+        hooks.append(handle.layout.layers[layer + 1].register_forward_pre_hook(probe))
+    try:
+        result = train(handle, SFT, _config(method="caft", caft_ablation="mean", vector=ds, layers="1-2", steps=3))
+    finally:
+        for h in hooks:
+            h.remove()
+    assert [len(seen[layer]) for layer in layers] == [3, 3]
+    assert max(max(x) for x in seen.values()) < 1e-4
+    assert result.record["caft_ablation"] == "mean"
+    with torch.no_grad():  # after training: the projection is free again
+        p = _hidden(handle, batch, 1) @ ds.direction(1) / ds.direction(1).norm()
+        assert float(p.max() - p.min()) > 1e-3
+
+
+def test_caft_ablation_is_caft_only(ds):
+    with pytest.raises(SteerableError, match="CAFT's setting"):
+        _config(method="aux", caft_ablation="mean", vector=ds).check()
+    with pytest.raises(SteerableError, match="unknown CAFT ablation"):
+        _config(method="caft", caft_ablation="half", vector=ds).check()
 
 
 def test_hooks_fire_once_per_step_under_gradient_checkpointing():

@@ -38,7 +38,7 @@ def adapter_record(args: argparse.Namespace) -> dict[str, Any] | None:
 
 
 def add_train_parser(sub: Any) -> None:
-    from steerable.train.config import METHODS
+    from steerable.train.config import CAFT_ABLATIONS, METHODS
 
     s = sub.add_parser("train", help="LoRA fine-tuning, optionally with training-time steering (methods.md §6)")
     s.add_argument("--model", default=DEFAULT_MODEL, help="built-in name, Hugging Face directory or .gguf")
@@ -60,6 +60,9 @@ def add_train_parser(sub: Any) -> None:
                    help="weight of combined's regularisation term (default: --lambda)")
     s.add_argument("--strength", type=float_flag(-MAX_STRENGTH, MAX_STRENGTH), default=1.0,
                    help="preventative: α along the file's direction (toward its positive class)")
+    s.add_argument("--caft-ablation", choices=list(CAFT_ABLATIONS), default="zero",
+                   help="caft: zero projects the direction out (the CAFT paper); mean sets h·â to the Assistant "
+                        "class's mean projection (ours: what the later layers see at inference)")
     s.add_argument("--steps", type=positive, default=100)
     s.add_argument("--lr", type=float_flag(1e-12, 10.0), default=2e-4)
     s.add_argument("--batch-size", type=batch_size, default=8)
@@ -89,7 +92,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     config = TrainConfig(method=args.method, vector=args.vector, layers=args.layers, lam=args.lam,
                          lam_reg=args.lambda_reg, strength=args.strength, steps=args.steps, lr=args.lr,
                          batch_size=args.batch_size, max_length=args.max_length, lora_r=args.lora_r,
-                         lora_alpha=args.lora_alpha, seed=args.seed, gradient_checkpointing=args.gradient_checkpointing)
+                         lora_alpha=args.lora_alpha, seed=args.seed, gradient_checkpointing=args.gradient_checkpointing,
+                         caft_ablation=args.caft_ablation)
     config.check()  # before the model loads: a bad flag or file costs nothing
     sft = load_sft(args.data)
     if args.resume:  # (what cannot be resumed is refused before the model loads)

@@ -22,6 +22,10 @@ METHOD_TERMS: dict[str, tuple[str, ...]] = {
 }
 METHODS = tuple(METHOD_TERMS)
 STEERED = ("preventative", "caft")  # the methods that run the training forward passes under a plan
+# CAFT's ablation: "zero" projects the direction out (h − (h·â)â, methods.md §5), as the CAFT paper does; "mean"
+# sets h·â to the base model's Assistant-class mean instead (mean ablation, ours), so the layers after it see
+# the projection the unsteered model gives them at inference and not a value they never meet outside training
+CAFT_ABLATIONS = ("zero", "mean")
 
 # a run's identity (TrainConfig.identity plus what the loop adds) -> the `steerable train` flag that sets it, for
 # the message refusing a resume under other settings
@@ -29,15 +33,15 @@ RESUME_FLAGS = {"method": "--method", "vector": "--vector", "layers": "--layers"
                 "lam_reg": "--lambda-reg", "strength": "--strength", "steps": "--steps", "lr": "--lr",
                 "batch_size": "--batch-size", "max_length": "--max-length", "lora_r": "--lora-r",
                 "lora_alpha": "--lora-alpha", "seed": "--seed", "gradient_checkpointing": "--gradient-checkpointing",
-                "data": "--data", "model": "--model"}
+                "caft_ablation": "--caft-ablation", "data": "--data", "model": "--model"}
 
 
 @dataclass(frozen=True)
 class TrainConfig:
     """One run. `lam` weighs every term; `lam_reg` (default `lam`) the regularisation term of `combined`.
     `strength` is preventative steering's α along the file's direction (its positive class: the trait for a
-    trait vector, the Assistant for an axis). `layers` defaults to the axis's cap layers, else the file's best
-    held-out-AUROC layer."""
+    trait vector, the Assistant for an axis). `caft_ablation` is CAFT's ablation (CAFT_ABLATIONS). `layers`
+    defaults to the axis's cap layers, else the file's best held-out-AUROC layer."""
 
     method: str = "none"
     vector: str | Path | DirectionSet | None = None
@@ -54,11 +58,14 @@ class TrainConfig:
     lora_dropout: float = 0.0
     seed: int = 0
     gradient_checkpointing: bool = False
+    caft_ablation: str = "zero"
 
     def identity(self) -> dict[str, Any]:
         """The settings a resumed run must share with the run it continues (JSON values). The vector and layers
         are the loop's to add (a file's hash, the resolved layer list), as are the data and the model."""
-        return {"method": self.method, "lam": self.lam, "lam_reg": self.lam_reg, "strength": self.strength,
+        # caft_ablation only where it is not the default, so a checkpoint written before it existed still resumes
+        extra = {"caft_ablation": self.caft_ablation} if self.caft_ablation != "zero" else {}
+        return {**extra, "method": self.method, "lam": self.lam, "lam_reg": self.lam_reg, "strength": self.strength,
                 "steps": self.steps, "lr": self.lr, "batch_size": self.batch_size, "max_length": self.max_length,
                 "lora_r": self.lora_r, "lora_alpha": self.lora_alpha or 2 * self.lora_r,
                 "lora_dropout": self.lora_dropout, "seed": self.seed,
@@ -76,6 +83,11 @@ class TrainConfig:
     def check(self) -> None:
         if self.method not in METHOD_TERMS:
             raise SteerableError(f"unknown training method {self.method!r}: use {', '.join(METHODS)}")
+        if self.caft_ablation not in CAFT_ABLATIONS:
+            raise SteerableError(f"unknown CAFT ablation {self.caft_ablation!r}: use {', '.join(CAFT_ABLATIONS)}")
+        if self.caft_ablation != "zero" and self.method != "caft":
+            raise SteerableError(f"caft_ablation {self.caft_ablation!r} is CAFT's setting; method {self.method!r} "
+                                 "ablates nothing (use --method caft)")
         if self.method != "none" and self.vector is None:
             raise SteerableError(f"method {self.method!r} needs a direction file (--vector FILE.safetensors)")
         for name, value, lo in (("steps", self.steps, 1), ("batch_size", self.batch_size, 1),
@@ -94,4 +106,4 @@ class TrainConfig:
             raise SteerableError(f"lora_dropout must be in [0, 1), got {self.lora_dropout}")
 
 
-__all__ = ["METHODS", "METHOD_TERMS", "RESUME_FLAGS", "STEERED", "TrainConfig"]
+__all__ = ["CAFT_ABLATIONS", "METHODS", "METHOD_TERMS", "RESUME_FLAGS", "STEERED", "TrainConfig"]

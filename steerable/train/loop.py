@@ -35,7 +35,7 @@ from steerable.directions.artifact import DirectionSet, load_directions
 from steerable.errors import ArtifactError, SteerableError
 from steerable.fsutil import write_text_atomic
 from steerable.models.load import ModelHandle
-from steerable.steering.builders import ablate, add
+from steerable.steering.builders import Plan, ablate, add, cap
 from steerable.steering.hooks import steer
 from steerable.steering.layer_spec import parse_layers
 from steerable.train.adapter import model_record
@@ -92,10 +92,24 @@ def _layers(config: TrainConfig, ds: DirectionSet | None, handle: ModelHandle) -
     return (ds.layers[int(torch.nan_to_num(ds.auroc, nan=-1.0).argmax())],)  # the best held-out AUROC
 
 
-def _plan(config: TrainConfig, ds: DirectionSet, layers: tuple[int, ...]) -> Any:
+def _plan(config: TrainConfig, ds: DirectionSet, layers: tuple[int, ...]) -> Plan:
     if config.method == "preventative":
         return add(ds, config.strength, layers=list(layers))
+    if config.caft_ablation == "mean":
+        return mean_ablation(ds, layers)
     return ablate(ds, layers=list(layers))
+
+
+def mean_ablation(ds: DirectionSet, layers: tuple[int, ...]) -> Plan:
+    """h − (h·â − μ)â at each layer, μ the Assistant-class mean projection of `ds` there: a cap whose floor and
+    ceiling are both μ (one entry per layer, since μ differs by layer)."""
+    ref = reference(ds, layers)
+    plan = Plan(())
+    for layer in layers:
+        v = ds.direction(layer).double()
+        mu = float(ref.mean[layer].double() @ (v / v.norm()))
+        plan = plan + cap(ds, floor=mu, ceiling=mu, layers=[layer])
+    return plan
 
 
 @torch.no_grad()
@@ -332,6 +346,7 @@ def train(handle: ModelHandle, sft: SFTSet, config: TrainConfig, out: str | Path
         "method": config.method, "lambda": config.lam if config.terms else None,
         "lambda_reg": config.weight("actreg") if "actreg" in config.terms else None,
         "strength": config.strength if config.method == "preventative" else None,
+        "caft_ablation": config.caft_ablation if config.method == "caft" else None,
         "terms": list(config.terms), "vector": vector_record, "layers": list(layers), "site": site if ds else None,
         "reference": None if ref is None else {"assistant_class": ref.assistant_class,
                                                "p_ref": {str(k): v for k, v in ref.p_ref.items()}},
@@ -354,4 +369,4 @@ def train(handle: ModelHandle, sft: SFTSet, config: TrainConfig, out: str | Path
                        reader.recomputed if reader else 0)
 
 
-__all__ = ["TrainResult", "base_projections", "data_sha256", "train"]
+__all__ = ["TrainResult", "base_projections", "data_sha256", "mean_ablation", "train"]
