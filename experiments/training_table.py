@@ -20,12 +20,14 @@ T975 = {2: 12.706, 3: 4.303, 4: 3.182}
 ORDER = ("none", "preventative", "aux", "actreg", "contrastive", "combined", "caft")
 
 
-def ci(xs: list[float], digits: int = 2) -> str:
+def ci(xs: list[float], digits: int = 2, sign: str = "+") -> str:
+    """Mean [95 % t-interval] over seeds; `sign` "" for a level (a loss) rather than a shift."""
     m = statistics.fmean(xs)
+    f = f"{sign}.{digits}f"
     if len(xs) < 2:
-        return f"{m:+.{digits}f} (1 seed)"
+        return f"{m:{f}} (1 seed)"
     h = T975.get(len(xs), 1.96) * statistics.stdev(xs) / len(xs) ** 0.5
-    return f"{m:+.{digits}f} [{m - h:+.{digits}f}, {m + h:+.{digits}f}]"
+    return f"{m:{f}} [{m - h:{f}}, {m + h:{f}}]"
 
 
 def setting(rec: dict[str, Any], plain_steps: int) -> str:
@@ -59,10 +61,10 @@ def records(results: Path, model: str) -> list[dict[str, Any]]:
                                        r["steps"]))
 
 
-def col(rows: list[dict[str, Any]], key: str, scale: float = 1.0, digits: int = 2) -> str:
+def col(rows: list[dict[str, Any]], key: str, scale: float = 1.0, digits: int = 2, sign: str = "+") -> str:
     if not all(key in r for r in rows):
         return "—"
-    return ci([scale * r[key] for r in rows], digits)
+    return ci([scale * r[key] for r in rows], digits, sign)
 
 
 def matched(method: str, gap: float) -> str:
@@ -110,7 +112,7 @@ def main() -> None:
         print(f"| {setting(rec, plain_rec['steps'])} | {col(rows, 'coherent_shift')} | "
               f"{col(rows, 'capability_shift', 100, 1)} | "
               f"{col(rows, 'capped_text_projection_shift')} | {col(rows, 'capped_below_band_shift')} | "
-              f"{col(rows, 'capped_coherent_shift')} | {col(rows, 'capped_heldout_sft_loss', 1, 3)} |")
+              f"{col(rows, 'capped_coherent_shift')} | {col(rows, 'capped_heldout_sft_loss', 1, 3, '')} |")
 
 
 if __name__ == "__main__":
