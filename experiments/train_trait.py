@@ -143,10 +143,11 @@ def measure(handle: Any, ds: Any, layer: int, args: argparse.Namespace, eval_ite
 
 def before_cache_path(args: argparse.Namespace, layer: int) -> Path:
     """Where the base model's measures for these evaluation settings are kept: keyed by everything they depend on
-    (the model, the direction file's bytes, the read layer and the evaluation flags), not by the method."""
+    (the model, the direction file's bytes, the read layer, the evaluation flags and this script's own bytes, so an
+    edit to how the measures are taken never reuses stale ones), not by the method."""
     key = {k: getattr(args, k) for k in ("model", "trait", "data", "eval_pairs", "n_eval", "n_loss", "max_length",
                                          "cap", "capability", "capability_task")}
-    key |= {"vector_sha256": file_sha256(args.vector), "layer": layer}
+    key |= {"vector_sha256": file_sha256(args.vector), "layer": layer, "script_sha256": file_sha256(__file__)}
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
     return Path(args.runs) / f"before-{Path(args.model).name}-{args.data}-{digest}.json"
 
