@@ -244,6 +244,10 @@ def main() -> None:
                              batch_size=args.batch_size, max_length=args.max_length, seed=seed)
         knob = "" if args.method == "none" else f"-lam{args.lam:g}-reg{args.lam_reg or args.lam:g}-a{args.strength:g}"
         knob += "-mean" if args.caft_ablation == "mean" else ""
+        # Settings that differ only in the method's layers or the step count must not share a run directory: two
+        # lanes of training_matched.sh would otherwise write the same adapter (or one would refuse the other's).
+        knob += f"-L{args.layers}" if args.layers and args.method != "none" else ""
+        knob += f"-steps{args.steps}"
         out = Path(args.runs) / f"{args.model}-{args.data}-{args.method}{knob}-s{seed}"
         result = train(h, sft, config, out if not (out / "steering.json").exists() else None)
         after = measure(h, ds, layer, args, eval_items, sft_test, result.peft_model, floor)
