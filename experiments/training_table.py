@@ -68,9 +68,9 @@ def col(rows: list[dict[str, Any]], key: str, scale: float = 1.0, digits: int = 
     return ci([scale * r[key] for r in rows], digits, sign)
 
 
-def matched(method: str, gap: float) -> str:
-    if method == "none":
-        return "—"
+def matched(rec: dict[str, Any], plain_steps: int, gap: float) -> str:
+    if rec["method"] == "none":
+        return "—" if rec["steps"] == plain_steps else f"({100 * gap:+.1f} %)"
     return f"{'yes' if abs(gap) <= 0.05 else 'no'} ({100 * gap:+.1f} %)"
 
 
@@ -127,7 +127,7 @@ def main() -> None:
         gap = loss / plain_loss - 1
         print(f"| {setting(rec, plain_rec['steps'])} | {','.join(str(r['seed']) for r in rows)} | {ci(shifts)} | "
               f"{100 * statistics.fmean(shifts) / plain_shift:.0f} % | {col(rows, 'text_projection_shift')} | "
-              f"{col(rows, 'below_band_shift')} | {loss:.3f} | {matched(rec['method'], gap)} |")
+              f"{col(rows, 'below_band_shift')} | {loss:.3f} | {matched(rec, plain_rec['steps'], gap)} |")
     shorter_plain_table(recs, plain_rec, plain_loss)
     with_cap = [rec for rec in recs if all("capped_text_projection_shift" in r for r in rec["runs"])]
     if not with_cap:
