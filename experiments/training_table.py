@@ -68,20 +68,24 @@ def col(rows: list[dict[str, Any]], key: str, scale: float = 1.0, digits: int = 
     return ci([scale * r[key] for r in rows], digits, sign)
 
 
+def within_5(gap: float) -> str:
+    return f"{'yes' if abs(gap) <= 0.05 else 'no'} ({100 * gap:+.1f} %)"
+
+
 def matched(rec: dict[str, Any], plain_steps: int, gap: float) -> str:
     if rec["method"] == "none":
         return "—" if rec["steps"] == plain_steps else f"({100 * gap:+.1f} %)"
-    return f"{'yes' if abs(gap) <= 0.05 else 'no'} ({100 * gap:+.1f} %)"
+    return within_5(gap)
 
 
 def mean(rows: list[dict[str, Any]], key: str) -> float:
     return statistics.fmean(r[key] for r in rows)
 
 
-def shorter_plain_table(recs: list[dict[str, Any]], plain_rec: dict[str, Any], plain_loss: float) -> None:
-    """Settings whose held-out loss is not within 5 % of plain fine-tuning's at the default budget, set against the
-    plain run of another budget (fewer or more steps) whose loss is nearest theirs, where that one is within 5 %:
-    matched task loss reached from plain's side rather than the method's."""
+def other_budget_table(recs: list[dict[str, Any]], plain_rec: dict[str, Any], plain_loss: float) -> None:
+    """Settings whose held-out loss is not within 5 % of plain fine-tuning's at the default budget, each set against
+    the plain run of another budget (fewer or more steps) whose loss is nearest theirs and marked where that one is
+    within 5 %: matched task loss reached from plain's side rather than the method's."""
     others = [r for r in recs if r["method"] == "none" and r["steps"] != plain_rec["steps"]]
     pairs = []
     for rec in recs:
@@ -97,9 +101,8 @@ def shorter_plain_table(recs: list[dict[str, Any]], plain_rec: dict[str, Any], p
     print("|---|---|---|---|---|---|---|")
     for rec, ref, gap in pairs:
         rows, ref_rows = rec["runs"], ref["runs"]
-        within = "yes" if abs(gap) <= 0.05 else "no"
         print(f"| {setting(rec, plain_rec['steps'])} | {ref['steps']} steps | "
-              f"{mean(ref_rows, 'heldout_sft_loss'):.3f} | {within} ({100 * gap:+.1f} %) | "
+              f"{mean(ref_rows, 'heldout_sft_loss'):.3f} | {within_5(gap)} | "
               f"{100 * mean(rows, 'projection_shift') / mean(ref_rows, 'projection_shift'):.0f} % | "
               f"{col(rows, 'text_projection_shift')} ({col(ref_rows, 'text_projection_shift')}) | "
               f"{col(rows, 'below_band_shift')} ({col(ref_rows, 'below_band_shift')}) |")
@@ -114,21 +117,20 @@ def main() -> None:
     # Plain fine-tuning at the default budget is MODEL-persona-sft.json; plain runs with other step counts (the
     # shorter budgets that CAFT's losses are matched against) are rows like any other.
     plain_rec = json.loads((Path(args.results) / f"{args.model}-persona-sft.json").read_text())
-    plain = plain_rec["runs"]
-    plain_loss = statistics.fmean(r["heldout_sft_loss"] for r in plain)
-    plain_shift = statistics.fmean(r["projection_shift"] for r in plain)
+    plain_loss = mean(plain_rec["runs"], "heldout_sft_loss")
+    plain_shift = mean(plain_rec["runs"], "projection_shift")
     print("| method | seeds | projection shift [95 % CI] | % of plain's | text projection shift | below-band shift "
           "| held-out SFT loss | within 5 % of plain's |")
     print("|---|---|---|---|---|---|---|---|")
     for rec in recs:
         rows = rec["runs"]
         shifts = [r["projection_shift"] for r in rows]
-        loss = statistics.fmean(r["heldout_sft_loss"] for r in rows)
+        loss = mean(rows, "heldout_sft_loss")
         gap = loss / plain_loss - 1
         print(f"| {setting(rec, plain_rec['steps'])} | {','.join(str(r['seed']) for r in rows)} | {ci(shifts)} | "
               f"{100 * statistics.fmean(shifts) / plain_shift:.0f} % | {col(rows, 'text_projection_shift')} | "
               f"{col(rows, 'below_band_shift')} | {loss:.3f} | {matched(rec, plain_rec['steps'], gap)} |")
-    shorter_plain_table(recs, plain_rec, plain_loss)
+    other_budget_table(recs, plain_rec, plain_loss)
     with_cap = [rec for rec in recs if all("capped_text_projection_shift" in r for r in rec["runs"])]
     if not with_cap:
         return
